@@ -1,0 +1,59 @@
+"""Callbacks that report on a VAE-family model each epoch: figures and latent diagnostics."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from . import plots
+from .analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
+from .impute import bottom_half_mask, impute_images
+from .trainer import Callback, Trainer
+
+
+class VAEReport(Callback):
+    """Each epoch, on the held-out set: reconstructions, prior samples, bottom-half imputation, KL per
+    dimension and decoder weight norms (figures), plus ``active_units``, ``kl_per_dim``,
+    ``impute_mse`` and ``impute_baseline_mse`` (metrics).
+
+    ``fill (C, H, W)``: the mean training image, the imputation's starting point and baseline.
+    """
+
+    def __init__(self, fill: torch.Tensor, num_images: int = 8, num_samples: int = 32, stats_size: int = 1000):
+        self.fill, self.num_images, self.num_samples, self.stats_size = fill, num_images, num_samples, stats_size
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        model, guide, run = trainer.model, trainer.guide, trainer.run
+        test = trainer.test_data[: self.stats_size].to(trainer.device)
+        x = test[: self.num_images]
+        model.eval(), guide.eval()
+        stats = latent_stats(model, guide, test)
+        mask = bottom_half_mask(x.shape, device=x.device)
+        imputation = impute_images(model, guide, x, mask, self.fill.to(x.device), self.num_samples)
+        if run is not None:
+            self._figures(trainer, epoch, x, mask, imputation, stats)
+        model.train(), guide.train()
+        return {
+            "active_units": stats.active_units,
+            "kl_per_dim": [round(v, 5) for v in stats.kl_per_dim.tolist()],
+            "impute_mse": imputation.error,
+            "impute_baseline_mse": imputation.baseline_error,
+        }
+
+    def _figures(self, trainer, epoch, x, mask, imputation, stats) -> None:
+        model, guide, run = trainer.model, trainer.guide, trainer.run
+        z_mean = guide.posterior(x).sample((self.num_samples,)).mean(0) if not guide.factorised else guide.posterior(x).mean
+        plots.image_rows([x, model.mean_image(z_mean)], ["data", "reconstruction"], run.figure_path("reconstructions", epoch),
+                         f"epoch {epoch}: held-out images and the decoder mean at E_q[z|x]")
+        z = model.prior(2 * self.num_images, x).sample()
+        plots.image_grid(model.mean_image(z), run.figure_path("samples", epoch), self.num_images, f"epoch {epoch}: samples, decoder mean of z ~ p(z)")
+        plots.image_rows([x, torch.where(mask, x, torch.zeros_like(x)), imputation.imputed],
+                         ["truth", "observed", "imputed"], run.figure_path("imputation", epoch),
+                         f"epoch {epoch}: bottom half imputed, MSE {imputation.error:.4f} (mean image {imputation.baseline_error:.4f})")
+        kind = "exact" if guide.factorised else "Gaussian moment-matched"
+        plots.bars(stats.kl_per_dim, run.figure_path("kl_per_dim", epoch),
+                   f"epoch {epoch}: KL per dimension ({kind}); {stats.active_units} active units "
+                   f"(Cov_x E[z|x] > {ACTIVE_UNIT_THRESHOLD})", "latent dimension", "KL (nats)")
+        plots.bars(decoder_weight_norms(model.decoder.input_layer), run.figure_path("decoder_weight_norms", epoch),
+                   f"epoch {epoch}: column norms of the decoder's first layer", "latent dimension", "L2 norm")

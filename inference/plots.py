@@ -1,0 +1,89 @@
+"""Matplotlib figures written into a run directory (Agg backend: no display needed)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _to_display(images: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` in [0, 1] -> ``(N, H, W)`` grey or ``(N, H, W, 3)`` colour, for imshow."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[1] == 1:
+        return images[:, 0].numpy()
+    return images[:, :3].permute(0, 2, 3, 1).numpy()
+
+
+def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: Optional[str] = None) -> str:
+    """A grid whose row ``i`` shows the images ``rows[i] (N, C, H, W)``, labelled ``labels[i]``."""
+    num_cols = max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), num_cols, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        shown = _to_display(images)
+        for c in range(num_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(shown):
+                ax.imshow(shown[c], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: torch.Tensor, path: str, num_cols: int = 8, title: Optional[str] = None) -> str:
+    """Images ``(N, C, H, W)`` tiled ``num_cols`` to a row."""
+    rows = [images[i : i + num_cols] for i in range(0, images.shape[0], num_cols)]
+    return image_rows(rows, [""] * len(rows), path, title)
+
+
+def bars(values: torch.Tensor, path: str, title: str, xlabel: str, ylabel: str, line: Optional[float] = None) -> str:
+    """A bar per entry of ``values (D,)``; an optional horizontal reference ``line``."""
+    values = values.detach().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * len(values) + 2), 3))
+    ax.bar(np.arange(len(values)), values, color="tab:blue")
+    if line is not None:
+        ax.axhline(line, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "training curves") -> str:
+    """Each of ``keys`` against the epoch, from ``metrics.jsonl`` records."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = [m["epoch"] for m in metrics]
+    for key in keys:
+        if all(key in m for m in metrics):
+            ax.plot(epochs, [m[key] for m in metrics], marker="o", markersize=3, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per example")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(run_path: str) -> List[Dict]:
+    with open(os.path.join(run_path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,296 @@
+"""One SVI trainer for every model of the project.
+
+The trainer knows nothing of the model: it takes a model and a guide with one signature
+``(batch)``, an ELBO choice, and data tensors whose first axis indexes examples. Each step is SVI: the
+ELBO's ``differentiable_loss`` (Pyro traces model and guide), back-propagation, global gradient-norm
+clipping, and one ``torch.optim.Adam`` step over every parameter the traces touch. Model-specific
+behaviour (KL schedules, figures, extra metrics) comes in through :class:`Callback` objects.
+
+Every epoch writes one line of ``metrics.jsonl`` (nats per example, higher ELBO is better) and an
+atomically written checkpoint; ``fit(resume=True)`` continues a run exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from . import plots
+from .elbo import elbo_terms, make_elbo
+from .rundir import RunDir
+
+BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every model."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 1.0  # the learning rate is multiplied by this ...
+    lr_decay_every: int = 1  # ... every this many epochs (staircase)
+    clip_norm: Optional[float] = None  # global gradient-norm clip; None: no clipping
+    elbo: str = "trace"  # "trace" or "meanfield" (analytic KL)
+    num_particles: int = 1
+    jit: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    eval_batch_size: int = 500
+    train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm: expected > 0 or None, got {self.clip_norm}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} requested but CUDA is not available here")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Callback:
+    """Hooks into training. ``on_epoch_end`` may return extra metrics for ``metrics.jsonl``."""
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        pass
+
+    def before_step(self, trainer: "Trainer", batch: torch.Tensor) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def _modules(*objs) -> List[torch.nn.Module]:
+    return [o for o in objs if isinstance(o, torch.nn.Module)]
+
+
+class Trainer:
+    """SVI over ``model``/``guide`` (callables of one batch tensor) with ``config``.
+
+    ``run``: where config, metrics, checkpoints and figures go (``None``: nowhere).
+    ``batch_transform(batch, generator)``: applied to each training batch (e.g. dynamic binarisation).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        config: TrainConfig,
+        run: Optional[RunDir] = None,
+        callbacks: Sequence[Callback] = (),
+        batch_transform: Optional[BatchTransform] = None,
+    ):
+        self.model, self.guide, self.config, self.run = model, guide, config, run
+        self.callbacks = list(callbacks)
+        self.batch_transform = batch_transform
+        self.device = torch.device(config.device)
+        for module in _modules(model, guide):
+            module.to(self.device)
+        self.elbo = make_elbo(config.elbo, config.num_particles, config.jit)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler = None
+        self.params: List[torch.Tensor] = []
+        self.epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self.test_data: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _setup_optimizer(self, batch: torch.Tensor) -> None:
+        """Collect every parameter the model and guide touch (as Pyro's SVI does) and build Adam."""
+        self._set_mode(False)  # a dry run that leaves batch-norm statistics alone
+        with torch.no_grad(), poutine.trace(param_only=True) as param_capture:
+            self.elbo.differentiable_loss(self.model, self.guide, batch)
+        self._set_mode(True)
+        params, seen = [], set()
+        for site in param_capture.trace.nodes.values():
+            value = site["value"].unconstrained()
+            if id(value) not in seen:
+                seen.add(id(value))
+                params.append(value)
+        for module in _modules(self.model, self.guide):
+            for p in module.parameters():
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    params.append(p)
+        self.params = params
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=self.config.lr_decay_every, gamma=self.config.lr_decay
+        )
+
+    def _set_mode(self, training: bool) -> None:
+        for module in _modules(self.model, self.guide):
+            module.train(training)
+
+    # ------------------------------------------------------------------------------------ the steps
+    def step(self, batch: torch.Tensor) -> float:
+        """One SVI step on ``batch``; returns the loss per example (the negative training objective)."""
+        loss = self.elbo.differentiable_loss(self.model, self.guide, batch)
+        if not torch.isfinite(loss):
+            self._diverged(f"loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
+            if not torch.isfinite(norm):
+                self._diverged(f"gradient norm is {norm.item()}")
+        self.optimizer.step()
+        return loss.item() / batch.shape[0]
+
+    def _diverged(self, what: str) -> None:
+        if self.run is not None and self.epoch > 0:
+            where = f"the last good checkpoint is {self.run.checkpoint_path} (epoch {self.epoch})"
+        else:
+            where = "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"{what} in epoch {self.epoch + 1}: training stopped; {where}. "
+            "Lower the learning rate or set a gradient-norm clip, then resume."
+        )
+
+    @torch.no_grad()
+    def evaluate(self, data: torch.Tensor) -> Dict[str, float]:
+        """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO)."""
+        self._set_mode(False)
+        totals = torch.zeros(3)
+        for start in range(0, data.shape[0], self.config.eval_batch_size):
+            batch = data[start : start + self.config.eval_batch_size].to(self.device)
+            terms = elbo_terms(self.model, self.guide, batch)
+            totals += torch.stack(list(terms))
+        self._set_mode(True)
+        elbo, log_lik, kl = (totals / data.shape[0]).tolist()
+        if not all(map(math.isfinite, (elbo, log_lik, kl))):
+            self._diverged(f"held-out ELBO is {elbo}")
+        return {"elbo": elbo, "log_lik": log_lik, "kl": kl}
+
+    def _train_epoch(self, train: torch.Tensor, epoch: int) -> float:
+        self._set_mode(True)
+        order = torch.randperm(train.shape[0], generator=self.generator)
+        num_batches = math.ceil(train.shape[0] / self.config.batch_size)
+        total = 0.0
+        bar = tqdm(
+            range(num_batches), desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
+            disable=not self.config.progress, dynamic_ncols=True,
+        )
+        for i in bar:
+            index = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
+            batch = train[index].to(self.device)
+            if self.batch_transform is not None:
+                batch = self.batch_transform(batch, self.generator)
+            for callback in self.callbacks:
+                callback.before_step(self, batch)
+            loss = self.step(batch)
+            total += loss * batch.shape[0]
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.2f}")
+        return total / train.shape[0]
+
+    # ------------------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "modules": [m.state_dict() for m in _modules(self.model, self.guide)],
+            "param_store": pyro.get_param_store().get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "callbacks": [c.state_dict() for c in self.callbacks],
+            "generator": self.generator.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for module, module_state in zip(_modules(self.model, self.guide), state["modules"]):
+            module.load_state_dict(module_state)
+        pyro.get_param_store().set_state(state["param_store"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
+            callback.load_state_dict(callback_state)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.epoch = state["epoch"]
+
+    # ------------------------------------------------------------------------------------- the loop
+    def fit(self, train: torch.Tensor, test: torch.Tensor, resume: bool = False) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (continuing a stored run when ``resume``); returns the
+        metrics of every epoch run here."""
+        if train.shape[0] == 0 or test.shape[0] == 0:
+            raise ValueError(f"train and test need examples, got {train.shape[0]} and {test.shape[0]}")
+        pyro.set_rng_seed(self.config.seed)
+        self.test_data = test
+        train_eval = train[: self.config.train_eval_size].to(self.device)
+        if self.batch_transform is not None:  # a fixed draw, so train_elbo is comparable across epochs
+            train_eval = self.batch_transform(train_eval, torch.Generator().manual_seed(self.config.seed))
+        self._setup_optimizer(train_eval[: self.config.batch_size])
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        if resume:
+            if self.run is None:
+                raise ValueError("resume needs a run directory")
+            self.load_state_dict(self.run.load_checkpoint(map_location=self.device))
+            self.run.truncate_metrics(self.epoch)
+        while self.epoch < self.config.epochs:
+            self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1))
+        return self.history
+
+    def _run_epoch(self, train, train_eval, test, epoch: int) -> Dict[str, Any]:
+        start = time.perf_counter()
+        for callback in self.callbacks:
+            callback.on_epoch_start(self, epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        objective = self._train_epoch(train, epoch)
+        self.scheduler.step()
+        held_out = self.evaluate(test)
+        metrics: Dict[str, Any] = {
+            "epoch": epoch,
+            "train_objective": -objective,
+            "train_elbo": self.evaluate(train_eval)["elbo"],
+            "test_elbo": held_out["elbo"],
+            "test_log_lik": held_out["log_lik"],
+            "kl": held_out["kl"],
+            "lr": lr,
+        }
+        for callback in self.callbacks:
+            metrics.update(callback.on_epoch_end(self, epoch))
+        metrics["time_s"] = time.perf_counter() - start
+        self.epoch = epoch
+        if self.run is not None:
+            self.run.log_metrics(metrics)
+            self.run.save_checkpoint(self.state_dict())
+            plots.curves(self.run.read_metrics(), ["train_elbo", "test_elbo"], self.run.figure_path("elbo_curves"))
+        if self.config.progress:
+            tqdm.write(
+                f"epoch {epoch}: train ELBO {metrics['train_elbo']:.2f}, test ELBO {metrics['test_elbo']:.2f}, "
+                f"KL {metrics['kl']:.2f} nats/example ({metrics['time_s']:.1f}s)"
+            )
+        return metrics

@@ -96,31 +96,31 @@ def likelihood_mean(name: str, params: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(params) if name == "bernoulli" else params
 
 
-def observe_pixels(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-    """Observe an image batch ``obs (batch, *pixel_shape)`` under per-pixel ``fn`` (same shape).
+def observe_pixels(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask: Optional[torch.Tensor], event_dim: int):
+    """Observe images ``obs (batch, *pixel_shape)`` under per-pixel ``fn`` (batch shape
+    ``(..., batch, *pixel_shape)``, where ``pixel_shape`` has ``event_dim`` axes).
 
     Must run inside a data plate at ``dim=-1``. Without ``mask`` the pixels are one event
-    (``to_event``). With a boolean ``mask`` (same shape as ``obs``, True = observed), every pixel is its
-    own batch element in a ``pixels`` plate at ``dim=-2`` (so the layout inside the site is
-    ``(pixels, batch)``), which lets Pyro's ``obs_mask`` split the site into ``{name}_observed`` and a
-    latent ``{name}_unobserved`` that ``Predictive`` samples. Returns the image ``(batch, *pixel_shape)``.
+    (``to_event``). With a boolean ``mask`` (the shape of ``obs``, True = observed), every pixel is its
+    own batch element in a ``pixels`` plate at ``dim=-2`` (the layout inside the site is
+    ``(..., pixels, batch)``), which lets Pyro's ``obs_mask`` split the site into ``{name}_observed``
+    and a latent ``{name}_unobserved`` that ``Predictive`` samples. Returns ``(..., batch, *pixel_shape)``.
     """
-    batch_shape = fn.batch_shape[:1]
-    pixel_shape = fn.batch_shape[1:]
     if mask is None:
-        return pyro.sample(name, fn.to_event(len(pixel_shape)), obs=obs)
+        return pyro.sample(name, fn.to_event(event_dim), obs=obs)
     if obs is None or mask.shape != obs.shape:
         raise ValueError(
-            f"mask: expected the shape of the observed images {tuple(obs.shape) if obs is not None else None}, "
-            f"got {tuple(mask.shape)}"
+            f"mask: expected the shape of the observed images {None if obs is None else tuple(obs.shape)}, got {tuple(mask.shape)}"
         )
+    leading, pixel_shape = fn.batch_shape[:-event_dim], fn.batch_shape[-event_dim:]
     num_pixels = pixel_shape.numel()
-    # (batch, *pixel_shape) -> (pixels, batch)
-    to_site = lambda t: t.reshape(batch_shape + (num_pixels,)).transpose(-1, -2)  # noqa: E731
-    site_fn = _reshape_like(fn, to_site)
+
+    def to_site(t: torch.Tensor) -> torch.Tensor:  # (..., batch, *pixel_shape) -> (..., pixels, batch)
+        return t.reshape(t.shape[: t.dim() - event_dim] + (num_pixels,)).transpose(-1, -2)
+
     with pyro.plate("pixels", num_pixels, dim=-2):
-        value = pyro.sample(name, site_fn, obs=to_site(obs), obs_mask=to_site(mask.bool()))
-    return value.transpose(-1, -2).reshape(batch_shape + pixel_shape)
+        value = pyro.sample(name, _reshape_like(fn, to_site), obs=to_site(obs), obs_mask=to_site(mask.bool()))
+    return value.transpose(-1, -2).reshape(value.shape[:-2] + leading[-1:] + pixel_shape)
 
 
 def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:

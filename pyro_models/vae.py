@@ -119,13 +119,14 @@ class VAE(nn.Module):
         return likelihood_mean(self.likelihood, self.decoder(z))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_input(x, mask)
         pyro.module("model", self)
         with pyro.plate("data", x.shape[0]):
             z = sample_latent("z", self.prior(x.shape[0], x), self.kl_weights)
             params = self.decoder(z)  # (batch, C, H, W)
             if mask is not None:
                 pyro.deterministic("x_mean", likelihood_mean(self.likelihood, params), event_dim=len(self.x_shape))
-            return observe_pixels("x", pixel_likelihood(self.likelihood, params, self.log_scale), x, mask)
+            return observe_pixels("x", pixel_likelihood(self.likelihood, params, self.log_scale), x, mask, len(self.x_shape))
 
 
 class NormalGuide(nn.Module):

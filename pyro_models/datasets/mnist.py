@@ -28,8 +28,8 @@ MIRRORS = (
 )
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
-# When only the 10,000-image official test set exists: this many train, the rest held out.
-TEST_ONLY_TRAIN_SIZE = 9000
+# When only the official test set exists, this fraction of it (9,000 of 10,000) trains; the rest is held out.
+TEST_ONLY_TRAIN_FRACTION = 0.9
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -108,11 +108,12 @@ def load_mnist(root: str, download: bool = True) -> Tuple[torch.Tensor, torch.Te
     """Train and held-out MNIST images as float tensors ``(N, 1, 28, 28)`` in [0, 1].
 
     With both official files: 60,000 train / 10,000 held out. With the test file only: its first
-    ``TEST_ONLY_TRAIN_SIZE`` images train, the rest are held out.
+    ``TEST_ONLY_TRAIN_FRACTION`` (9,000 images) train, the last 1,000 are held out.
     """
     train_path, test_path = locate_mnist(root, download=download)
     test = torch.from_numpy(read_idx(test_path).astype(np.float32) / 255.0).unsqueeze(1)
     if train_path is None:
-        return test[:TEST_ONLY_TRAIN_SIZE], test[TEST_ONLY_TRAIN_SIZE:]
+        split = int(round(TEST_ONLY_TRAIN_FRACTION * test.shape[0]))
+        return test[:split], test[split:]
     train = torch.from_numpy(read_idx(train_path).astype(np.float32) / 255.0).unsqueeze(1)
     return train, test

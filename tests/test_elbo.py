@@ -1,0 +1,96 @@
+"""ELBO estimators against analytic values on a conjugate Gaussian model."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference.elbo import elbo_terms, make_elbo
+from pyro_models.distributions import DimWeighted
+
+PRIOR_SCALE, NOISE_SCALE = 1.5, 0.7
+
+
+def model(x):
+    """z ~ N(0, PRIOR_SCALE^2 I), x | z ~ N(z, NOISE_SCALE^2 I), x of shape (D,)."""
+    z = pyro.sample("z", dist.Normal(torch.zeros_like(x), PRIOR_SCALE).to_event(1))
+    pyro.sample("x", dist.Normal(z, NOISE_SCALE).to_event(1), obs=x)
+
+
+def make_guide(loc, scale):
+    def guide(x):
+        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    return guide
+
+
+def analytic_elbo(x, loc, scale):
+    """E_q[log p(x|z)] + E_q[log p(z)] + H[q] in closed form, for q = N(loc, scale^2)."""
+    log_lik = (-0.5 * ((x - loc) ** 2 + scale**2) / NOISE_SCALE**2 - math.log(NOISE_SCALE) - 0.5 * math.log(2 * math.pi)).sum()
+    log_prior = (-0.5 * (loc**2 + scale**2) / PRIOR_SCALE**2 - math.log(PRIOR_SCALE) - 0.5 * math.log(2 * math.pi)).sum()
+    entropy = (torch.log(scale) + 0.5 * math.log(2 * math.pi * math.e)).sum()
+    return log_lik + log_prior + entropy
+
+
+def exact_posterior(x):
+    precision = 1 / PRIOR_SCALE**2 + 1 / NOISE_SCALE**2
+    return x / NOISE_SCALE**2 / precision, torch.full_like(x, precision**-0.5)
+
+
+def log_evidence(x):
+    return dist.Normal(0.0, math.sqrt(PRIOR_SCALE**2 + NOISE_SCALE**2)).log_prob(x).sum()
+
+
+X = torch.tensor([0.3, -1.2, 2.0])
+
+
+def test_exact_posterior_gives_log_evidence_for_every_sample():
+    # With q equal to the exact posterior, log p(x, z) - log q(z) = log p(x) for every z: no MC error.
+    guide = make_guide(*exact_posterior(X))
+    for _ in range(5):
+        loss = make_elbo("trace").differentiable_loss(model, guide, X)
+        assert -loss.item() == pytest.approx(log_evidence(X).item(), abs=1e-5)
+    terms = elbo_terms(model, guide, X)
+    assert terms.elbo.item() == pytest.approx(log_evidence(X).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("elbo_name", ["trace", "meanfield"])
+def test_elbo_estimate_matches_analytic_value(elbo_name):
+    loc, scale = torch.tensor([0.5, 0.0, -1.0]), torch.tensor([0.3, 1.1, 0.6])
+    guide = make_guide(loc, scale)
+    num = 4000
+    estimates = torch.stack([-make_elbo(elbo_name).differentiable_loss(model, guide, X) for _ in range(num)])
+    standard_error = estimates.std() / math.sqrt(num) + 1e-6
+    # Monte Carlo tolerance: 5 standard errors of the mean of `num` one-sample estimates.
+    assert abs(estimates.mean() - analytic_elbo(X, loc, scale)) < 5 * standard_error
+    assert analytic_elbo(X, loc, scale) < log_evidence(X)  # it is a lower bound
+
+
+def test_elbo_terms_split():
+    loc, scale = torch.tensor([0.5, 0.0, -1.0]), torch.tensor([0.3, 1.1, 0.6])
+    terms = elbo_terms(model, make_guide(loc, scale), X)
+    assert terms.elbo.item() == pytest.approx((terms.log_lik - terms.kl).item())
+
+
+def test_dim_weighted_kl_and_log_prob():
+    q = dist.Normal(torch.tensor([0.5, -1.0]), torch.tensor([0.3, 2.0])).to_event(1)
+    p = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    w = torch.tensor([0.25, 2.0])
+    per_dim = torch.distributions.kl_divergence(q.base_dist, p.base_dist)
+    weighted = torch.distributions.kl_divergence(DimWeighted(q, w), DimWeighted(p, w))
+    assert weighted.item() == pytest.approx((w * per_dim).sum().item(), rel=1e-6)
+    z = q.sample()
+    assert DimWeighted(q, w).log_prob(z).item() == pytest.approx((w * q.base_dist.log_prob(z)).sum().item(), rel=1e-6)
+
+
+def test_dim_weighted_rejects_non_factorised():
+    mvn = dist.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    with pytest.raises(ValueError, match="Independent"):
+        DimWeighted(mvn, torch.ones(2))
+    with pytest.raises(ValueError, match="weights"):
+        DimWeighted(dist.Normal(torch.zeros(2), 1.0).to_event(1), torch.ones(3))
+
+
+def test_unknown_elbo_name():
+    with pytest.raises(ValueError, match="elbo"):
+        make_elbo("renyi")

@@ -1,0 +1,160 @@
+"""The SVI trainer: learning, determinism, resume, NaN handling, run directory."""
+import json
+import os
+
+import pytest
+import torch
+
+from inference.rundir import RunDir, atomic_write_bytes
+from inference.trainer import Callback, TrainConfig, Trainer, TrainingDiverged
+from inference.vae_experiment import train_vae
+from pyro_models.datasets import ImageData
+from pyro_models.vae import VAEConfig, build_vae
+
+SMALL = VAEConfig(z_dim=4, hidden_dims=(48,))
+
+
+def config(**overrides):
+    base = dict(epochs=2, batch_size=20, lr=3e-3, progress=False, train_eval_size=40, eval_batch_size=25)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def without_time(history):
+    return [{k: v for k, v in m.items() if k != "time_s"} for m in history]
+
+
+def test_training_lowers_held_out_loss(tiny_images):
+    train, test = tiny_images
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    trainer = Trainer(model, guide, config(epochs=6, lr=1e-2))
+    before = trainer.evaluate(test)["elbo"]
+    history = trainer.fit(train, test)
+    # From about -100 nats to about -60: a margin no noise explains.
+    assert history[-1]["test_elbo"] > before + 10
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"]
+
+
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_same_seed_same_metrics(tiny_images, elbo):
+    train, test = tiny_images
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, guide = build_vae("vae", (1, 12, 12), SMALL)
+        runs.append(without_time(Trainer(model, guide, config(elbo=elbo, seed=5)).fit(train, test)))
+    assert runs[0] == runs[1]
+
+
+def test_resume_continues_the_run_exactly(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    straight = train_vae("vae", data, SMALL, config(epochs=3), str(tmp_path / "a"), kl_schedule="free-bits")
+    train_vae("vae", data, SMALL, config(epochs=2), str(tmp_path / "b"), kl_schedule="free-bits")
+    resumed = train_vae("vae", data, SMALL, config(epochs=3), str(tmp_path / "b"), kl_schedule="free-bits", resume=True)
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 3
+    assert without_time(resumed) == without_time(straight[2:])
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+
+
+def test_run_directory_contents(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    train_vae("conv-vae", data, VAEConfig(z_dim=3, channels=(4, 8)), config(epochs=1), str(tmp_path / "run"), kl_schedule="linear")
+    run = tmp_path / "run"
+    assert json.load(open(run / "config.json"))["kl_schedule"] == "linear"
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    for key in ("epoch", "train_elbo", "test_elbo", "kl", "beta", "active_units", "kl_per_dim", "impute_mse"):
+        assert key in metrics[0]
+    assert metrics[0]["beta"] == 1.0  # epoch 1 of 1
+    figures = set(os.listdir(run / "figures"))
+    for name in ("reconstructions", "samples", "imputation", "kl_per_dim", "decoder_weight_norms"):
+        assert f"{name}_epoch001.png" in figures
+    assert "elbo_curves.png" in figures
+    assert (run / "checkpoint.pt").exists()
+
+
+def test_refuses_existing_run_and_changed_config(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    out = str(tmp_path / "run")
+    train_vae("vae", data, SMALL, config(epochs=1), out)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_vae("vae", data, SMALL, config(epochs=1), out)
+    with pytest.raises(ValueError, match="lr"):
+        train_vae("vae", data, SMALL, config(epochs=2, lr=0.5), out, resume=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        RunDir(str(tmp_path / "empty"), {}, resume=True)
+
+
+class PoisonAtEpoch(Callback):
+    """Turns a decoder weight into NaN at the start of ``epoch``."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            with torch.no_grad():
+                trainer.model.decoder.net[0].weight[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_images, tmp_path):
+    train, test = tiny_images
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    run = RunDir(str(tmp_path / "run"), {"what": "nan test"})
+    trainer = Trainer(model, guide, config(epochs=3), run, callbacks=[PoisonAtEpoch(2)])
+    with pytest.raises(TrainingDiverged, match=r"loss is nan in epoch 2.*checkpoint\.pt \(epoch 1\)"):
+        trainer.fit(train, test)
+    state = run.load_checkpoint()
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["modules"][0].values() if torch.is_tensor(v) and v.is_floating_point())
+    assert len(run.read_metrics()) == 1
+
+
+def test_nan_before_any_checkpoint(tiny_images):
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    trainer = Trainer(model, guide, config(epochs=1), callbacks=[PoisonAtEpoch(1)])
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+        trainer.fit(*tiny_images)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "file.bin")
+    atomic_write_bytes(path, lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_bytes(path, broken)
+    assert open(path, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1.0)
+
+
+def test_gradient_clipping_and_lr_decay(tiny_images):
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    history = Trainer(model, guide, config(epochs=3, clip_norm=5.0, lr_decay=0.5, lr_decay_every=2)).fit(*tiny_images)
+    assert [m["lr"] for m in history] == pytest.approx([3e-3, 3e-3, 1.5e-3])
+
+
+def test_dynamic_binarisation_draws_binary_batches(tiny_images):
+    seen = []
+
+    class Spy(Callback):
+        def before_step(self, trainer, batch):
+            seen.append(batch)
+
+    data = ImageData(*tiny_images, "tiny")
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    from pyro_models.datasets import binarizer
+
+    Trainer(model, guide, config(epochs=1), callbacks=[Spy()], batch_transform=binarizer("dynamic")).fit(data.train, data.test)
+    batch = torch.cat(seen)
+    assert set(batch.unique().tolist()) <= {0.0, 1.0}

@@ -1,0 +1,171 @@
+"""Shape grids for the VAE models and guides, schedules, imputation and bad input."""
+import pyro
+import pytest
+import torch
+from pyro.infer import Predictive
+
+from inference.analysis import batch_kl_per_dim, latent_stats
+from inference.elbo import make_elbo
+from inference.impute import bottom_half_mask, impute_images, random_pixel_mask
+from inference.schedules import FreeBitsConfig, SoftFreeBits, free_bits_update, make_kl_schedule
+from pyro_models.vae import VAEConfig, build_vae
+
+SMALL = dict(z_dim=5, hidden_dims=(32,), channels=(8, 16), flow_hidden_dims=(16,))
+
+
+@pytest.mark.parametrize("name", ["vae", "conv-vae"])
+@pytest.mark.parametrize("guide", ["normal", "iaf"])
+@pytest.mark.parametrize("x_shape", [(1, 12, 12), (3, 16, 16), (1, 9, 14)])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_model_guide_shapes(name, guide, x_shape, likelihood, elbo):
+    if elbo == "meanfield" and guide == "iaf":
+        pytest.skip("no analytic KL for a flow guide: TraceMeanField needs it")
+    model, g = build_vae(name, x_shape, VAEConfig(guide=guide, likelihood=likelihood, **SMALL))
+    x = torch.rand(4, *x_shape)
+    z = g(x)
+    assert z.shape == (4, 5)
+    assert model(x).shape == (4, *x_shape)
+    loss = make_elbo(elbo).differentiable_loss(model, g, x)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in g.parameters())
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_vectorised_particles(num_particles):
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    loss = make_elbo("trace", num_particles=num_particles).differentiable_loss(model, guide, torch.rand(6, 1, 8, 8))
+    assert torch.isfinite(loss)
+
+
+def test_kl_weights_act_in_training_mode_only():
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    x = torch.rand(6, 1, 8, 8)
+    elbo = make_elbo("meanfield")
+
+    def loss_at(beta, training):
+        model.kl_weights.beta = beta
+        model.train(training), guide.train(training)
+        pyro.set_rng_seed(3)
+        return elbo.differentiable_loss(model, guide, x).item()
+
+    kl = torch.distributions.kl_divergence(guide.posterior(x), model.prior(6, x)).sum().item()
+    # Same noise, so the likelihood term is equal: the difference is (1 - beta) * KL exactly.
+    assert loss_at(1.0, True) - loss_at(0.25, True) == pytest.approx(0.75 * kl, rel=1e-4)
+    assert loss_at(0.25, False) == pytest.approx(loss_at(1.0, True), rel=1e-6)
+
+
+def test_per_dimension_weights_weigh_the_analytic_kl():
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    x = torch.rand(6, 1, 8, 8)
+    elbo = make_elbo("meanfield")
+    gamma = torch.tensor([0.0, 0.5, 1.0, 0.1, 0.9])
+    per_dim = torch.distributions.kl_divergence(guide.posterior(x).base_dist, model.prior(6, x).base_dist).sum(0)
+    pyro.set_rng_seed(1)
+    full = elbo.differentiable_loss(model, guide, x).item()
+    model.kl_weights.per_dim = True
+    model.kl_weights.gamma.copy_(gamma)
+    pyro.set_rng_seed(1)
+    weighted = elbo.differentiable_loss(model, guide, x).item()
+    assert full - weighted == pytest.approx(((1 - gamma) * per_dim).sum().item(), rel=1e-4)
+
+
+def test_free_bits_rule():
+    config = FreeBitsConfig(target=0.5, threshold=0.1, rate=0.1)
+    gamma = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.02])
+    kl = torch.tensor([0.1, 0.5, 2.0, 2.0, 0.45])  # low, in band, high, high (clamped), at the low edge
+    updated = free_bits_update(gamma, kl, config)
+    expected = torch.tensor([0.45, 0.5, 0.55, 1.0, 0.018])
+    assert torch.allclose(updated, expected)
+    # Clamped to [0, 1] whatever the number of steps.
+    for _ in range(100):
+        gamma = free_bits_update(gamma, torch.tensor([3.0, 0.0, 3.0, 0.0, 3.0]), config)
+    assert gamma.min() >= 0 and gamma.max() <= 1
+
+
+def test_free_bits_needs_factorised_guide():
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(guide="iaf", **SMALL))
+
+    class FakeTrainer:
+        pass
+
+    trainer = FakeTrainer()
+    trainer.guide = guide
+    with pytest.raises(ValueError, match="factorised guide"):
+        SoftFreeBits(model.kl_weights, FreeBitsConfig()).on_train_start(trainer)
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="guide"):
+        VAEConfig(guide="mixture")
+    with pytest.raises(ValueError, match="likelihood"):
+        VAEConfig(likelihood="poisson")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_vae("gan", (1, 8, 8), VAEConfig())
+    with pytest.raises(ValueError, match="kl-schedule"):
+        make_kl_schedule("cyclic", None, 3)
+
+
+def test_wrong_image_shape_is_named():
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 1, 8, 8\), got \(4, 1, 8, 9\)"):
+        model(torch.rand(4, 1, 8, 9))
+    with pytest.raises(ValueError, match="mask"):
+        model(torch.rand(4, 1, 8, 8), torch.ones(4, 8, 8, dtype=torch.bool))
+
+
+def test_mask_all_observed_scores_like_no_mask():
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model.eval(), guide.eval()
+    x = torch.rand(3, 1, 8, 8)
+    z = guide(x)
+    conditioned = pyro.poutine.condition(model, data={"z": z})
+    with_mask = pyro.poutine.trace(conditioned).get_trace(x, torch.ones_like(x, dtype=torch.bool))
+    without = pyro.poutine.trace(conditioned).get_trace(x)
+    assert with_mask.log_prob_sum().item() == pytest.approx(without.log_prob_sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("mask_kind", ["bottom", "random"])
+def test_imputation_keeps_observed_pixels(mask_kind):
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    x = torch.rand(4, 1, 8, 8)
+    mask = bottom_half_mask(x.shape) if mask_kind == "bottom" else random_pixel_mask(x.shape, 0.5, torch.Generator().manual_seed(0))
+    result = impute_images(model, guide, x, mask, fill=x.mean(0), num_samples=5, num_rounds=2)
+    assert torch.equal(result.imputed[mask], x[mask])
+    assert torch.equal(result.samples[:, mask], x[mask].expand(5, -1))
+    assert result.samples.shape == (5, 4, 1, 8, 8)
+    assert not torch.equal(result.imputed[~mask], x.mean(0).expand_as(x)[~mask])  # something was imputed
+    assert result.error >= 0 and result.baseline_error > 0
+
+
+def test_predictive_samples_missing_pixels_only():
+    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(**SMALL))
+    model.eval(), guide.eval()
+    x = torch.rand(2, 1, 6, 6)
+    mask = bottom_half_mask(x.shape)
+    draws = Predictive(model, guide=guide, num_samples=4)(x, mask)
+    assert "x_unobserved" in draws and "x_mean" in draws
+
+
+def test_imputation_bad_mask():
+    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(**SMALL))
+    x = torch.rand(2, 1, 6, 6)
+    with pytest.raises(ValueError, match="mask"):
+        impute_images(model, guide, x, torch.ones(2, 6, 6, dtype=torch.bool), x.mean(0))
+    with pytest.raises(ValueError, match="drop_prob"):
+        random_pixel_mask(x.shape, 1.5)
+
+
+@pytest.mark.parametrize("guide_name", ["normal", "iaf"])
+def test_latent_stats(guide_name):
+    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(guide=guide_name, **SMALL))
+    x = torch.rand(30, 1, 8, 8)
+    model.eval(), guide.eval()
+    stats = latent_stats(model, guide, x, batch_size=7)
+    assert stats.kl_per_dim.shape == (5,) and (stats.kl_per_dim >= 0).all()
+    assert 0 <= stats.active_units <= 5
+    if guide_name == "normal":  # exact: the mean over the batch of the analytic per-dimension KL
+        exact = torch.distributions.kl_divergence(guide.posterior(x).base_dist, model.prior(30, x).base_dist).mean(0)
+        assert torch.allclose(stats.kl_per_dim, exact, rtol=1e-5)
+        assert torch.allclose(batch_kl_per_dim(model, guide, x), exact, rtol=1e-5)

@@ -48,12 +48,13 @@ class VAEReport(Callback):
                          f"epoch {epoch}: held-out images and the decoder mean at E_q[z|x]")
         z = model.prior(2 * self.num_images, x).sample()
         plots.image_grid(model.mean_image(z), run.figure_path("samples", epoch), self.num_images, f"epoch {epoch}: samples, decoder mean of z ~ p(z)")
-        plots.image_rows([x, torch.where(mask, x, torch.zeros_like(x)), imputation.imputed],
-                         ["truth", "observed", "imputed"], run.figure_path("imputation", epoch),
-                         f"epoch {epoch}: bottom half imputed, MSE {imputation.error:.4f} (mean image {imputation.baseline_error:.4f})")
+        plots.image_rows([x, x, imputation.imputed], ["truth", "observed", "imputed"], run.figure_path("imputation", epoch),
+                         f"epoch {epoch}: bottom half imputed (missing pixels in blue), MSE on missing pixels "
+                         f"{imputation.error:.4f}; mean-image fill {imputation.baseline_error:.4f}",
+                         observed=[None, mask, None])
         kind = "exact" if guide.factorised else "Gaussian moment-matched"
         plots.bars(stats.kl_per_dim, run.figure_path("kl_per_dim", epoch),
-                   f"epoch {epoch}: KL per dimension ({kind}); {stats.active_units} active units "
+                   f"epoch {epoch}: KL per dimension ({kind})\n{stats.active_units} active units "
                    f"(Cov_x E[z|x] > {ACTIVE_UNIT_THRESHOLD})", "latent dimension", "KL (nats)")
         plots.bars(decoder_weight_norms(model.decoder.input_layer), run.figure_path("decoder_weight_norms", epoch),
                    f"epoch {epoch}: column norms of the decoder's first layer", "latent dimension", "L2 norm")

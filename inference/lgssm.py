@@ -416,12 +416,38 @@ def _posterior_mean(init: Gaussian, trans: Optional[Gaussian], T: int, Z: int) -
 # of variables), so detaching z_hat gives exact derivatives of every order.
 
 
+class _SPDInverse(torch.autograd.Function):
+    """``(M^{-1}, log|M|)`` of a batch of small SPD matrices via one Cholesky.
+
+    Its backward, ``dM = -M^{-1} G M^{-1} + g_logdet M^{-1}``, is a few batched
+    products, several times cheaper than autograd through ``cholesky`` and
+    ``solve_triangular`` on tiny matrices (the dominant cost of the scan); it is written
+    with differentiable operations, so higher derivatives work too.
+    """
+
+    @staticmethod
+    def forward(ctx, M):
+        L = torch.linalg.cholesky(M)
+        Minv = _sym(torch.cholesky_inverse(L))
+        ctx.save_for_backward(Minv)
+        return Minv, 2.0 * _logdet_chol(L)
+
+    @staticmethod
+    def backward(ctx, g_inv, g_logdet):
+        (Minv,) = ctx.saved_tensors
+        grad = Minv * g_logdet[..., None, None]
+        if g_inv is not None:
+            grad = grad - Minv @ g_inv @ Minv
+        return grad
+
+
 class _Level(NamedTuple):
     n: int  # number of contracted pairs at this level
     odd: bool  # an unpaired last element was carried to the next level
-    L: torch.Tensor  # (..., n, Z, Z)  Cholesky factor of the eliminated block M = L L^T
-    Va: torch.Tensor  # (..., n, Z, Z)  L^{-1} P_ba  (coupling to the left neighbour)
-    Vc: torch.Tensor  # (..., n, Z, Z)  L^{-1} Q_bc  (coupling to the right neighbour)
+    Minv: torch.Tensor  # (..., n, Z, Z)  inverse precision of the eliminated variable
+    ab_x: torch.Tensor  # (..., n, Z, Z)  coupling (left neighbour, eliminated)
+    ab_y: torch.Tensor  # (..., n, Z, Z)  coupling (eliminated, right neighbour)
+    logdet: torch.Tensor  # (...)  sum of log|M| over the level
 
 
 def _pairs(x: torch.Tensor, dim: int):
@@ -444,14 +470,14 @@ def _cat_carry(new: torch.Tensor, carry: Optional[torch.Tensor], dim: int) -> to
     return new if carry is None else torch.cat([new, carry], dim)
 
 
-def _precision_sweep(aa: torch.Tensor, ab: torch.Tensor, bb: torch.Tensor, Z: int):
+def _precision_sweep(aa: torch.Tensor, ab: torch.Tensor, bb: torch.Tensor):
     """Pairwise tree reduction of pair-factor precisions given as blocks.
 
     A pair factor over ``(left, right)`` has precision ``[[aa, ab], [ab^T, bb]]``, each
     block ``(..., K, Z, Z)``.  Contracting ``x(a, b)`` with ``y(b, c)`` over ``b`` is a
-    Schur complement: ``M = bb_x + aa_y = L L^T``, ``Va = L^{-1} ab_x^T``,
-    ``Vc = L^{-1} ab_y``, giving ``aa = aa_x - Va^T Va``, ``ab = -Va^T Vc``,
-    ``bb = bb_y - Vc^T Vc``.  Depth ``ceil(log2 K)``.
+    Schur complement: with ``M = bb_x + aa_y``, ``aa = aa_x - ab_x M^{-1} ab_x^T``,
+    ``ab = -ab_x M^{-1} ab_y``, ``bb = bb_y - ab_y^T M^{-1} ab_y``.  Depth
+    ``ceil(log2 K)``.  Returns the levels and the top blocks ``(..., Z, Z)``.
     """
     levels = []
     while aa.shape[-3] > 1:
@@ -459,52 +485,50 @@ def _precision_sweep(aa: torch.Tensor, ab: torch.Tensor, bb: torch.Tensor, Z: in
         aa_x, aa_y, aa_c = _pairs(aa, -3)
         ab_x, ab_y, ab_c = _pairs(ab, -3)
         bb_x, bb_y, bb_c = _pairs(bb, -3)
-        L = torch.linalg.cholesky(bb_x + aa_y)
-        Va, Vc = torch.linalg.solve_triangular(
-            L, torch.cat([ab_x.transpose(-1, -2), ab_y], -1), upper=False
-        ).split(Z, -1)
-        VaT = Va.transpose(-1, -2)
-        aa = _cat_carry(aa_x - VaT @ Va, aa_c, -3)
-        ab = _cat_carry(-(VaT @ Vc), ab_c, -3)
-        bb = _cat_carry(bb_y - Vc.transpose(-1, -2) @ Vc, bb_c, -3)
-        levels.append(_Level(K // 2, bool(K % 2), L, Va, Vc))
+        Minv, logdet = _SPDInverse.apply(bb_x + aa_y)
+        Xa = Minv @ ab_x.transpose(-1, -2)
+        Xc = Minv @ ab_y
+        aa = _cat_carry(aa_x - ab_x @ Xa, aa_c, -3)
+        ab = _cat_carry(-(ab_x @ Xc), ab_c, -3)
+        bb = _cat_carry(bb_y - ab_y.transpose(-1, -2) @ Xc, bb_c, -3)
+        levels.append(_Level(K // 2, bool(K % 2), Minv, ab_x, ab_y, logdet.sum(-1)))
     return levels, aa.squeeze(-3), ab.squeeze(-3), bb.squeeze(-3)
 
 
 def _info_sweep(levels, ha: torch.Tensor, hb: torch.Tensor):
     """The same reduction for the information vectors ``(..., K, Z)`` of both halves.
 
-    Returns the per-level ``w = L^{-1} (hb_x + ha_y)``, the top halves ``(..., Z)`` and
-    ``sum |w|^2`` ``(...)``.
+    With ``b = hb_x + ha_y`` and ``y = M^{-1} b``: ``ha = ha_x - ab_x y``,
+    ``hb = hb_y - ab_y^T y``, and the log-normaliser gains ``b^T M^{-1} b / 2``.
+    Returns the per-level ``b``, the top halves ``(..., Z)`` and ``sum b^T M^{-1} b``.
     """
-    ws = []
+    bs = []
     quad = ha.new_zeros(ha.shape[:-2])
     for lev in levels:
         ha_x, ha_y, ha_c = _pairs(ha, -2)
         hb_x, hb_y, hb_c = _pairs(hb, -2)
-        w = torch.linalg.solve_triangular(lev.L, (hb_x + ha_y).unsqueeze(-1), upper=False)
-        ha = _cat_carry(ha_x - (lev.Va.transpose(-1, -2) @ w).squeeze(-1), ha_c, -2)
-        hb = _cat_carry(hb_y - (lev.Vc.transpose(-1, -2) @ w).squeeze(-1), hb_c, -2)
-        w = w.squeeze(-1)
-        quad = quad + w.pow(2).sum((-1, -2))
-        ws.append(w)
-    return ws, ha.squeeze(-2), hb.squeeze(-2), quad
+        b = (hb_x + ha_y).unsqueeze(-1)
+        y = lev.Minv @ b
+        ha = _cat_carry(ha_x - (lev.ab_x @ y).squeeze(-1), ha_c, -2)
+        hb = _cat_carry(hb_y - (lev.ab_y.transpose(-1, -2) @ y).squeeze(-1), hb_c, -2)
+        quad = quad + (b * y).sum((-1, -2, -3))
+        bs.append(b)
+    return bs, ha.squeeze(-2), hb.squeeze(-2), quad
 
 
-def _down_sweep(levels, ws, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def _down_sweep(levels, bs, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Means of all latents ``(..., T, Z)`` from those of the outermost two (no autograd).
 
-    Inverts the tree level by level: the eliminated variable ``b`` of a pair has
-    conditional mean ``L^{-T} (w - Va a - Vc c)`` given its neighbours ``a, c``.
+    Inverts the tree level by level: the eliminated variable of a pair has conditional
+    mean ``M^{-1} (b - ab_x^T a - ab_y c)`` given its neighbours ``a, c``.
     """
     bnd = torch.stack([first, last], -2)
     Z = first.shape[-1]
-    for lev, w in zip(reversed(levels), reversed(ws)):
+    for lev, b in zip(reversed(levels), reversed(bs)):
         n = lev.n
         a = bnd[..., 0:n, :].unsqueeze(-1)
         c = bnd[..., 1 : n + 1, :].unsqueeze(-1)
-        rhs = w.unsqueeze(-1) - lev.Va @ a - lev.Vc @ c
-        mid = torch.linalg.solve_triangular(lev.L.transpose(-1, -2), rhs, upper=True).squeeze(-1)
+        mid = (lev.Minv @ (b - lev.ab_x.transpose(-1, -2) @ a - lev.ab_y @ c)).squeeze(-1)
         fine = bnd.new_empty(bnd.shape[:-2] + (2 * n + lev.odd + 1, Z))
         fine[..., 0 : 2 * n + 1 : 2, :] = bnd[..., : n + 1, :]
         fine[..., 1 : 2 * n : 2, :] = mid
@@ -514,13 +538,35 @@ def _down_sweep(levels, ws, first: torch.Tensor, last: torch.Tensor) -> torch.Te
     return bnd
 
 
+def _shared_mat(fn, X: torch.Tensor) -> torch.Tensor:
+    """Apply a left operator ``fn`` that is shared over time to every ``X[..., k, :, :]``.
+
+    ``X`` is ``(..., K, n, m)``; the time axis is folded into the columns so ``fn`` runs
+    once per batch element on an ``(n, K*m)`` matrix instead of ``K`` times on tiny ones.
+    """
+    K, n, m = X.shape[-3:]
+    Y = fn(X.movedim(-3, -2).reshape(X.shape[:-3] + (n, K * m)))
+    return Y.reshape(Y.shape[:-1] + (K, m)).movedim(-2, -3)
+
+
+def _shared_vec(fn, x: torch.Tensor) -> torch.Tensor:
+    """Same for vectors ``x (..., K, n)``."""
+    return fn(x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _lower_solver(L: torch.Tensor, transpose: bool = False):
+    if transpose:
+        return lambda X: torch.linalg.solve_triangular(L.transpose(-1, -2), X, upper=True)
+    return lambda X: torch.linalg.solve_triangular(L, X, upper=False)
+
+
 class _BasePrec(NamedTuple):
-    L_R: torch.Tensor  # B + (1, D, D)
+    L_R: torch.Tensor  # B + (D, D)
     W: torch.Tensor  # B + (T, D, Z)  L_R^{-1} C_t
     L0: torch.Tensor  # B + (Z, Z)
     init_P: torch.Tensor  # B + (Z, Z)
     A: Optional[torch.Tensor]  # B + (T-1, Z, Z)  trans_matrix[..., 1:, :, :]
-    L_Q: Optional[torch.Tensor]  # B + (1, Z, Z)
+    L_Q: Optional[torch.Tensor]  # B + (Z, Z)
     aa: Optional[torch.Tensor]  # B + (T-1, Z, Z)  A^T Q^{-1} A
     ab: Optional[torch.Tensor]  # B + (T-1, Z, Z)  -A^T Q^{-1}
     bb: Optional[torch.Tensor]  # B + (T-1, Z, Z)  Q^{-1} + C^T R^{-1} C mask
@@ -530,20 +576,22 @@ def _base_precisions(q: _Prepared) -> _BasePrec:
     """Precisions of ``p(z_0) p(a_0|z_0)^{m_0}`` and of each pair factor, in blocks."""
     T = q.T
     maskf = q.mask.to(q.obs.dtype)
-    L_R = torch.linalg.cholesky(q.obs_cov).unsqueeze(-3)
-    W = torch.linalg.solve_triangular(L_R, q.obs_matrix, upper=False)
+    L_R = torch.linalg.cholesky(q.obs_cov)
+    W = _shared_mat(_lower_solver(L_R), q.obs_matrix)
     O = (W.transpose(-1, -2) @ W) * maskf[..., None, None]  # C^T R^{-1} C, 0 if missing
     L0 = torch.linalg.cholesky(q.init_cov)
+    P0i = _sym(torch.cholesky_inverse(L0))
     if T == 1:
-        return _BasePrec(L_R, W, L0, _sym(torch.cholesky_inverse(L0)) + O.squeeze(-3), *[None] * 5)
+        return _BasePrec(L_R, W, L0, P0i + O.squeeze(-3), *[None] * 5)
     O0, O1 = O.split([1, T - 1], -3)
-    init_P = _sym(torch.cholesky_inverse(L0)) + O0.squeeze(-3)
-    L_Q = torch.linalg.cholesky(q.trans_cov).unsqueeze(-3)
+    L_Q = torch.linalg.cholesky(q.trans_cov)
     Qi = _sym(torch.cholesky_inverse(L_Q))
     A = q.trans_matrix.split([1, T - 1], -3)[1]
-    QiA = Qi @ A
+    QiA = _shared_mat(lambda X: Qi @ X, A)
     aa = A.transpose(-1, -2) @ QiA
-    return _BasePrec(L_R, W, L0, init_P, A, L_Q, aa, -QiA.transpose(-1, -2), Qi + O1)
+    return _BasePrec(
+        L_R, W, L0, P0i + O0.squeeze(-3), A, L_Q, aa, -QiA.transpose(-1, -2), Qi.unsqueeze(-3) + O1
+    )
 
 
 def _base_info(q: _Prepared, bp: _BasePrec, shift: Optional[torch.Tensor]):
@@ -557,9 +605,9 @@ def _base_info(q: _Prepared, bp: _BasePrec, shift: Optional[torch.Tensor]):
     resid = q.obs
     if shift is not None:
         resid = resid - (q.obs_matrix @ shift.unsqueeze(-1)).squeeze(-1)
-    u = torch.linalg.solve_triangular(bp.L_R, resid.unsqueeze(-1), upper=False)
-    o = (bp.W.transpose(-1, -2) @ u).squeeze(-1) * maskf.unsqueeze(-1)
-    ln = (-0.5 * D * _LOG_2PI - _logdet_chol(bp.L_R)) - 0.5 * u.squeeze(-1).pow(2).sum(-1)
+    u = _shared_vec(_lower_solver(bp.L_R), resid)  # L_R^{-1} r_t
+    o = (bp.W.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1) * maskf.unsqueeze(-1)
+    ln = (-0.5 * D * _LOG_2PI - _logdet_chol(bp.L_R)).unsqueeze(-1) - 0.5 * u.pow(2).sum(-1)
     ln = (ln * maskf).sum(-1)
     loc0 = q.init_loc if shift is None else q.init_loc - shift[..., 0, :]
     u0 = torch.linalg.solve_triangular(bp.L0, loc0.unsqueeze(-1), upper=False)
@@ -573,12 +621,12 @@ def _base_info(q: _Prepared, bp: _BasePrec, shift: Optional[torch.Tensor]):
         ha, hb = torch.zeros_like(o1), o1
     else:
         off = (bp.A @ shift[..., :-1, :].unsqueeze(-1)).squeeze(-1) - shift[..., 1:, :]
-        v = torch.linalg.solve_triangular(bp.L_Q, off.unsqueeze(-1), upper=False)
-        Qioff = torch.linalg.solve_triangular(bp.L_Q.transpose(-1, -2), v, upper=True)
-        ha = -(bp.A.transpose(-1, -2) @ Qioff).squeeze(-1)
-        hb = Qioff.squeeze(-1) + o1
-        ln = ln - 0.5 * v.squeeze(-1).pow(2).sum((-1, -2))
-    ln = ln - (T - 1) * (0.5 * Z * _LOG_2PI + _logdet_chol(bp.L_Q.squeeze(-3)))
+        v = _shared_vec(_lower_solver(bp.L_Q), off)  # L_Q^{-1} offset
+        Qioff = _shared_vec(_lower_solver(bp.L_Q, transpose=True), v)
+        ha = -(bp.A.transpose(-1, -2) @ Qioff.unsqueeze(-1)).squeeze(-1)
+        hb = Qioff + o1
+        ln = ln - 0.5 * v.pow(2).sum((-1, -2))
+    ln = ln - (T - 1) * (0.5 * Z * _LOG_2PI + _logdet_chol(bp.L_Q))
     return init_h, ha, hb, ln
 
 
@@ -589,7 +637,7 @@ def _scan_log_marginal(q: _Prepared) -> Tuple[torch.Tensor, torch.Tensor]:
     if T == 1:
         levels, S = [], bp.init_P
     else:
-        levels, aa, ab, bb = _precision_sweep(bp.aa, bp.ab, bp.bb, Z)
+        levels, aa, ab, bb = _precision_sweep(bp.aa, bp.ab, bp.bb)
         S = torch.cat(
             [torch.cat([aa + bp.init_P, ab], -1), torch.cat([ab.transpose(-1, -2), bb], -1)], -2
         )
@@ -598,23 +646,23 @@ def _scan_log_marginal(q: _Prepared) -> Tuple[torch.Tensor, torch.Tensor]:
     def reduce(init_h, ha, hb):
         if T == 1:
             return [], init_h, init_h.new_zeros(init_h.shape[:-1])
-        ws, ha, hb, quad = _info_sweep(levels, ha, hb)
-        return ws, torch.cat([ha + init_h, hb], -1), quad
+        bs, ha, hb, quad = _info_sweep(levels, ha, hb)
+        return bs, torch.cat([ha + init_h, hb], -1), quad
 
     with torch.no_grad():  # smoothed mean, used only as the centring point
-        ws, h, _ = reduce(*_base_info(q, bp, None)[:3])
+        bs, h, _ = reduce(*_base_info(q, bp, None)[:3])
         ends = torch.cholesky_solve(h.unsqueeze(-1), L_top).squeeze(-1)
         if T == 1:
             z_hat = ends.unsqueeze(-2)
         else:
-            z_hat = _down_sweep(levels, ws, ends[..., :Z], ends[..., Z:])
+            z_hat = _down_sweep(levels, bs, ends[..., :Z], ends[..., Z:])
 
     init_h, ha, hb, ln = _base_info(q, bp, z_hat)
     _, h, quad = reduce(init_h, ha, hb)
     u = torch.linalg.solve_triangular(L_top, h.unsqueeze(-1), upper=False).squeeze(-1)
     logdet = _logdet_chol(L_top)
     for lev in levels:
-        logdet = logdet + _logdet_chol(lev.L).sum(-1)
+        logdet = logdet + 0.5 * lev.logdet  # _logdet_chol is half of log|M|
     # Each of the T latents is integrated out once: +0.5 Z log(2 pi) apiece.
     result = ln + 0.5 * T * Z * _LOG_2PI - logdet + 0.5 * (quad + u.pow(2).sum(-1))
     return result, z_hat

@@ -13,20 +13,34 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def _to_display(images: torch.Tensor) -> np.ndarray:
-    """``(N, C, H, W)`` in [0, 1] -> ``(N, H, W)`` grey or ``(N, H, W, 3)`` colour, for imshow."""
+MISSING_RGB = (0.35, 0.45, 0.85)  # how unobserved pixels are drawn
+
+
+def _to_display(images: torch.Tensor, observed: Optional[torch.Tensor] = None) -> np.ndarray:
+    """``(N, C, H, W)`` in [0, 1] -> ``(N, H, W)`` grey or ``(N, H, W, 3)`` colour, for imshow.
+
+    With ``observed`` (bool, the shape of ``images``), pixels not observed in any channel are drawn in
+    :data:`MISSING_RGB`.
+    """
     images = images.detach().float().cpu().clamp(0, 1)
-    if images.shape[1] == 1:
+    if observed is None and images.shape[1] == 1:
         return images[:, 0].numpy()
-    return images[:, :3].permute(0, 2, 3, 1).numpy()
+    rgb = images[:, :3].expand(-1, 3, -1, -1).permute(0, 2, 3, 1).clone()  # (N, H, W, 3)
+    if observed is not None:
+        missing = ~observed.detach().cpu().all(1)  # (N, H, W)
+        rgb[missing] = torch.tensor(MISSING_RGB)
+    return rgb.numpy()
 
 
-def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: Optional[str] = None) -> str:
-    """A grid whose row ``i`` shows the images ``rows[i] (N, C, H, W)``, labelled ``labels[i]``."""
+def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: Optional[str] = None,
+               observed: Optional[Sequence[Optional[torch.Tensor]]] = None) -> str:
+    """A grid whose row ``i`` shows the images ``rows[i] (N, C, H, W)``, labelled ``labels[i]``;
+    ``observed[i]`` (optional bool masks) marks row ``i``'s missing pixels in colour."""
     num_cols = max(r.shape[0] for r in rows)
     fig, axes = plt.subplots(len(rows), num_cols, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
+    observed = list(observed) if observed is not None else [None] * len(rows)
     for r, (images, label) in enumerate(zip(rows, labels)):
-        shown = _to_display(images)
+        shown = _to_display(images, observed[r])
         for c in range(num_cols):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -53,13 +67,13 @@ def image_grid(images: torch.Tensor, path: str, num_cols: int = 8, title: Option
 def bars(values: torch.Tensor, path: str, title: str, xlabel: str, ylabel: str, line: Optional[float] = None) -> str:
     """A bar per entry of ``values (D,)``; an optional horizontal reference ``line``."""
     values = values.detach().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * len(values) + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.12 * len(values) + 2), 3.2))
     ax.bar(np.arange(len(values)), values, color="tab:blue")
     if line is not None:
         ax.axhline(line, color="tab:red", linestyle="--", linewidth=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,60 @@
+"""Every script and benchmark smoke-runs in seconds with tiny arguments."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, ok=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("vae", ["--guide", "iaf", "--kl-schedule", "linear", "--binarize", "dynamic"]),
+    ("conv-vae", ["--channels", "4,8", "--kl-schedule", "free-bits", "--elbo", "meanfield", "--likelihood", "gaussian"]),
+])
+def test_train_script(tmp_path, model, extra):
+    out = str(tmp_path / "run")
+    common = ["scripts/train.py", model, "--data", "shapes", "--num-shapes", "60", "--z-dim", "3", "--hidden-dims", "16",
+              "--batch-size", "16", "--no-progress", "--out", out, *extra]
+    run(*common, "--epochs", "1")
+    result = run(*common, "--epochs", "2", "--resume")
+    assert "epoch 2" in result.stdout
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+def test_train_script_npz_and_errors(tmp_path):
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=np.random.default_rng(0).random((30, 10, 10)))
+    run("scripts/train.py", "vae", "--data", "npz", "--data-path", str(path), "--epochs", "1", "--z-dim", "2",
+        "--hidden-dims", "8", "--no-progress", "--out", str(tmp_path / "run"))
+    missing = run("scripts/train.py", "vae", "--data", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                  "--out", str(tmp_path / "r2"), ok=False)
+    assert missing.returncode != 0 and "MNIST" in missing.stderr
+    unknown = run("scripts/train.py", "vae", "--guide", "made-up", "--out", str(tmp_path / "r3"), ok=False)
+    assert unknown.returncode == 2 and "--guide" in unknown.stderr
+
+
+def test_demo_script(tmp_path):
+    result = run("scripts/demo.py", "--out", str(tmp_path), "--epochs", "1", "--num-shapes", "60", "--z-dim", "2")
+    assert "held-out ELBO" in result.stdout
+    (run_dir,) = os.listdir(tmp_path)
+    assert os.path.exists(tmp_path / run_dir / "figures" / "imputation_epoch001.png")
+
+
+def test_svi_overhead_benchmark(tmp_path):
+    out = str(tmp_path / "bench.json")
+    result = run("benchmarks/svi_overhead.py", "--data", "shapes", "--num-shapes", "300", "--steps", "4", "--warmup", "1",
+                 "--memory-steps", "1", "--out", out)
+    assert "ratio" in result.stdout
+    payload = json.load(open(out))
+    assert payload["ratio_pyro_over_torch"] > 0 and set(payload["memory"]) == {"pyro", "torch"}

@@ -42,16 +42,19 @@ def sequential_kalman_loglik(p: LGSSM, obs: torch.Tensor) -> torch.Tensor:
     m = p.init_loc.expand(B, -1)
     P = p.init_cov.expand(B, -1, -1)
     ll = obs.new_zeros(B)
+    # unbind once: indexing [:, t] inside the loop would make the backward pass O(T^2)
+    # (each slice's backward materialises a full-size zero gradient).
+    As, Cs, ys = p.trans_matrix.unbind(1), p.obs_matrix.unbind(1), obs.unbind(1)
     for t in range(T):
         if t > 0:
-            A = p.trans_matrix[:, t]
+            A = As[t]
             m = (A @ m.unsqueeze(-1)).squeeze(-1)
             P = A @ P @ A.transpose(-1, -2) + p.trans_cov
-        C = p.obs_matrix[:, t]
+        C = Cs[t]
         CP = C @ P
         S = CP @ C.transpose(-1, -2) + p.obs_cov
         L = torch.linalg.cholesky(S)
-        r = obs[:, t] - (C @ m.unsqueeze(-1)).squeeze(-1)
+        r = ys[t] - (C @ m.unsqueeze(-1)).squeeze(-1)
         w = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False).squeeze(-1)
         ll = ll - 0.5 * D * LOG_2PI - L.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * w.pow(2).sum(-1)
         Kt = torch.cholesky_solve(CP, L)  # (B, D, Z) = S^{-1} C P = K^T

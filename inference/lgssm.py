@@ -1,39 +1,46 @@
 """Exact inference for a linear-Gaussian state-space model (LGSSM) with missing data.
 
-Generative process (column vectors), as in Fraccaro et al. 2017, "A Disentangled
+Generative process (column vectors), the LGSSM of Fraccaro et al. 2017, "A Disentangled
 Recognition and Nonlinear Dynamics Model for Unsupervised Learning" (the Kalman VAE,
-arXiv:1710.05741), eq. (1) for the transition/emission densities and eq. (2) for the
-joint factorisation, without the control input ``B_t u_t``::
+arXiv:1710.05741): eq. (1) gives the transition and emission densities and eq. (2) the
+joint factorisation; the control input ``B_t u_t`` is omitted here::
 
     z_1 ~ N(init_loc, init_cov)
     z_t = A_t z_{t-1} + w_t,   w_t ~ N(0, Q),   t = 2..T     (A_t = trans_matrix[..., t-1, :, :])
     a_t = C_t z_t + v_t,       v_t ~ N(0, R),   t = 1..T     (C_t = obs_matrix[..., t-1, :, :])
 
-With 0-based time indices as used by the tensors, ``trans_matrix[..., t, :, :]`` maps
-``z[t-1]`` to ``z[t]``; ``trans_matrix[..., 0, :, :]`` is therefore never used.
+With the 0-based time index of the tensors, ``trans_matrix[..., t, :, :]`` maps ``z[t-1]``
+to ``z[t]``; ``trans_matrix[..., 0, :, :]`` is never used.
 
-Missing data: ``mask[..., t]`` is ``True`` when ``a[t]`` is observed.  A step with
-``mask == False`` contributes no observation factor at all: the log marginal is
-``log p(a_observed)`` and posteriors condition only on the observed steps.  This is
-what the KVAE uses for imputation (Fraccaro et al. 2017, Sec. 3.3: the filter's update
-step is skipped for missing frames).  Values of ``obs`` at masked steps are never
-used in arithmetic (they may be NaN).
+Missing data: ``mask[..., t]`` is ``True`` when ``a[t]`` is observed (``None`` = all
+observed).  A masked step contributes no observation factor: :func:`log_marginal` is
+``log p(a_observed)``, the filter skips the update (gain zero), and posteriors condition
+only on observed steps -- the setting of the KVAE's missing-data imputation, where
+``p(z | a_observed)`` is computed by Kalman filtering/smoothing.  Values of ``obs`` at
+masked steps are replaced before any arithmetic, so they may be NaN; NaN or inf at an
+*observed* step raises ``ValueError``.
 
-All functions are pure and return NamedTuples or tensors (in the style of dynamax's
-``linear_gaussian_ssm``).  They up-cast their inputs to ``dtype`` (default
+Precision.  All functions up-cast their inputs to ``dtype`` (keyword, default
 ``torch.float64``) before any work and return results in that dtype; callers that want
-float32 must cast back themselves.  Precision matters here: with small noise (e.g.
-noise scales around 1e-4, variances 1e-8) the information-form parallel scan in float32
-was measured to be about 8x off without any warning, so do not pass
-``dtype=torch.float32`` unless the noise covariances are well conditioned.
+float32 must cast back themselves.  Reason: float32 GaussianHMM was measured 8x off at
+noise 1e-4 with no warning, and an uncentred information-form scan in float32 returned
+-4947 where the true value was +275.3 (T = 20, noise std 1e-4).  Even in float64 the
+uncentred information form lost 1e-5 absolute there, so :func:`log_marginal` re-centres
+its scan at the smoothed mean (see its docstring).  Only pass ``dtype=torch.float32``
+when the noise covariances are well conditioned.
 
-Public API
-----------
-``LGSSM``                                      parameter container
-``log_marginal(params, obs, mask)``            log p(a_obs), parallel scan over time
-``filter(params, obs, mask)``                  Kalman filter  -> ``FilterResult``
-``smooth(params, obs, mask)``                  RTS smoother   -> ``SmoothResult``
-``sample_posterior(params, obs, mask, n)``     joint draws of z | a_obs (parallel FFBS)
+Public API (pure functions returning tensors or NamedTuples, in the style of dynamax's
+``linear_gaussian_ssm``)::
+
+    LGSSM(init_loc, init_cov, trans_matrix, trans_cov, obs_matrix, obs_cov)
+    log_marginal(params, obs, mask=None, *, dtype=torch.float64, method="scan") -> (...)
+    filter(params, obs, mask=None, *, dtype=torch.float64) -> FilterResult
+    smooth(params, obs, mask=None, *, dtype=torch.float64) -> SmoothResult
+    sample_posterior(params, obs, mask=None, num_samples=1, *, dtype=torch.float64,
+                     generator=None) -> (num_samples, ..., T, Z)
+
+Inputs are validated before any work; errors are ``ValueError`` naming the argument, the
+expected shape and the received one.
 """
 
 import math
@@ -249,14 +256,16 @@ def _prepare(params, obs, mask, dtype) -> _Prepared:
     device = obs.device
     p = {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
     for k, v in p.items():
+        if k == "trans_matrix":
+            v = v[..., 1:, :, :]  # trans_matrix[..., 0, :, :] is unused
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"params.{k} contains NaN or inf")
     for k in ("init_cov", "trans_cov", "obs_cov"):
         S = p[k]
-        src_eps = torch.finfo(getattr(params, k).dtype).eps if (
-            isinstance(getattr(params, k), torch.Tensor)
-            and getattr(params, k).is_floating_point()
-        ) else torch.finfo(dtype).eps
+        src = getattr(params, k)
+        # tolerance relative to the precision the caller's matrix was built in
+        src_dtype = src.dtype if isinstance(src, torch.Tensor) and src.is_floating_point() else dtype
+        src_eps = torch.finfo(src_dtype).eps
         asym = (S - S.transpose(-1, -2)).abs().amax(dim=(-1, -2))
         scale = S.abs().amax(dim=(-1, -2))
         if bool((asym > math.sqrt(src_eps) * scale).any()):
@@ -386,7 +395,10 @@ def _factors(q: _Prepared, shift: Optional[torch.Tensor] = None) -> Tuple[Gaussi
 
 
 def _posterior_mean(init: Gaussian, trans: Optional[Gaussian], T: int, Z: int) -> torch.Tensor:
-    """Smoothed mean ``B + (T, Z)`` by parallel FFBS with zero noise (no autograd)."""
+    """Smoothed mean ``B + (T, Z)`` by pyro's parallel FFBS with zero noise (no autograd).
+
+    Used as the centring point of ``log_marginal(..., method="pyro")``.
+    """
     with torch.no_grad():
         init = Gaussian(init.log_normalizer.detach(), init.info_vec.detach(), init.precision.detach())
         B = init.batch_shape
@@ -405,7 +417,8 @@ def _posterior_mean(init: Gaussian, trans: Optional[Gaussian], T: int, Z: int) -
 # precision reduction separated from the information-vector reduction:
 #
 # * precisions do not depend on the data or on the centring shift, so the tree of
-#   Cholesky factors is computed once (with autograd);
+#   Schur complements (and the inverses M^{-1} of the eliminated blocks) is computed
+#   once, with autograd;
 # * a gradient-free information sweep over that tree plus a downward sweep gives the
 #   smoothed mean z_hat (the same recursion as FFBS with zero noise);
 # * a second information sweep, in the variables z - z_hat (autograd on), accumulates

@@ -40,7 +40,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # the learning rate is multiplied by this ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
     clip_norm: Optional[float] = None  # global gradient-norm clip; None: no clipping
-    elbo: str = "trace"  # "trace" or "meanfield" (analytic KL)
+    elbo: str = "meanfield"  # "meanfield" (analytic KL where known, else Monte Carlo) or "trace" (Monte Carlo KL)
     num_particles: int = 1
     jit: bool = False
     device: str = "cpu"

@@ -43,6 +43,11 @@ def train_vae(
     ``out``: the run directory (``None``: no files). Everything needed to repeat the run is written to
     its ``config.json``.
     """
+    if train_config.jit and kl_schedule != "none":
+        raise ValueError(
+            f"jit: a compiled ELBO freezes the KL weights read while tracing; use --kl-schedule none with --jit "
+            f"(got --kl-schedule {kl_schedule})"
+        )
     torch.manual_seed(train_config.seed)  # network initialisation
     data = prepare_images(data, binarize, train_config.seed)
     model, guide = build_vae(model_name, tuple(data.train.shape[1:]), vae_config)

@@ -423,7 +423,9 @@ def _good():
     return params, obs
 
 
-@pytest.mark.parametrize("fn", [log_marginal, filter, smooth])
+@pytest.mark.parametrize(
+    "fn", [log_marginal, filter, smooth, lambda p, o, m: sample_posterior(p, o, m, 2)]
+)
 @pytest.mark.parametrize(
     "case,name",
     [
@@ -435,6 +437,8 @@ def _good():
         ("nonsquare_cov", "obs_cov"),
         ("bad_obs_matrix", "obs_matrix"),
         ("not_spd", "trans_cov"),
+        ("not_symmetric", "init_cov"),
+        ("nan_param", "obs_matrix"),
         ("batch", "batch"),
     ],
 )
@@ -460,6 +464,14 @@ def test_bad_inputs_raise_value_error(fn, case, name):
         params = params._replace(obs_matrix=params.obs_matrix[..., :1])
     elif case == "not_spd":
         params = params._replace(trans_cov=-params.trans_cov)
+    elif case == "not_symmetric":
+        bump = torch.zeros(2, 2, dtype=F64)
+        bump[0, 1] = 0.1
+        params = params._replace(init_cov=params.init_cov + bump)
+    elif case == "nan_param":
+        C = params.obs_matrix.clone()
+        C[0, 1, 0, 0] = float("nan")
+        params = params._replace(obs_matrix=C)
     elif case == "batch":
         obs = torch.randn(4, 4, 2, dtype=F64)  # batch (4,) vs (3,)
     with pytest.raises(ValueError, match=name):
@@ -473,6 +485,26 @@ def test_nan_at_masked_step_is_allowed():
     obs = obs.clone()
     obs[1, 2] = float("nan")
     assert bool(torch.isfinite(log_marginal(params, obs, mask)).all())
+
+
+def test_obs_and_mask_broadcast_against_parameter_batch():
+    params, obs, gen = random_model((3,), 4, 2, 2, seed=8)
+    shared_obs = obs[0]  # (T, D), shared by the 3 parameter sets
+    mask = torch.tensor([True, False, True, True])  # (T,)
+    got = log_marginal(params, shared_obs, mask)
+    want = log_marginal(params, shared_obs.expand(3, 4, 2), mask.expand(3, 4))
+    assert got.shape == (3,)
+    close(got, want, 1e-12)
+    close(smooth(params, shared_obs, mask).means, smooth(params, shared_obs.expand(3, 4, 2), mask.expand(3, 4)).means, 1e-12)
+
+
+def test_unused_first_transition_matrix_may_be_nan():
+    params, obs = _good()
+    A = params.trans_matrix.clone()
+    A[..., 0, :, :] = float("nan")
+    p = params._replace(trans_matrix=A)
+    close(log_marginal(p, obs), log_marginal(params, obs), 0)
+    close(smooth(p, obs).means, smooth(params, obs).means, 0)
 
 
 def test_sample_posterior_bad_num_samples():

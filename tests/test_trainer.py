@@ -158,3 +158,13 @@ def test_dynamic_binarisation_draws_binary_batches(tiny_images):
     Trainer(model, guide, config(epochs=1), callbacks=[Spy()], batch_transform=binarizer("dynamic")).fit(data.train, data.test)
     batch = torch.cat(seen)
     assert set(batch.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_jit_with_kl_schedule_is_refused(tiny_images):
+    with pytest.raises(ValueError, match="jit"):
+        train_vae("vae", ImageData(*tiny_images, "tiny"), SMALL, config(jit=True), None, kl_schedule="linear")
+
+
+def test_jit_trains(tiny_images):
+    history = train_vae("vae", ImageData(*tiny_images, "tiny"), SMALL, config(jit=True, epochs=1), None)
+    assert history[0]["test_elbo"] < 0

@@ -69,6 +69,42 @@ def _kl_dim_weighted(q: DimWeighted, p: DimWeighted) -> torch.Tensor:
     return (q.weights * kl_divergence(q.base.base_dist, p.base.base_dist)).sum(-1)
 
 
+class FlowPosterior(dist.TransformedDistribution):
+    """A flow posterior q(z) = f_K o ... o f_1 pushed ``base`` (a factorised Normal), whose KL to a
+    factorised prior is estimated with the base's analytic KL as a control variate::
+
+        KL(q || p) = KL(q_0 || p) + E_{q_0}[ log p(z_0) - log p(f(z_0)) - log |det df/dz_0| ]
+
+    (exact identity; the expectation is estimated at the last draw of ``rsample``/``sample``, so
+    ``TraceMeanField_ELBO`` scores the guide's own sample). Near-identity flows make the Monte Carlo
+    part nearly constant, so the ELBO's variance approaches that of the Normal guide with analytic KL.
+    """
+
+    _path = None
+
+    def rsample(self, sample_shape=torch.Size()):
+        z = self.base_dist.rsample(sample_shape)
+        path = [z]
+        for transform in self.transforms:
+            z = transform(z)
+            path.append(z)
+        self._path = path
+        return z
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
+@register_kl(FlowPosterior, torch.distributions.Independent)
+def _kl_flow_factorised(q: FlowPosterior, p: torch.distributions.Independent) -> torch.Tensor:
+    if q._path is None:
+        raise NotImplementedError("FlowPosterior: the KL estimate needs a draw first")
+    path = q._path
+    log_det = sum(t.log_abs_det_jacobian(x, y) for t, x, y in zip(q.transforms, path[:-1], path[1:]))
+    return kl_divergence(q.base_dist, p) + p.log_prob(path[0]) - p.log_prob(path[-1]) - log_det
+
+
 class GreyBernoulli(dist.Bernoulli):
     """Bernoulli whose ``log_prob`` accepts grey values in [0, 1] (the cross-entropy of seed 002/004:
     ``x log p + (1 - x) log(1 - p)``), so un-binarised images can be scored as the seeds do."""

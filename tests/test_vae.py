@@ -179,3 +179,14 @@ def test_plain_pyro_svi_trains_the_modules():
     svi = SVI(model, guide, Adam({"lr": 1e-2}), Trace_ELBO())
     assert torch.isfinite(torch.tensor(svi.step(torch.rand(6, 1, 8, 8))))
     assert not torch.equal(before, guide.encoder.head.loc.weight)
+
+
+def test_iaf_guide_starts_as_the_normal_guide():
+    model, iaf = build_vae("vae", (1, 8, 8), VAEConfig(guide="iaf", **SMALL))
+    x = torch.rand(6, 1, 8, 8)
+    q = iaf.posterior(x)
+    base_q = q.base_dist
+    z = q.rsample()
+    assert torch.allclose(q.log_prob(z), base_q.log_prob(z), atol=1e-5)
+    prior = model.prior(6, x)
+    assert torch.allclose(torch.distributions.kl_divergence(q, prior), torch.distributions.kl_divergence(base_q, prior), atol=1e-5)

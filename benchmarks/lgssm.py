@@ -1,13 +1,17 @@
 """Benchmark: LGSSM log-likelihood forward+backward, parallel scan vs sequential Kalman filter.
 
-Compares ``inference.lgssm.log_marginal`` (parallel scan over time, O(log T) depth;
-the default ``method="scan"`` and the ``method="pyro"`` pipeline built from
-pyro.ops.gaussian) with a plain-PyTorch sequential Kalman-filter log-likelihood (a
-python loop over T, batched over sequences), all in float64.  Runs single-threaded by
-default (``--threads``): the matrices are 4x4, intra-op threads do not help them, and
-OpenMP spinning made timings erratic when another process shared the CPU.  Each measurement is one forward pass plus ``backward()`` w.r.t. all six
-parameter tensors and the observations.  Methods are timed alternately inside each
-repeat (after a warm-up round) and the median per method is reported.
+Compares ``inference.lgssm.log_marginal`` (parallel scan over time, O(log T) depth; the
+default ``method="scan"`` and the ``method="pyro"`` pipeline built from pyro.ops.gaussian)
+with a plain-PyTorch sequential Kalman-filter log-likelihood (a python loop over T,
+batched over sequences), all in float64.  Each measurement is one forward pass plus
+``backward()`` w.r.t. all six parameter tensors and the observations.  The methods are
+timed alternately inside each repeat (after a warm-up round, alternating their order)
+and the median per method is reported; the log-likelihoods are checked to agree.
+
+Single-threaded by default (``--threads 1``): every method then gets one core, and the
+timings stay reproducible when other processes share the machine (with torch's default
+intra-op threads and a concurrent process on a 2-core machine, OpenMP spinning made
+both methods 10-40x slower and erratic).  ``--threads 0`` keeps torch's default.
 
     python benchmarks/lgssm.py                       # T = 20 200 2000, batch 32, Z=4, D=2
     python benchmarks/lgssm.py --T 5 10 --batch 2 --repeats 1 --out /tmp/x.json   # smoke

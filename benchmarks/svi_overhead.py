@@ -4,14 +4,16 @@
 The same MLP VAE (784-512-512-64, Bernoulli decoder, Normal encoder; identical initial weights) is
 trained on the same batches (batch 128) by:
 
-* ``pyro``: :class:`inference.Trainer`'s SVI step (ELBO ``differentiable_loss``, backward, Adam);
+* ``pyro``: :class:`inference.Trainer`'s SVI step (ELBO ``differentiable_loss``, backward, Adam) with
+  ``jit=True`` (the loss compiled by ``torch.jit.trace``);
+* ``pyro_eager``: the same step without compilation (the trainer's default);
 * ``torch``: a hand-written loop: reparameterised sample, BCE-with-logits, analytic Gaussian KL, Adam.
 
-Steps alternate (pyro, torch, pyro, ...) so both see the same machine state; the ratio of median
-step times is printed and written as JSON with the peak memory of each path (peak RSS of a process
-running that path alone on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
+Steps rotate through the paths so all see the same machine state; the ratios of median step times
+are printed and written as JSON with the peak memory of each path (peak RSS of a process running
+that path alone on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
 
-    python benchmarks/svi_overhead.py [--data-dir ../shared/data/mnist] [--elbo meanfield] [--steps 200]
+    python benchmarks/svi_overhead.py [--data-dir ../shared/data/mnist] [--elbo meanfield] [--steps 300]
 """
 from __future__ import annotations
 
@@ -19,11 +21,9 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
-from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -59,17 +59,31 @@ class HandWrittenVAE:
         return loss.item() / x.shape[0]
 
 
-def build(args):
+PATHS = ("pyro", "pyro_eager", "torch")
+
+
+def build(args, paths=PATHS):
+    """Steppers of ``paths``, on identical initial networks, and the batches."""
     data = load_image_data(args.data, args.data_dir, num_shapes=args.num_shapes, download=False).train
-    torch.manual_seed(args.seed)
-    model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
-    hand = HandWrittenVAE(deepcopy(guide.encoder), deepcopy(model.decoder), args.lr)
-    config = TrainConfig(batch_size=args.batch_size, lr=args.lr, elbo=args.elbo, jit=args.jit, device=args.device, progress=False)
-    trainer = Trainer(model, guide, config)
-    hand.encoder.to(trainer.device), hand.decoder.to(trainer.device)
-    trainer._setup_optimizer(data[: args.batch_size].to(trainer.device))
-    batches = [data[i : i + args.batch_size].to(trainer.device) for i in range(0, len(data) - args.batch_size + 1, args.batch_size)]
-    return trainer, hand, batches
+    steppers = {}
+    for name, jit in (("pyro", True), ("pyro_eager", False)):
+        if name not in paths:
+            continue
+        pyro.clear_param_store()
+        torch.manual_seed(args.seed)
+        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        config = TrainConfig(batch_size=args.batch_size, lr=args.lr, elbo=args.elbo, jit=jit, device=args.device, progress=False)
+        trainer = Trainer(model, guide, config)
+        trainer._setup_optimizer(data[: args.batch_size].to(trainer.device))
+        steppers[name] = trainer.step
+    device = torch.device(args.device)
+    if "torch" in paths:
+        torch.manual_seed(args.seed)
+        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        hand = HandWrittenVAE(guide.encoder.to(device), model.decoder.to(device), args.lr)
+        steppers["torch"] = hand.step
+    batches = [data[i : i + args.batch_size].to(device) for i in range(0, len(data) - args.batch_size + 1, args.batch_size)]
+    return steppers, batches, device
 
 
 def _sync(device):
@@ -77,39 +91,53 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_alternating(trainer, hand, batches, steps: int, warmup: int):
-    times = {"pyro": [], "torch": []}
-    steppers = {"pyro": trainer.step, "torch": hand.step}
+def time_alternating(steppers, batches, device, steps: int, warmup: int):
+    """Step times (s) per path; the order of the paths rotates every step."""
+    times = {name: [] for name in steppers}
+    names = list(steppers)
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
-        for name in ("pyro", "torch") if i % 2 == 0 else ("torch", "pyro"):
-            _sync(trainer.device)
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            _sync(device)
             start = time.perf_counter()
             steppers[name](batch)
-            _sync(trainer.device)
+            _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
+def _rss_mib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process, MiB, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_rss_child(args, path: str, queue) -> None:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)
-    trainer, hand, batches = build(args)
-    step = trainer.step if path == "pyro" else hand.step
+    steppers, batches, _ = build(args, paths=(path,))
+    step = steppers[path]
     step(batches[0])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
     for i in range(args.memory_steps):
         step(batches[i % len(batches)])
-    queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    queue.put((before, _rss_mib("VmHWM")))
 
 
 def peak_memory(args):
-    """Peak memory (MiB) of each path: CUDA allocator peak, or the peak RSS of a child process."""
+    """Peak memory (MiB) of each path: the CUDA allocator's peak, or on CPU the peak RSS while a child
+    process running that path alone takes ``memory_steps`` steps (peak reset just before them)."""
     if args.device.startswith("cuda"):
-        trainer, hand, batches = build(args)
+        steppers, batches, _ = build(args)
         result = {}
-        for name, step in (("pyro", trainer.step), ("torch", hand.step)):
+        for name, step in steppers.items():
             torch.cuda.reset_peak_memory_stats()
             for i in range(args.memory_steps):
                 step(batches[i % len(batches)])
@@ -117,13 +145,13 @@ def peak_memory(args):
         return result
     context = multiprocessing.get_context("spawn")
     result = {}
-    for name in ("pyro", "torch"):
+    for name in PATHS:
         queue = context.Queue()
         child = context.Process(target=_peak_rss_child, args=(args, name, queue))
         child.start()
         before, after = queue.get()
         child.join()
-        result[name] = {"peak_rss_mib": after / 1024, "rss_growth_during_steps_mib": (after - before) / 1024}
+        result[name] = {"rss_before_steps_mib": before, "peak_rss_during_steps_mib": after, "step_peak_over_baseline_mib": after - before}
     return result
 
 
@@ -133,7 +161,6 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=DEFAULT_MNIST)
     p.add_argument("--num-shapes", type=int, default=2000)
     p.add_argument("--elbo", choices=("trace", "meanfield"), default="meanfield")
-    p.add_argument("--jit", action="store_true")
     p.add_argument("--validate", action="store_true", help="keep Pyro's argument validation on (off by default, as in training)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -151,18 +178,20 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)
-    trainer, hand, batches = build(args)
-    times = time_alternating(trainer, hand, batches, args.steps, args.warmup)
+    steppers, batches, device = build(args)
+    times = time_alternating(steppers, batches, device, args.steps, args.warmup)
     median = {k: statistics.median(v) for k, v in times.items()}
-    ratio = median["pyro"] / median["torch"]
     result = {
-        "elbo": args.elbo, "jit": args.jit, "validate": args.validate, "device": args.device, "threads": args.threads,
+        "elbo": args.elbo, "validate": args.validate, "device": args.device, "threads": args.threads,
         "batch_size": args.batch_size, "steps": args.steps, "data": args.data,
         "median_step_ms": {k: 1e3 * v for k, v in median.items()},
-        "ratio_pyro_over_torch": ratio,
+        "ratio_pyro_over_torch": median["pyro"] / median["torch"],
+        "ratio_pyro_eager_over_torch": median["pyro_eager"] / median["torch"],
         "memory": peak_memory(args),
     }
-    print(f"median step: pyro {1e3 * median['pyro']:.3f} ms, torch {1e3 * median['torch']:.3f} ms; ratio {ratio:.3f} ({args.elbo} ELBO, {args.device}, {args.threads} threads)")
+    print(f"median step ({args.elbo} ELBO, {args.device}, {args.threads} threads): "
+          + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in median.items()))
+    print(f"ratio pyro (jit) / torch: {result['ratio_pyro_over_torch']:.3f}; pyro eager / torch: {result['ratio_pyro_eager_over_torch']:.3f}")
     for name, memory in result["memory"].items():
         print(f"memory {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

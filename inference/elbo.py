@@ -10,22 +10,22 @@ from typing import NamedTuple
 
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-ELBOS = {"trace": (Trace_ELBO, JitTrace_ELBO), "meanfield": (TraceMeanField_ELBO, JitTraceMeanField_ELBO)}
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
-def make_elbo(name: str, num_particles: int = 1, jit: bool = False) -> ELBO:
-    """``trace`` (Monte Carlo KL) or ``meanfield`` (analytic KL where known), optionally JIT-compiled.
+def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+    """``trace`` (Monte Carlo KL) or ``meanfield`` (analytic KL where known, Monte Carlo otherwise).
 
-    Particles are vectorised; ``max_plate_nesting`` is inferred from the first trace.
+    Particles are vectorised; ``max_plate_nesting`` is inferred from the first trace. (Compilation is
+    the trainer's business: see ``TrainConfig.jit``.)
     """
     if name not in ELBOS:
         raise ValueError(f"elbo: expected one of {tuple(ELBOS)}, got {name!r}")
     if num_particles < 1:
         raise ValueError(f"num_particles: expected >= 1, got {num_particles}")
-    cls = ELBOS[name][1 if jit else 0]
-    return cls(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1)
 
 
 class ELBOTerms(NamedTuple):

@@ -25,9 +25,10 @@ Precision.  All functions up-cast their inputs to ``dtype`` (keyword, default
 float32 must cast back themselves.  Reason: float32 GaussianHMM was measured 8x off at
 noise 1e-4 with no warning, and an uncentred information-form scan in float32 returned
 -4947 where the true value was +275.3 (T = 20, noise std 1e-4).  Even in float64 the
-uncentred information form lost 1e-5 absolute there, so :func:`log_marginal` re-centres
-its scan at the smoothed mean (see its docstring).  Only pass ``dtype=torch.float32``
-when the noise covariances are well conditioned.
+uncentred information form lost 1e-5 absolute there, so :func:`log_marginal` evaluates
+the likelihood through whitened residuals at the posterior mean (see its docstring) and
+matches a 50-digit reference to ~1e-11.  Only pass ``dtype=torch.float32`` when the
+noise covariances are well conditioned.
 
 Public API (pure functions returning tensors or NamedTuples, in the style of dynamax's
 ``linear_gaussian_ssm``)::
@@ -35,7 +36,7 @@ Public API (pure functions returning tensors or NamedTuples, in the style of dyn
     LGSSM(init_loc, init_cov, trans_matrix, trans_cov, obs_matrix, obs_cov)
     log_marginal(params, obs, mask=None, *, dtype=torch.float64, method="scan") -> (...)
     filter(params, obs, mask=None, *, dtype=torch.float64) -> FilterResult
-    smooth(params, obs, mask=None, *, dtype=torch.float64) -> SmoothResult
+    smooth(params, obs, mask=None, *, dtype=torch.float64, method="rts") -> SmoothResult
     sample_posterior(params, obs, mask=None, num_samples=1, *, dtype=torch.float64,
                      generator=None) -> (num_samples, ..., T, Z)
 
@@ -47,6 +48,7 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 from pyro.ops.gaussian import (
     Gaussian,
     gaussian_tensordot,
@@ -413,142 +415,21 @@ def _posterior_mean(init: Gaussian, trans: Optional[Gaussian], T: int, Z: int) -
 # Lean parallel scan (default method of log_marginal)
 # ----------------------------------------------------------------------------------------
 #
-# Same information-form factors as _factors(), but stored as plain tensors and with the
-# precision reduction separated from the information-vector reduction:
+# For a linear-Gaussian model, with z_hat and Sigma the posterior mean and covariance of
+# z given the observed a, and J = Sigma^{-1} the (block-tridiagonal) posterior precision,
 #
-# * precisions do not depend on the data or on the centring shift, so the tree of
-#   Schur complements (and the inverses M^{-1} of the eliminated blocks) is computed
-#   once, with autograd;
-# * a gradient-free information sweep over that tree plus a downward sweep gives the
-#   smoothed mean z_hat (the same recursion as FFBS with zero noise);
-# * a second information sweep, in the variables z - z_hat (autograd on), accumulates
-#   the log-normaliser.  In those variables every information vector is O(1) in
-#   whitened units, so the large |a|^2/noise^2 terms never appear and nothing cancels.
+#     log p(a) = log p(a, z_hat) + (T Z / 2) log(2 pi) - (1/2) log|J|            (value)
+#     grad log p(a) = E_{z ~ p(z|a)} [grad_theta log p(a, z)]                    (Fisher)
 #
-# The value is an exact identity for any shift (the shift is a volume-preserving change
-# of variables), so detaching z_hat gives exact derivatives of every order.
-
-
-class _SPDInverse(torch.autograd.Function):
-    """``(M^{-1}, log|M|)`` of a batch of small SPD matrices via one Cholesky.
-
-    Its backward, ``dM = -M^{-1} G M^{-1} + g_logdet M^{-1}``, is a few batched
-    products, several times cheaper than autograd through ``cholesky`` and
-    ``solve_triangular`` on tiny matrices (the dominant cost of the scan); it is written
-    with differentiable operations, so higher derivatives work too.
-    """
-
-    @staticmethod
-    def forward(ctx, M):
-        L = torch.linalg.cholesky(M)
-        Minv = _sym(torch.cholesky_inverse(L))
-        ctx.save_for_backward(Minv)
-        return Minv, 2.0 * _logdet_chol(L)
-
-    @staticmethod
-    def backward(ctx, g_inv, g_logdet):
-        (Minv,) = ctx.saved_tensors
-        grad = Minv * g_logdet[..., None, None]
-        if g_inv is not None:
-            grad = grad - Minv @ g_inv @ Minv
-        return grad
-
-
-class _Level(NamedTuple):
-    n: int  # number of contracted pairs at this level
-    odd: bool  # an unpaired last element was carried to the next level
-    Minv: torch.Tensor  # (..., n, Z, Z)  inverse precision of the eliminated variable
-    ab_x: torch.Tensor  # (..., n, Z, Z)  coupling (left neighbour, eliminated)
-    ab_y: torch.Tensor  # (..., n, Z, Z)  coupling (eliminated, right neighbour)
-    logdet: torch.Tensor  # (...)  sum of log|M| over the level
-
-
-def _pairs(x: torch.Tensor, dim: int):
-    """Split ``x`` along time dim ``dim`` (negative) into even, odd and carried parts.
-
-    Uses split/unflatten/unbind rather than strided indexing: their backward passes are
-    concatenations, whereas the backward of basic slicing materialises a zero tensor of
-    the full input size per slice, which dominated the run time.
-    """
-    K = x.shape[dim]
-    n = K // 2
-    carry = None
-    if K % 2:
-        x, carry = x.split([2 * n, 1], dim=dim)
-    even, odd = x.unflatten(dim, (n, 2)).unbind(dim)
-    return even, odd, carry
-
-
-def _cat_carry(new: torch.Tensor, carry: Optional[torch.Tensor], dim: int) -> torch.Tensor:
-    return new if carry is None else torch.cat([new, carry], dim)
-
-
-def _precision_sweep(aa: torch.Tensor, ab: torch.Tensor, bb: torch.Tensor):
-    """Pairwise tree reduction of pair-factor precisions given as blocks.
-
-    A pair factor over ``(left, right)`` has precision ``[[aa, ab], [ab^T, bb]]``, each
-    block ``(..., K, Z, Z)``.  Contracting ``x(a, b)`` with ``y(b, c)`` over ``b`` is a
-    Schur complement: with ``M = bb_x + aa_y``, ``aa = aa_x - ab_x M^{-1} ab_x^T``,
-    ``ab = -ab_x M^{-1} ab_y``, ``bb = bb_y - ab_y^T M^{-1} ab_y``.  Depth
-    ``ceil(log2 K)``.  Returns the levels and the top blocks ``(..., Z, Z)``.
-    """
-    levels = []
-    while aa.shape[-3] > 1:
-        K = aa.shape[-3]
-        aa_x, aa_y, aa_c = _pairs(aa, -3)
-        ab_x, ab_y, ab_c = _pairs(ab, -3)
-        bb_x, bb_y, bb_c = _pairs(bb, -3)
-        Minv, logdet = _SPDInverse.apply(bb_x + aa_y)
-        Xa = Minv @ ab_x.transpose(-1, -2)
-        Xc = Minv @ ab_y
-        aa = _cat_carry(aa_x - ab_x @ Xa, aa_c, -3)
-        ab = _cat_carry(-(ab_x @ Xc), ab_c, -3)
-        bb = _cat_carry(bb_y - ab_y.transpose(-1, -2) @ Xc, bb_c, -3)
-        levels.append(_Level(K // 2, bool(K % 2), Minv, ab_x, ab_y, logdet.sum(-1)))
-    return levels, aa.squeeze(-3), ab.squeeze(-3), bb.squeeze(-3)
-
-
-def _info_sweep(levels, ha: torch.Tensor, hb: torch.Tensor):
-    """The same reduction for the information vectors ``(..., K, Z)`` of both halves.
-
-    With ``b = hb_x + ha_y`` and ``y = M^{-1} b``: ``ha = ha_x - ab_x y``,
-    ``hb = hb_y - ab_y^T y``, and the log-normaliser gains ``b^T M^{-1} b / 2``.
-    Returns the per-level ``b``, the top halves ``(..., Z)`` and ``sum b^T M^{-1} b``.
-    """
-    bs = []
-    quad = ha.new_zeros(ha.shape[:-2])
-    for lev in levels:
-        ha_x, ha_y, ha_c = _pairs(ha, -2)
-        hb_x, hb_y, hb_c = _pairs(hb, -2)
-        b = (hb_x + ha_y).unsqueeze(-1)
-        y = lev.Minv @ b
-        ha = _cat_carry(ha_x - (lev.ab_x @ y).squeeze(-1), ha_c, -2)
-        hb = _cat_carry(hb_y - (lev.ab_y.transpose(-1, -2) @ y).squeeze(-1), hb_c, -2)
-        quad = quad + (b * y).sum((-1, -2, -3))
-        bs.append(b)
-    return bs, ha.squeeze(-2), hb.squeeze(-2), quad
-
-
-def _down_sweep(levels, bs, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Means of all latents ``(..., T, Z)`` from those of the outermost two (no autograd).
-
-    Inverts the tree level by level: the eliminated variable of a pair has conditional
-    mean ``M^{-1} (b - ab_x^T a - ab_y c)`` given its neighbours ``a, c``.
-    """
-    bnd = torch.stack([first, last], -2)
-    Z = first.shape[-1]
-    for lev, b in zip(reversed(levels), reversed(bs)):
-        n = lev.n
-        a = bnd[..., 0:n, :].unsqueeze(-1)
-        c = bnd[..., 1 : n + 1, :].unsqueeze(-1)
-        mid = (lev.Minv @ (b - lev.ab_x.transpose(-1, -2) @ a - lev.ab_y @ c)).squeeze(-1)
-        fine = bnd.new_empty(bnd.shape[:-2] + (2 * n + lev.odd + 1, Z))
-        fine[..., 0 : 2 * n + 1 : 2, :] = bnd[..., : n + 1, :]
-        fine[..., 1 : 2 * n : 2, :] = mid
-        if lev.odd:
-            fine[..., 2 * n + 1, :] = bnd[..., n + 1, :]
-        bnd = fine
-    return bnd
+# The second line needs only z_hat, the marginal covariances Sigma_tt and the lag-one
+# cross covariances Sigma_{t,t-1}, and has a closed form (the EM sufficient statistics).
+# All three quantities come from one tree factorisation of J (odd-even cyclic
+# reduction, depth ceil(log2 T)) followed by two downward sweeps of the same depth
+# (means, and a selected inversion for the covariances).  The tree runs without
+# autograd; the gradient is assembled in closed form in _ScanLogMarginal.backward.
+# This is several times cheaper than reverse-mode autodiff through the scan, and
+# numerically better: log p(a, z_hat) is a sum of whitened residuals of size O(1), so
+# the |a|^2/noise^2 terms that cancel in a plain information-form scan never appear.
 
 
 def _shared_mat(fn, X: torch.Tensor) -> torch.Tensor:
@@ -567,118 +448,325 @@ def _shared_vec(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _lower_solver(L: torch.Tensor, transpose: bool = False):
-    if transpose:
-        return lambda X: torch.linalg.solve_triangular(L.transpose(-1, -2), X, upper=True)
-    return lambda X: torch.linalg.solve_triangular(L, X, upper=False)
+def _lsolve(L: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve_triangular(L, X, upper=False)
 
 
-class _BasePrec(NamedTuple):
-    L_R: torch.Tensor  # B + (D, D)
-    W: torch.Tensor  # B + (T, D, Z)  L_R^{-1} C_t
-    L0: torch.Tensor  # B + (Z, Z)
-    init_P: torch.Tensor  # B + (Z, Z)
-    A: Optional[torch.Tensor]  # B + (T-1, Z, Z)  trans_matrix[..., 1:, :, :]
-    L_Q: Optional[torch.Tensor]  # B + (Z, Z)
-    aa: Optional[torch.Tensor]  # B + (T-1, Z, Z)  A^T Q^{-1} A
-    ab: Optional[torch.Tensor]  # B + (T-1, Z, Z)  -A^T Q^{-1}
-    bb: Optional[torch.Tensor]  # B + (T-1, Z, Z)  Q^{-1} + C^T R^{-1} C mask
+# Layout notes (these matter more than flop counts for 4x4 blocks on CPU):
+# * the tree works time-major, ``(K, *batch, Z, Z)``, so that ranges of time steps are
+#   contiguous and batched products never need an implicit copy;
+# * batched products of tiny matrices run through a naive kernel that is ~1.7x faster
+#   when the right operand is column-major (``B.mT`` of a row-major ``B``); LAPACK
+#   results (``inv``) are column-major already, and symmetric matrices are passed as
+#   ``S.mT``; elsewhere a transposed copy is made (far cheaper than a product).
 
 
-def _base_precisions(q: _Prepared) -> _BasePrec:
-    """Precisions of ``p(z_0) p(a_0|z_0)^{m_0}`` and of each pair factor, in blocks."""
-    T = q.T
-    maskf = q.mask.to(q.obs.dtype)
-    L_R = torch.linalg.cholesky(q.obs_cov)
-    W = _shared_mat(_lower_solver(L_R), q.obs_matrix)
-    O = (W.transpose(-1, -2) @ W) * maskf[..., None, None]  # C^T R^{-1} C, 0 if missing
-    L0 = torch.linalg.cholesky(q.init_cov)
-    P0i = _sym(torch.cholesky_inverse(L0))
-    if T == 1:
-        return _BasePrec(L_R, W, L0, P0i + O.squeeze(-3), *[None] * 5)
-    O0, O1 = O.split([1, T - 1], -3)
-    L_Q = torch.linalg.cholesky(q.trans_cov)
-    Qi = _sym(torch.cholesky_inverse(L_Q))
-    A = q.trans_matrix.split([1, T - 1], -3)[1]
-    QiA = _shared_mat(lambda X: Qi @ X, A)
-    aa = A.transpose(-1, -2) @ QiA
-    return _BasePrec(
-        L_R, W, L0, P0i + O0.squeeze(-3), A, L_Q, aa, -QiA.transpose(-1, -2), Qi.unsqueeze(-3) + O1
-    )
+class _Level(NamedTuple):
+    n: int  # number of eliminated latents (contracted pairs) at this level
+    odd: bool  # an unpaired last element was carried to the next level
+    Minv: torch.Tensor  # (n, ..., Z, Z)  M^{-1} (column-major), M = precision of the eliminated latent
+    Ga: torch.Tensor  # (n, ..., Z, Z)  cp_x M^{-1}     (left coupling, transposed gain)
+    Gc: torch.Tensor  # (n, ..., Z, Z)  cp_y^T M^{-1}   (right coupling, transposed gain)
 
 
-def _base_info(q: _Prepared, bp: _BasePrec, shift: Optional[torch.Tensor]):
-    """Information vectors and log-normalisers of the same factors in ``z - shift``.
+def _halves(x: torch.Tensor, n: int):
+    """Even and odd time slots of ``x (K, ...)`` as contiguous ``(n, ...)`` tensors."""
+    x = x[: 2 * n].unflatten(0, (n, 2)).movedim(1, 0).contiguous()
+    return x[0], x[1]
 
-    Returns ``init_h (..., Z)``, the pair-factor halves ``ha, hb (..., T-1, Z)`` (None
-    if T = 1) and the sum of all factors' log-normalisers ``(...)``.
+
+def _tree_factor(aa, cp, bb):
+    """Pairwise tree reduction (cyclic reduction) of pair-factor precisions; no autograd.
+
+    A pair factor over ``(left, right)`` has precision ``[[aa, -cp], [-cp^T, bb]]``, each
+    block ``(K, ..., Z, Z)`` (``cp = A^T Q^{-1}`` at the base: the sign is folded in so
+    that no negations are needed below).  Contracting ``x(a, b)`` with ``y(b, c)`` over
+    ``b`` is a Schur complement: with ``M = bb_x + aa_y``,
+    ``aa = aa_x - cp_x M^{-1} cp_x^T``, ``cp = cp_x M^{-1} cp_y``,
+    ``bb = bb_y - cp_y^T M^{-1} cp_y``.  Depth ``ceil(log2 K)``.  ``M`` is SPD (it
+    contains ``Q^{-1}``); it is inverted by LU, which for these small blocks is about
+    twice as fast as Cholesky + ``cholesky_inverse``.
+
+    Returns the levels, the top blocks ``(..., Z, Z)`` and ``sum log|M|`` ``(...)``.
     """
+    levels = []
+    logdet = aa.new_zeros(aa.shape[1:-2])
+    while aa.shape[0] > 1:
+        K = aa.shape[0]
+        n = K // 2
+        aa_x, aa_y = _halves(aa, n)
+        cp_x, cp_y = _halves(cp, n)
+        cpT_y = cp_y.transpose(-1, -2).contiguous()
+        bb_x, bb_y = _halves(bb, n)
+        M = bb_x + aa_y
+        Minv = torch.linalg.inv_ex(M)[0]  # column-major: already the fast right operand
+        logdet = logdet + torch.linalg.slogdet(M)[1].sum(0)
+        Ga = cp_x @ Minv
+        Gc = cpT_y @ Minv
+        cp_yF = cpT_y.transpose(-1, -2)  # = cp_y, in the fast layout
+        new = (aa_x - Ga @ cp_x.transpose(-1, -2), Ga @ cp_yF, bb_y - Gc @ cp_yF)
+        if K % 2:
+            new = tuple(torch.cat([x, old[2 * n :]], 0) for x, old in zip(new, (aa, cp, bb)))
+        aa, cp, bb = new
+        levels.append(_Level(n, bool(K % 2), Minv, Ga, Gc))
+    return levels, aa[0], cp[0], bb[0], logdet
+
+
+def _tree_info(levels, ha, hb):
+    """The same reduction for the information vectors ``(K, ..., Z)`` of both halves.
+
+    With ``b = hb_x + ha_y``: ``ha = ha_x + cp_x M^{-1} b``, ``hb = hb_y + cp_y^T M^{-1} b``.
+    Returns the per-level ``b`` and the top halves ``(..., Z)``.
+    """
+    bs = []
+    for lev in levels:
+        n = lev.n
+        b = (hb[0 : 2 * n : 2] + ha[1 : 2 * n : 2]).unsqueeze(-1)
+        new_a = ha[0 : 2 * n : 2] + (lev.Ga @ b).squeeze(-1)
+        new_b = hb[1 : 2 * n : 2] + (lev.Gc @ b).squeeze(-1)
+        if lev.odd:
+            new_a = torch.cat([new_a, ha[2 * n :]], 0)
+            new_b = torch.cat([new_b, hb[2 * n :]], 0)
+        ha, hb = new_a, new_b
+        bs.append(b)
+    return bs, ha[0], hb[0]
+
+
+def _interleave(coarse, mid, n: int, odd: bool):
+    """Fine-level boundary values along dim 0: coarse at even slots, ``mid`` at odd."""
+    fine = coarse.new_empty((2 * n + odd + 1,) + coarse.shape[1:])
+    fine[0 : 2 * n + 1 : 2] = coarse[: n + 1]
+    fine[1 : 2 * n : 2] = mid
+    if odd:
+        fine[2 * n + 1] = coarse[n + 1]
+    return fine
+
+
+def _tree_means(levels, bs, ends):
+    """Posterior means ``(T, ..., Z)`` from those of the outermost latents ``(2, ..., Z)``.
+
+    The eliminated latent of a pair has conditional mean
+    ``M^{-1} (b + cp_x^T a + cp_y c)`` given its neighbours ``a, c``; the sweep inverts
+    the tree level by level.
+    """
+    bnd = ends
+    for lev, b in zip(reversed(levels), reversed(bs)):
+        n = lev.n
+        a = bnd[0:n].unsqueeze(-1)
+        c = bnd[1 : n + 1].unsqueeze(-1)
+        mid = lev.Minv @ b + lev.Ga.transpose(-1, -2) @ a + lev.Gc.transpose(-1, -2) @ c
+        bnd = _interleave(bnd, mid.squeeze(-1), n, lev.odd)
+    return bnd
+
+
+def _tree_covs(levels, diag, cross):
+    """Selected inversion: marginal covariances ``(T, ..., Z, Z)`` and lag-one cross
+    covariances ``cross[t] = Cov(z_t, z_{t+1})`` ``(T-1, ..., Z, Z)``.
+
+    Starts from the top ``diag (2, ..., Z, Z)`` and ``cross (1, ..., Z, Z)`` of the two
+    outermost latents.  An eliminated latent is ``b = mean + Ha a + Hc c + noise`` with
+    ``Ha = Ga^T = M^{-1} cp_x^T``, ``Hc = Gc^T = M^{-1} cp_y`` and noise covariance
+    ``M^{-1}``, so ``Cov(b, a) = Ha S_aa + Hc S_ca``, ``Cov(b, c) = Ha S_ac + Hc S_cc``
+    and ``Cov(b, b) = M^{-1} + Cov(b, a) Ha^T + Cov(b, c) Hc^T``.
+    """
+    for lev in reversed(levels):
+        n = lev.n
+        Ha = lev.Ga.transpose(-1, -2).contiguous()
+        Hc = lev.Gc.transpose(-1, -2).contiguous()
+        S_aa = diag[0:n]  # symmetric: S.mT == S is the fast right operand
+        S_cc = diag[1 : n + 1]
+        S_ac = cross[0:n]
+        S_ca = S_ac.transpose(-1, -2).contiguous()
+        S_ba = Ha @ S_aa.transpose(-1, -2) + Hc @ S_ac.transpose(-1, -2)
+        S_bc = Ha @ S_ca.transpose(-1, -2) + Hc @ S_cc.transpose(-1, -2)
+        # Minv is symmetric: its transpose is the row-major view of the same values
+        S_bb = lev.Minv.transpose(-1, -2) + S_ba @ Ha.transpose(-1, -2) + S_bc @ Hc.transpose(-1, -2)
+        new_cross = cross.new_empty((2 * n + lev.odd,) + cross.shape[1:])
+        new_cross[0 : 2 * n : 2] = S_ba.transpose(-1, -2)  # Cov(a, b)
+        new_cross[1 : 2 * n : 2] = S_bc  # Cov(b, c)
+        if lev.odd:
+            new_cross[2 * n] = cross[n]
+        diag = _interleave(diag, S_bb, n, lev.odd)
+        cross = new_cross
+    return diag, cross
+
+
+class _Posterior(NamedTuple):
+    means: torch.Tensor  # (..., T, Z)
+    covs: torch.Tensor  # (..., T, Z, Z)
+    cross: torch.Tensor  # (..., T-1, Z, Z)   Cov(z_t, z_{t+1})
+    logdet_J: torch.Tensor  # (...)
+
+
+def _time_major(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return x.movedim(-1 - event_dims, 0).contiguous()
+
+
+def _batch_major(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return x.movedim(0, -1 - event_dims).contiguous()
+
+
+def _scan_posterior(q: _Prepared, with_covs: bool = True) -> _Posterior:
+    """Smoothed moments and ``log|J|`` by the parallel tree (no autograd)."""
+    with torch.no_grad():
+        T, Z = q.T, q.Z
+        maskf = q.mask.to(q.obs.dtype)
+        L_R = torch.linalg.cholesky(q.obs_cov)
+        W = _shared_mat(lambda X: _lsolve(L_R, X), q.obs_matrix)  # L_R^{-1} C_t
+        O = (W.transpose(-1, -2) @ W) * maskf[..., None, None]  # C^T R^{-1} C (0 if missing)
+        o = (W.transpose(-1, -2) @ _shared_vec(lambda X: _lsolve(L_R, X), q.obs).unsqueeze(-1))
+        o = o.squeeze(-1) * maskf.unsqueeze(-1)  # C^T R^{-1} a
+        L0 = torch.linalg.cholesky(q.init_cov)
+        init_P = torch.cholesky_inverse(L0) + O[..., 0, :, :]
+        init_h = torch.cholesky_solve(q.init_loc.unsqueeze(-1), L0).squeeze(-1) + o[..., 0, :]
+        if T == 1:
+            L_top = torch.linalg.cholesky(init_P)
+            means = torch.cholesky_solve(init_h.unsqueeze(-1), L_top).squeeze(-1).unsqueeze(-2)
+            covs = torch.cholesky_inverse(L_top).unsqueeze(-3)
+            cross = covs.new_zeros(covs.shape[:-3] + (0, Z, Z))
+            return _Posterior(means, covs, cross, 2.0 * _logdet_chol(L_top))
+        L_Q = torch.linalg.cholesky(q.trans_cov)
+        Y = _shared_mat(lambda X: _lsolve(L_Q, X), q.trans_matrix[..., 1:, :, :])  # L_Q^{-1} A_t
+        Yt = Y.transpose(-1, -2).contiguous()
+        aa = _time_major(Yt @ Yt.transpose(-1, -2), 2)  # A^T Q^{-1} A (fast operand layout)
+        QiA = _shared_mat(lambda X: torch.linalg.solve_triangular(L_Q.transpose(-1, -2), X, upper=True), Y)
+        cp = _time_major(QiA.transpose(-1, -2), 2)  # A^T Q^{-1} (minus the off-diagonal block)
+        Qi = torch.cholesky_inverse(L_Q)
+        bb = _time_major(Qi.unsqueeze(-3) + O[..., 1:, :, :], 2)
+        levels, aa, cp, bb, logdet = _tree_factor(aa, cp, bb)
+        S = torch.cat(
+            [torch.cat([aa + init_P, -cp], -1), torch.cat([-cp.transpose(-1, -2), bb], -1)], -2
+        )
+        L_top = torch.linalg.cholesky(S)
+        logdet = logdet + 2.0 * _logdet_chol(L_top)
+        S_top = torch.cholesky_inverse(L_top)
+        hb = _time_major(o[..., 1:, :], 1)
+        bs, ha, hb = _tree_info(levels, torch.zeros_like(hb), hb)
+        ends = (S_top @ torch.cat([ha + init_h, hb], -1).unsqueeze(-1)).squeeze(-1)
+        means = _tree_means(levels, bs, torch.stack([ends[..., :Z], ends[..., Z:]], 0))
+        means = _batch_major(means, 1)
+        if not with_covs:
+            return _Posterior(means, None, None, logdet)
+        S_top = _sym(S_top)
+        diag = torch.stack([S_top[..., :Z, :Z], S_top[..., Z:, Z:]], 0)
+        covs, cross = _tree_covs(levels, diag, S_top[..., :Z, Z:].unsqueeze(0))
+        return _Posterior(means, _batch_major(covs, 2), _batch_major(cross, 2), logdet)
+
+
+class _Joint(NamedTuple):
+    value: torch.Tensor  # (...)  log p(a_obs, z)
+    e0: torch.Tensor  # (..., Z)     z_0 - init_loc
+    s: torch.Tensor  # (..., T, D)  a_t - C_t z_t (masked steps: -C_t z_t, weighted by 0)
+    r: Optional[torch.Tensor]  # (..., T-1, Z)  z_t - A_t z_{t-1}
+    A: Optional[torch.Tensor]  # (..., T-1, Z, Z)  trans_matrix[..., 1:, :, :], contiguous
+
+
+def _joint_log_density(q: _Prepared, z: torch.Tensor) -> _Joint:
+    """``log p(a_obs, z)`` from whitened residuals (all O(1) when ``z`` is the posterior
+    mean, so nothing cancels even at tiny noise)."""
     T, Z, D = q.T, q.Z, q.D
     maskf = q.mask.to(q.obs.dtype)
-    resid = q.obs
-    if shift is not None:
-        resid = resid - (q.obs_matrix @ shift.unsqueeze(-1)).squeeze(-1)
-    u = _shared_vec(_lower_solver(bp.L_R), resid)  # L_R^{-1} r_t
-    o = (bp.W.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1) * maskf.unsqueeze(-1)
-    ln = (-0.5 * D * _LOG_2PI - _logdet_chol(bp.L_R)).unsqueeze(-1) - 0.5 * u.pow(2).sum(-1)
-    ln = (ln * maskf).sum(-1)
-    loc0 = q.init_loc if shift is None else q.init_loc - shift[..., 0, :]
-    u0 = torch.linalg.solve_triangular(bp.L0, loc0.unsqueeze(-1), upper=False)
-    init_h = torch.linalg.solve_triangular(bp.L0.transpose(-1, -2), u0, upper=True).squeeze(-1)
-    ln = ln - 0.5 * Z * _LOG_2PI - _logdet_chol(bp.L0) - 0.5 * u0.squeeze(-1).pow(2).sum(-1)
+    L0 = torch.linalg.cholesky(q.init_cov)
+    L_R = torch.linalg.cholesky(q.obs_cov)
+    e0 = z[..., 0, :] - q.init_loc
+    s = q.obs - (q.obs_matrix @ z.unsqueeze(-1)).squeeze(-1)
+    u0 = _lsolve(L0, e0.unsqueeze(-1)).squeeze(-1)
+    us = _shared_vec(lambda X: _lsolve(L_R, X), s)
+    value = (
+        -0.5 * Z * _LOG_2PI - _logdet_chol(L0) - 0.5 * u0.pow(2).sum(-1)
+        - maskf.sum(-1) * (0.5 * D * _LOG_2PI + _logdet_chol(L_R))
+        - 0.5 * (us.pow(2).sum(-1) * maskf).sum(-1)
+    )
     if T == 1:
-        return init_h + o.squeeze(-2), None, None, ln
-    o0, o1 = o.split([1, T - 1], -2)
-    init_h = init_h + o0.squeeze(-2)
-    if shift is None:
-        ha, hb = torch.zeros_like(o1), o1
-    else:
-        off = (bp.A @ shift[..., :-1, :].unsqueeze(-1)).squeeze(-1) - shift[..., 1:, :]
-        v = _shared_vec(_lower_solver(bp.L_Q), off)  # L_Q^{-1} offset
-        Qioff = _shared_vec(_lower_solver(bp.L_Q, transpose=True), v)
-        ha = -(bp.A.transpose(-1, -2) @ Qioff.unsqueeze(-1)).squeeze(-1)
-        hb = Qioff + o1
-        ln = ln - 0.5 * v.pow(2).sum((-1, -2))
-    ln = ln - (T - 1) * (0.5 * Z * _LOG_2PI + _logdet_chol(bp.L_Q))
-    return init_h, ha, hb, ln
+        return _Joint(value, e0, s, None, None)
+    L_Q = torch.linalg.cholesky(q.trans_cov)
+    A = q.trans_matrix[..., 1:, :, :].contiguous()
+    r = z[..., 1:, :] - (A @ z[..., :-1, :].unsqueeze(-1)).squeeze(-1)
+    ur = _shared_vec(lambda X: _lsolve(L_Q, X), r)
+    value = value - (T - 1) * (0.5 * Z * _LOG_2PI + _logdet_chol(L_Q)) - 0.5 * ur.pow(2).sum((-1, -2))
+    return _Joint(value, e0, s, r, A)
 
 
-def _scan_log_marginal(q: _Prepared) -> Tuple[torch.Tensor, torch.Tensor]:
-    """log p(a_obs) ``(...)`` and the smoothed mean ``(..., T, Z)`` (detached)."""
-    T, Z = q.T, q.Z
-    bp = _base_precisions(q)
-    if T == 1:
-        levels, S = [], bp.init_P
-    else:
-        levels, aa, ab, bb = _precision_sweep(bp.aa, bp.ab, bp.bb)
-        S = torch.cat(
-            [torch.cat([aa + bp.init_P, ab], -1), torch.cat([ab.transpose(-1, -2), bb], -1)], -2
-        )
-    L_top = torch.linalg.cholesky(S)
+class _ScanLogMarginal(torch.autograd.Function):
+    """log p(a_obs) from the parallel tree, with the Fisher-identity gradient.
 
-    def reduce(init_h, ha, hb):
-        if T == 1:
-            return [], init_h, init_h.new_zeros(init_h.shape[:-1])
-        bs, ha, hb, quad = _info_sweep(levels, ha, hb)
-        return bs, torch.cat([ha + init_h, hb], -1), quad
+    Value: ``log p(a, z_hat) + (T Z / 2) log(2 pi) - log|J| / 2`` (exact for Gaussians).
+    Gradient: ``E_{p(z|a)}[grad log p(a, z)]`` in closed form from the posterior mean,
+    marginal covariances and lag-one cross covariances.  Inputs are the prepared (cast,
+    symmetrised, broadcast) tensors; autograd maps the returned gradients back through
+    that preparation (e.g. sums over broadcast dims).  First derivatives only
+    (``once_differentiable``); ``method="pyro"`` supports higher ones.
+    """
 
-    with torch.no_grad():  # smoothed mean, used only as the centring point
-        bs, h, _ = reduce(*_base_info(q, bp, None)[:3])
-        ends = torch.cholesky_solve(h.unsqueeze(-1), L_top).squeeze(-1)
-        if T == 1:
-            z_hat = ends.unsqueeze(-2)
-        else:
-            z_hat = _down_sweep(levels, bs, ends[..., :Z], ends[..., Z:])
+    @staticmethod
+    def forward(ctx, need_grad, init_loc, init_cov, trans_matrix, trans_cov, obs_matrix, obs_cov, obs, mask):
+        q = _Prepared(init_loc, init_cov, trans_matrix, trans_cov, obs_matrix, obs_cov, obs, mask,
+                      mask.shape[:-1], obs.shape[-2], init_loc.shape[-1], obs.shape[-1])
+        post = _scan_posterior(q, with_covs=need_grad)
+        j = _joint_log_density(q, post.means)
+        if need_grad:
+            ctx.save_for_backward(init_cov, j.A, trans_cov, obs_matrix, obs_cov, mask.to(obs.dtype),
+                                  post.means, post.covs, post.cross, j.e0, j.s, j.r)
+            ctx.trans_shape = trans_matrix.shape
+        return j.value + 0.5 * q.T * q.Z * _LOG_2PI - 0.5 * post.logdet_J
 
-    init_h, ha, hb, ln = _base_info(q, bp, z_hat)
-    _, h, quad = reduce(init_h, ha, hb)
-    u = torch.linalg.solve_triangular(L_top, h.unsqueeze(-1), upper=False).squeeze(-1)
-    logdet = _logdet_chol(L_top)
-    for lev in levels:
-        logdet = logdet + 0.5 * lev.logdet  # _logdet_chol is half of log|M|
-    # Each of the T latents is integrated out once: +0.5 Z log(2 pi) apiece.
-    result = ln + 0.5 * T * Z * _LOG_2PI - logdet + 0.5 * (quad + u.pow(2).sum(-1))
-    return result, z_hat
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (init_cov, At, Q, C, R, maskf, z, covs, cross, e0, s, r) = ctx.saved_tensors
+        T = z.shape[-2]
+        g1 = g.unsqueeze(-1)
+        g2 = g1.unsqueeze(-1)
+
+        def inv(S):
+            return torch.cholesky_inverse(torch.linalg.cholesky(S))
+
+        def outer(x, y):
+            return x.unsqueeze(-1) * y.unsqueeze(-2)
+
+        # E_post[grad log p(a, z)]: the EM sufficient statistics.  Products are written
+        # A @ B.mT with B row-major (the fast layout for tiny bmm); covariances are
+        # symmetric, so S.mT == S.
+        P0i = inv(init_cov)
+        g_m0 = (P0i @ e0.unsqueeze(-1)).squeeze(-1) * g1
+        S0 = outer(e0, e0) + covs[..., 0, :, :]
+        g_P0 = 0.5 * (P0i @ S0 @ P0i - P0i) * g2
+
+        Ri = inv(R)
+        sm = s * maskf.unsqueeze(-1)
+        CS = C @ covs.transpose(-1, -2)  # C_t S_tt, (..., T, D, Z)
+        U = sm.transpose(-1, -2) @ s + ((CS @ C.transpose(-1, -2)) * maskf[..., None, None]).sum(-3)
+        g_R = 0.5 * (Ri @ U @ Ri - maskf.sum(-1)[..., None, None] * Ri) * g2
+        # d/dC_t = m_t R^{-1} (s_t z_t^T - C_t S_tt);  d/da_t = -m_t R^{-1} s_t
+        g_C = _shared_mat(lambda X: Ri @ X, (outer(s, z) - CS) * (maskf[..., None, None] * g2.unsqueeze(-3)))
+        g_obs = -_shared_vec(lambda X: Ri @ X, sm * g2)
+
+        g_A = z.new_zeros(ctx.trans_shape)
+        g_Q = torch.zeros_like(Q)
+        if T > 1:
+            Qi = inv(Q)
+            X = At @ covs[..., :-1, :, :].contiguous().transpose(-1, -2)  # A_t S_{t-1,t-1}
+            crossT = cross.transpose(-1, -2).contiguous()  # S_{t,t-1}
+            # d/dA_t = Q^{-1} E[(z_t - A_t z_{t-1}) z_{t-1}^T]
+            E1 = (outer(r, z[..., :-1, :]) + crossT - X) * g2.unsqueeze(-3)
+            g_A[..., 1:, :, :] = _shared_mat(lambda Y: Qi @ Y, E1)
+            # sum_t E[(z_t - A_t z_{t-1})(z_t - A_t z_{t-1})^T]
+            Y = (At @ crossT.transpose(-1, -2)).sum(-3)  # sum_t A_t S_{t-1,t}
+            St = (
+                r.transpose(-1, -2) @ r
+                + covs[..., 1:, :, :].sum(-3)
+                - Y
+                - Y.transpose(-1, -2)
+                + (X @ At.transpose(-1, -2)).sum(-3)  # sum_t A_t S_{t-1,t-1} A_t^T
+            )
+            g_Q = 0.5 * (Qi @ St @ Qi - (T - 1) * Qi) * g2
+        return None, g_m0, g_P0, g_A, g_Q, g_C, g_R, g_obs, None
+
+
+def _scan_log_marginal(q: _Prepared) -> torch.Tensor:
+    inputs = (q.init_loc, q.init_cov, q.trans_matrix, q.trans_cov, q.obs_matrix, q.obs_cov, q.obs)
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    return _ScanLogMarginal.apply(need_grad, *inputs, q.mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -696,12 +784,11 @@ def log_marginal(
 ) -> torch.Tensor:
     """Exact ``log p(a_observed)`` by a parallel scan over time (O(log T) depth).
 
-    The joint of Fraccaro et al. 2017 eq. (2) is written as a Markov chain of Gaussian
-    factors in information form, one per consecutive latent pair
-    ``p(z_t | z_{t-1}) p(a_t | z_t)^{mask_t}``, and the latents are integrated out by a
-    pairwise tree reduction (as in :class:`pyro.distributions.GaussianHMM` /
-    ``pyro.ops.gaussian.sequential_gaussian_tensordot``; pyro's row-vector convention
-    ``y = x @ M`` is wrapped by using ``M = A_t^T``).
+    The joint of Fraccaro et al. 2017 eq. (2) is a Markov chain of Gaussian factors,
+    one per consecutive latent pair, ``p(z_t | z_{t-1}) p(a_t | z_t)^{mask_t}``
+    (information form; pyro's row-vector convention ``y = x @ M`` is wrapped with
+    ``M = A_t^T``).  The latents are integrated out by a pairwise tree reduction, as in
+    :class:`pyro.distributions.GaussianHMM` / ``sequential_gaussian_tensordot``.
 
     Missing data: the observation factor of a masked step is the zero Gaussian
     (log-normaliser, information vector and precision all multiplied by 0), i.e. the
@@ -709,14 +796,32 @@ def log_marginal(
     The result is therefore exactly the log density of the observed sub-vector, with no
     normalisation correction; it is exactly 0 for a sequence with no observed step.
 
+    Methods:
+
+    * ``"scan"`` (default).  The tree reduces only the precision blocks (odd-even cyclic
+      reduction of the block-tridiagonal posterior precision ``J``), then two downward
+      sweeps of the same depth give the posterior mean ``z_hat``, the marginal
+      covariances and the lag-one cross covariances.  The value is the exact Gaussian
+      identity ``log p(a) = log p(a, z_hat) + (T Z / 2) log(2 pi) - log|J| / 2``; the
+      gradient is Fisher's identity ``grad log p(a) = E_{p(z|a)}[grad log p(a, z)]``,
+      assembled in closed form from those moments (the EM sufficient statistics)
+      instead of by reverse-mode autodiff through the scan.  About 10x faster than the
+      sequential filter for batch 32, T = 2000 (``docs/lgssm.md``).  First derivatives
+      only: differentiating the gradient again raises an error.
+    * ``"pyro"``.  The same reduction built from ``pyro.ops.gaussian`` (``Gaussian``,
+      ``matrix_and_gaussian_to_gaussian``, ``sequential_gaussian_tensordot``,
+      ``gaussian_tensordot``, ``event_logsumexp``), differentiated by autograd, so
+      derivatives of every order are available; several times slower.
+
     Precision: in the information form the log-normalisers carry terms of size
     ``|a|^2 / noise^2`` that cancel in the final sum; at small noise (variances ~1e-8)
     the plain form lost ~1e-5 absolute (4e-8 relative) in float64 and was meaningless
-    in float32.  Both methods therefore re-centre: a gradient-free pass computes the
-    smoothed mean ``z_hat`` (FFBS with zero noise) and the factors are rebuilt in the
-    variables ``z_t - z_hat_t``.  This change of variables leaves the integral
-    unchanged for any ``z_hat``, so the value and all its derivatives are exact with
-    ``z_hat`` treated as a constant.  In the small-noise test the result matches a
+    in float32.  ``"scan"`` never forms those terms (``log p(a, z_hat)`` is a sum of
+    whitened residuals of size O(1)).  ``"pyro"`` re-centres: a gradient-free pass
+    computes ``z_hat`` (pyro's FFBS with zero noise) and the factors are rebuilt in the
+    variables ``z_t - z_hat_t``, a change of variables that leaves the integral
+    unchanged for any ``z_hat``, so the value and all its derivatives stay exact with
+    ``z_hat`` treated as a constant.  In the small-noise test both agree with a
     50-digit mpmath Kalman filter to ~1e-11.
 
     Args:
@@ -726,24 +831,19 @@ def log_marginal(
         mask: ``(..., T)`` bool, True = observed; ``None`` = all observed.
         dtype: compute and return dtype (default float64; see the module docstring on
             why float32 is unsafe for small noise).
-        method: ``"scan"`` (default): a lean implementation of the scan that reduces
-            the precision matrices once and reuses their Cholesky factors for both the
-            centring pass and the log-normaliser pass (about 8x faster than the
-            sequential filter at T = 2000, see ``docs/lgssm.md``).  ``"pyro"``: the
-            same computation built from ``pyro.ops.gaussian`` (``Gaussian``,
-            ``matrix_and_gaussian_to_gaussian``, ``sequential_gaussian_tensordot``,
-            ``gaussian_tensordot``, and ``sequential_gaussian_filter_sample`` with zero
-            noise for the centring point); slower, kept as an independent check.
+        method: ``"scan"`` (default) or ``"pyro"``, see above.
 
     Returns:
         ``(...)`` tensor in ``dtype``.  Differentiable w.r.t. every parameter and
         ``obs`` (gradients are finite, and exactly zero for masked ``obs`` entries,
         even when those hold NaN).
     """
+    if method not in ("scan", "pyro"):
+        raise ValueError(f"method: expected 'scan' or 'pyro', got {method!r}")
     q = _prepare(params, obs, mask, dtype)
     if method == "scan":
-        result, _ = _scan_log_marginal(q)
-    elif method == "pyro":
+        result = _scan_log_marginal(q)
+    else:  # "pyro"
         init, trans = _factors(q)
         init, trans = _factors(q, shift=_posterior_mean(init, trans, q.T, q.Z))
         if trans is None:
@@ -751,8 +851,6 @@ def log_marginal(
         else:
             g = gaussian_tensordot(init, sequential_gaussian_tensordot(trans), dims=q.Z)
         result = g.event_logsumexp()
-    else:
-        raise ValueError(f"method: expected 'scan' or 'pyro', got {method!r}")
     return torch.where(q.mask.any(-1), result, torch.zeros((), dtype=result.dtype, device=result.device))
 
 
@@ -766,26 +864,29 @@ def _kalman_filter(q: _Prepared):
 
     m, P = q.init_loc, q.init_cov
     means, covs, pmeans, pcovs, incs = [], [], [], [], []
+    # unbind once: indexing [..., t] inside the loop would make the backward pass O(T^2)
+    # (each slice's backward materialises a zero gradient of the full size)
+    As, Cs, ys, ms_ = A.unbind(-3), C.unbind(-3), q.obs.unbind(-2), maskf.unbind(-1)
     for t in range(T):
         if t > 0:
-            At = A[..., t, :, :]
+            At = As[t]
             m = (At @ m.unsqueeze(-1)).squeeze(-1)
             P = _sym(At @ P @ At.transpose(-1, -2) + Q)
         pmeans.append(m)
         pcovs.append(P)
-        Ct = C[..., t, :, :]
+        Ct = Cs[t]
         CP = Ct @ P  # (D, Z)
         S = _sym(CP @ Ct.transpose(-1, -2) + R)
         L = torch.linalg.cholesky(S)
-        innov = q.obs[..., t, :] - (Ct @ m.unsqueeze(-1)).squeeze(-1)
+        innov = ys[t] - (Ct @ m.unsqueeze(-1)).squeeze(-1)
         # Gain K = P C^T S^{-1}; zero at masked steps, which skips the update exactly.
-        K = torch.cholesky_solve(CP, L).transpose(-1, -2) * maskf[..., t, None, None]
+        K = torch.cholesky_solve(CP, L).transpose(-1, -2) * ms_[t][..., None, None]
         m = m + (K @ innov.unsqueeze(-1)).squeeze(-1)
         IKC = eye - K @ Ct
         P = _sym(IKC @ P @ IKC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))
         w = torch.linalg.solve_triangular(L, innov.unsqueeze(-1), upper=False).squeeze(-1)
         inc = -0.5 * D * _LOG_2PI - _logdet_chol(L) - 0.5 * w.pow(2).sum(-1)
-        incs.append(inc * maskf[..., t])
+        incs.append(inc * ms_[t])
         means.append(m)
         covs.append(P)
     incs = torch.stack(incs, -1)
@@ -836,43 +937,61 @@ def smooth(
     mask: Optional[torch.Tensor] = None,
     *,
     dtype: torch.dtype = torch.float64,
+    method: str = "rts",
 ) -> SmoothResult:
-    """Rauch-Tung-Striebel smoother: moments of ``p(z_t | all observed a)``.
+    """Smoothed moments of ``p(z_t | all observed a)`` -- the posterior ``p(z | a)``
+    the KVAE's ELBO integrates over.
 
-    This is the smoothed posterior ``p(z | a)`` that the KVAE's ELBO samples from
-    (Fraccaro et al. 2017, Sec. 3.1).  Backward recursion with
-    ``G_t = P_t A_{t+1}^T (P_{t+1}^-)^{-1}`` (Cholesky solve) and the covariance in the
-    sum-of-PSD-terms form
+    ``method="rts"`` (default): Rauch-Tung-Striebel, sequential over time and
+    differentiable.  Backward recursion with ``G_t = P_t A_{t+1}^T (P_{t+1}^-)^{-1}``
+    (Cholesky solve) and the covariance in the sum-of-PSD-terms form
     ``P_t^s = (I - G_t A_{t+1}) P_t (I - G_t A_{t+1})^T + G_t Q G_t^T + G_t P_{t+1}^s G_t^T``
     (algebraically equal to ``P_t + G_t (P_{t+1}^s - P_{t+1}^-) G_t^T`` but without the
     cancellation).  Lag-one cross covariances ``Cov(z_{t+1}, z_t | a) = P_{t+1}^s G_t^T``.
+
+    ``method="scan"``: the parallel tree of :func:`log_marginal` (cyclic reduction of
+    the posterior precision, then downward sweeps for the means and a selected
+    inversion for the covariances); O(log T) depth, no autograd (results carry no
+    gradient).
 
     Args:
         params: :class:`LGSSM`.
         obs: ``(..., T, D)``; masked entries may be NaN.
         mask: ``(..., T)`` bool, True = observed; ``None`` = all observed.
         dtype: compute/return dtype (default float64).
+        method: ``"rts"`` or ``"scan"``.
 
     Returns:
         :class:`SmoothResult` with ``means (..., T, Z)``, ``covs (..., T, Z, Z)``,
         ``cross_covs (..., T-1, Z, Z)`` and ``log_marginal (...)``.
     """
+    if method not in ("rts", "scan"):
+        raise ValueError(f"method: expected 'rts' or 'scan', got {method!r}")
     q = _prepare(params, obs, mask, dtype)
+    if method == "scan":
+        with torch.no_grad():
+            post = _scan_posterior(q)
+            value = _joint_log_density(q, post.means).value
+            value = value + 0.5 * q.T * q.Z * _LOG_2PI - 0.5 * post.logdet_J
+            value = torch.where(q.mask.any(-1), value, torch.zeros_like(value))
+        return SmoothResult(post.means, post.covs, post.cross.transpose(-1, -2), value)
     f = _kalman_filter(q)
     T, Z = q.T, q.Z
     eye = torch.eye(Z, dtype=q.obs.dtype, device=q.obs.device)
-    ms = f.means[..., T - 1, :]
-    Ps = f.covs[..., T - 1, :, :]
+    # unbind once: indexing inside the loop would make the backward pass O(T^2)
+    As = q.trans_matrix.unbind(-3)
+    fm, fc = f.means.unbind(-2), f.covs.unbind(-3)
+    pm, pc = f.pred_means.unbind(-2), f.pred_covs.unbind(-3)
+    ms, Ps = fm[T - 1], fc[T - 1]
     means, covs, cross = [ms], [Ps], []
     for t in range(T - 2, -1, -1):
-        A1 = q.trans_matrix[..., t + 1, :, :]
-        m, P = f.means[..., t, :], f.covs[..., t, :, :]
-        L = torch.linalg.cholesky(f.pred_covs[..., t + 1, :, :])
+        A1 = As[t + 1]
+        m, P = fm[t], fc[t]
+        L = torch.linalg.cholesky(pc[t + 1])
         # G^T = (P^-_{t+1})^{-1} A_{t+1} P_t
         G = torch.cholesky_solve(A1 @ P, L).transpose(-1, -2)
         cross.append(Ps @ G.transpose(-1, -2))
-        dm = ms - f.pred_means[..., t + 1, :]
-        ms = m + (G @ dm.unsqueeze(-1)).squeeze(-1)
+        ms = m + (G @ (ms - pm[t + 1]).unsqueeze(-1)).squeeze(-1)
         IGA = eye - G @ A1
         Gt = G.transpose(-1, -2)
         Ps = _sym(IGA @ P @ IGA.transpose(-1, -2) + G @ q.trans_cov @ Gt + G @ Ps @ Gt)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as MODULE_DIVIDER
 from tqdm.auto import tqdm
 
 from . import plots
@@ -42,7 +44,7 @@ class TrainConfig:
     clip_norm: Optional[float] = None  # global gradient-norm clip; None: no clipping
     elbo: str = "meanfield"  # "meanfield" (analytic KL where known, else Monte Carlo) or "trace" (Monte Carlo KL)
     num_particles: int = 1
-    jit: bool = False
+    jit: bool = False  # compile the training loss with torch.jit.trace (static models only)
     device: str = "cpu"
     seed: int = 0
     eval_batch_size: int = 500
@@ -113,7 +115,8 @@ class Trainer:
         self.device = torch.device(config.device)
         for module in _modules(model, guide):
             module.to(self.device)
-        self.elbo = make_elbo(config.elbo, config.num_particles, config.jit)
+        self.elbo = make_elbo(config.elbo, config.num_particles)
+        self._compiled: Dict[tuple, Callable] = {}  # batch shape -> traced loss (config.jit)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
@@ -124,23 +127,27 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- set-up
     def _setup_optimizer(self, batch: torch.Tensor) -> None:
-        """Collect every parameter the model and guide touch (as Pyro's SVI does) and build Adam."""
+        """Collect every parameter model and guide use and build Adam: the ``parameters()`` of
+        ``nn.Module`` models and guides, plus ``pyro.param`` sites found by a dry run (as Pyro's SVI
+        does). Sites that ``pyro.module`` registered are taken from the modules themselves, so stale
+        entries of the global param store (another model built under the same names) are ignored."""
         self._set_mode(False)  # a dry run that leaves batch-norm statistics alone
         with torch.no_grad(), poutine.trace(param_only=True) as param_capture:
             self.elbo.differentiable_loss(self.model, self.guide, batch)
         self._set_mode(True)
         params, seen = [], set()
-        for site in param_capture.trace.nodes.values():
-            value = site["value"].unconstrained()
-            if id(value) not in seen:
-                seen.add(id(value))
-                params.append(value)
         for module in _modules(self.model, self.guide):
             for p in module.parameters():
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     params.append(p)
+        for name, site in param_capture.trace.nodes.items():
+            value = site["value"].unconstrained()
+            if MODULE_DIVIDER not in name and id(value) not in seen:
+                seen.add(id(value))
+                params.append(value)
         self.params = params
+        self.buffers = [b for m in _modules(self.model, self.guide) for b in m.buffers()]
         self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_decay_every, gamma=self.config.lr_decay
@@ -151,11 +158,37 @@ class Trainer:
             module.train(training)
 
     # ------------------------------------------------------------------------------------ the steps
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The ELBO's differentiable loss on ``batch`` (summed over examples), compiled when ``jit``.
+
+        Compilation (``torch.jit.trace``, once per batch shape) takes every parameter and buffer as a
+        graph input, as ``pyro.ops.jit`` does, but keeps the list instead of looking each parameter up in
+        the param store on every call. Python values read while tracing (e.g. KL weights) are frozen.
+        """
+        if not self.config.jit:
+            return self.elbo.differentiable_loss(self.model, self.guide, batch)
+        key = tuple(batch.shape)
+        if key not in self._compiled:
+            def loss_fn(*inputs):  # inputs: params, buffers, batch; used by identity in the traces
+                return self.elbo.differentiable_loss(self.model, self.guide, inputs[-1])
+
+            # Tracing runs the loss once: undo its side effects (random draws, batch-norm statistics) so
+            # the compiled step that follows is the step an eager run would take.
+            rng_state, buffers = torch.get_rng_state(), [b.clone() for b in self.buffers]
+            with pyro.validation_enabled(False), warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                self._compiled[key] = torch.jit.trace(loss_fn, (*self.params, *self.buffers, batch), check_trace=False)
+                for buffer, saved in zip(self.buffers, buffers):
+                    buffer.copy_(saved)
+            torch.set_rng_state(rng_state)
+        return self._compiled[key](*self.params, *self.buffers, batch)
+
     def step(self, batch: torch.Tensor) -> float:
         """One SVI step on ``batch``; returns the loss per example (the negative training objective)."""
-        loss = self.elbo.differentiable_loss(self.model, self.guide, batch)
-        if not torch.isfinite(loss):
-            self._diverged(f"loss is {loss.item()}")
+        loss = self.loss(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_norm is not None:
@@ -163,7 +196,7 @@ class Trainer:
             if not torch.isfinite(norm):
                 self._diverged(f"gradient norm is {norm.item()}")
         self.optimizer.step()
-        return loss.item() / batch.shape[0]
+        return value / batch.shape[0]
 
     def _diverged(self, what: str) -> None:
         if self.run is not None and self.epoch > 0:

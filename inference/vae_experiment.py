@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
+import pyro
 import torch
 
 from pyro_models.datasets import ImageData, binarizer
@@ -48,6 +49,7 @@ def train_vae(
             f"jit: a compiled ELBO freezes the KL weights read while tracing; use --kl-schedule none with --jit "
             f"(got --kl-schedule {kl_schedule})"
         )
+    pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
     torch.manual_seed(train_config.seed)  # network initialisation
     data = prepare_images(data, binarize, train_config.seed)
     model, guide = build_vae(model_name, tuple(data.train.shape[1:]), vae_config)

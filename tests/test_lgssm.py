@@ -216,9 +216,26 @@ def test_against_dense_reference(batch, T, Z, D, mask_kind):
         close(s.means, ref["pm"])  # smoother = prior marginals
 
 
+@pytest.mark.parametrize("T,Z,D", [(9, 1, 1), (6, 2, 5), (37, 3, 2), (64, 2, 2), (65, 2, 1)])
+def test_tree_shapes_against_sequential(T, Z, D):
+    """Odd/even level sizes, Z = 1, D > Z: the tree against the sequential filter/RTS."""
+    params, obs, gen = random_model((2,), T, Z, D, seed=T + 10 * Z + 100 * D)
+    mask = make_mask("random", (2,), T, gen)
+    f = filter(params, obs, mask)
+    close(log_marginal(params, obs, mask), f.log_marginal)
+    rts, tree = smooth(params, obs, mask), smooth(params, obs, mask, method="scan")
+    for a, b in zip(rts, tree):
+        close(a, b)
+    g1 = _grads(lambda p, a: log_marginal(p, a, mask), params, obs)
+    g0 = _grads(lambda p, a: filter(p, a, mask).log_marginal, params, obs)
+    for a, b in zip(g1, g0):
+        close(a, b)
+
+
 def test_masked_steps_reduce_to_subsequence():
-    """Missing steps in the middle: log p(a_obs) equals a model where the missing steps'
-    observations are dropped (checked via the dense reference), and filter == predict there."""
+    """Missing steps anywhere (including the first): the filter's update is skipped
+    exactly there (filtered == predicted, zero increment), and the parallel scan agrees
+    with the sequential filter."""
     params, obs, gen = random_model((2,), 6, 2, 2, seed=7)
     mask = torch.tensor([[True, False, False, True, True, False], [False, True, True, True, False, True]])
     f = filter(params, obs, mask)

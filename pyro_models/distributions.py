@@ -3,7 +3,7 @@
 * :class:`DimWeighted` — a factorised distribution whose log density weights each event dimension,
   the per-dimension generalisation of ``poutine.scale`` used by soft free bits.
 * :func:`pixel_likelihood` — the per-pixel observation distribution of an image decoder.
-* :func:`observe_pixels` — a ``pyro.sample`` of an image that accepts a per-pixel ``obs_mask``.
+* :func:`observe` — a ``pyro.sample`` of observations that accepts a per-unit (pixel, frame) ``obs_mask``.
 """
 from __future__ import annotations
 
@@ -132,31 +132,42 @@ def likelihood_mean(name: str, params: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(params) if name == "bernoulli" else params
 
 
-def observe_pixels(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask: Optional[torch.Tensor], event_dim: int):
-    """Observe images ``obs (batch, *pixel_shape)`` under per-pixel ``fn`` (batch shape
-    ``(..., batch, *pixel_shape)``, where ``pixel_shape`` has ``event_dim`` axes).
+def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+            event_dim: int, unit_name: str = "units"):
+    """Observe ``obs (batch, *event_shape)`` under ``fn``, whose batch shape is ``(..., batch, *event_shape)``
+    (one distribution per element, e.g. per pixel), optionally with missing parts.
 
-    Must run inside a data plate at ``dim=-1``. Without ``mask`` the pixels are one event
-    (``to_event``). With a boolean ``mask`` (the shape of ``obs``, True = observed), every pixel is its
-    own batch element in a ``pixels`` plate at ``dim=-2`` (the layout inside the site is
-    ``(..., pixels, batch)``), which lets Pyro's ``obs_mask`` split the site into ``{name}_observed``
-    and a latent ``{name}_unobserved`` that ``Predictive`` samples. Returns ``(..., batch, *pixel_shape)``.
+    Must run inside a data plate at ``dim=-1``. Without ``mask`` the ``event_dim`` trailing axes are one
+    event (``to_event``). With a boolean ``mask (batch, *unit_shape)`` (True = observed), where
+    ``unit_shape`` is a prefix of ``event_shape`` (e.g. every pixel of an image, or every frame of a
+    sequence), each unit becomes its own element of a ``unit_name`` plate at ``dim=-2`` (the layout
+    inside the site is ``(..., units, batch, *rest)``), so Pyro's ``obs_mask`` splits the site into
+    ``{name}_observed`` and a latent ``{name}_unobserved`` that ``Predictive`` samples. Returns a
+    value of shape ``(..., batch, *event_shape)``.
     """
     if mask is None:
         return pyro.sample(name, fn.to_event(event_dim), obs=obs)
-    if obs is None or mask.shape != obs.shape:
+    unit_dims = mask.dim() - 1
+    if obs is None or unit_dims < 1 or unit_dims > event_dim or mask.shape != obs.shape[: unit_dims + 1]:
         raise ValueError(
-            f"mask: expected the shape of the observed images {None if obs is None else tuple(obs.shape)}, got {tuple(mask.shape)}"
+            f"mask: expected shape (batch, ...) matching the leading axes of the observations "
+            f"{None if obs is None else tuple(obs.shape)}, got {tuple(mask.shape)}"
         )
-    leading, pixel_shape = fn.batch_shape[:-event_dim], fn.batch_shape[-event_dim:]
-    num_pixels = pixel_shape.numel()
+    inner = event_dim - unit_dims
+    unit_shape = obs.shape[1 : unit_dims + 1]
+    num_units = unit_shape.numel()
 
-    def to_site(t: torch.Tensor) -> torch.Tensor:  # (..., batch, *pixel_shape) -> (..., pixels, batch)
-        return t.reshape(t.shape[: t.dim() - event_dim] + (num_pixels,)).transpose(-1, -2)
+    def to_site(t: torch.Tensor, rest: int) -> torch.Tensor:
+        # (..., batch, *unit_shape, *rest_shape) -> (..., units, batch, *rest_shape)
+        split = t.dim() - rest - unit_dims
+        t = t.reshape(t.shape[:split] + (num_units,) + t.shape[t.dim() - rest :])
+        return t.movedim(-rest - 1, -rest - 2)
 
-    with pyro.plate("pixels", num_pixels, dim=-2):
-        value = pyro.sample(name, _reshape_like(fn, to_site), obs=to_site(obs), obs_mask=to_site(mask.bool()))
-    return value.transpose(-1, -2).reshape(value.shape[:-2] + leading[-1:] + pixel_shape)
+    site_fn = _reshape_like(fn, lambda t: to_site(t, inner)).to_event(inner)
+    with pyro.plate(unit_name, num_units, dim=-2):
+        value = pyro.sample(name, site_fn, obs=to_site(obs, inner), obs_mask=to_site(mask.bool(), 0))
+    value = value.movedim(-inner - 2, -inner - 1)  # (..., batch, units, *rest_shape)
+    return value.reshape(value.shape[: value.dim() - inner - 1] + unit_shape + value.shape[value.dim() - inner :])
 
 
 def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:

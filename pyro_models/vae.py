@@ -27,7 +27,7 @@ from pyro import poutine
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
-from .distributions import LIKELIHOODS, DimWeighted, FlowPosterior, likelihood_mean, observe_pixels, pixel_likelihood
+from .distributions import LIKELIHOODS, DimWeighted, FlowPosterior, likelihood_mean, observe, pixel_likelihood
 from .networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 ARCHITECTURES = {"vae": "mlp", "conv-vae": "conv"}
@@ -126,7 +126,7 @@ class VAE(nn.Module):
             params = self.decoder(z)  # (batch, C, H, W)
             if mask is not None:
                 pyro.deterministic("x_mean", likelihood_mean(self.likelihood, params), event_dim=len(self.x_shape))
-            return observe_pixels("x", pixel_likelihood(self.likelihood, params, self.log_scale), x, mask, len(self.x_shape))
+            return observe("x", pixel_likelihood(self.likelihood, params, self.log_scale), x, mask, len(self.x_shape), "pixels")
 
 
 class NormalGuide(nn.Module):

@@ -1,0 +1,266 @@
+"""Sequence (video and vector-sequence) data sets: generated balls, MNIST rows, a user's ``.npz``.
+
+Every loader returns a :class:`SequenceData` of float32 tensors ``(N, T, *frame_shape)`` in [0, 1]:
+frames ``(C, H, W)`` for videos, vectors ``(D,)`` for ``mnist-rows`` and vector ``.npz`` data; and,
+where the data set has them, int64 ``(N, T)`` 0/1 events (``color-balls``: colour changes).
+Generated data sets are deterministic for their seeds and can be cached on disk (``cache_dir``).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import zipfile
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .balls import bouncing_balls, color_balls
+from .mnist import load_mnist
+
+SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "mnist-rows", "npz")
+DEFAULT_SEED = 1234  # the Kalman VAE's training seed
+TEST_SEED_OFFSET = 4444  # held-out data use seed + TEST_SEED_OFFSET: 5678 by default, as the KVAE
+TEST_FRACTION = 0.1  # of a user's .npz sequences held out (the last ones, at least one)
+CHANNEL_COUNTS = (1, 3)  # grey or RGB frames
+CHANNELS_AXIS = 2  # of (N, T, C, H, W)
+VECTOR_NDIM, GREY_NDIM, COLOR_NDIM = 3, 4, 5  # (N, T, D), (N, T, H, W), (N, T, C, H, W) or (N, T, H, W, C)
+RGB_CHANNELS = 3
+CACHE_VERSION = 1  # bump when a generator's output changes, so stale cache files are not read
+CACHE_HASH_CHARS = 16
+_LAYOUTS = "(N, T, D), (N, T, H, W), (N, T, C, H, W) with C in {1, 3} or (N, T, H, W, 3)"
+
+
+class SequenceData(NamedTuple):
+    """Train and held-out sequences ``(N, T, *frame_shape)`` float32 in [0, 1], events ``(N, T)`` or None."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    name: str
+    train_events: Optional[torch.Tensor] = None
+    test_events: Optional[torch.Tensor] = None
+
+
+def _to_layout(sequences: torch.Tensor, argument: str) -> torch.Tensor:
+    """``(N, T, D)`` / ``(N, T, C, H, W)`` unchanged, ``(N, T, H, W)`` -> channel axis added,
+    channels-last ``(N, T, H, W, 3)`` -> ``(N, T, 3, H, W)``; anything else raises."""
+    shape = tuple(sequences.shape)
+    if sequences.dim() == GREY_NDIM:
+        return sequences.unsqueeze(CHANNELS_AXIS)
+    if sequences.dim() == COLOR_NDIM and shape[CHANNELS_AXIS] not in CHANNEL_COUNTS:
+        if shape[-1] == RGB_CHANNELS:
+            return sequences.movedim(-1, CHANNELS_AXIS)
+        raise ValueError(
+            f"{argument}: a 5-d array needs 1 or 3 channels on axis 2 (N, T, C, H, W) or 3 on the last "
+            f"axis (N, T, H, W, 3), got {shape}"
+        )
+    if sequences.dim() in (VECTOR_NDIM, COLOR_NDIM):
+        return sequences
+    raise ValueError(f"{argument}: expected shape {_LAYOUTS}, got {shape} ({sequences.dim()}-d)")
+
+
+def check_sequences(array, argument: str = "sequences") -> torch.Tensor:
+    """Validate sequences and return them as contiguous float32 ``(N, T, D)`` or ``(N, T, C, H, W)``.
+
+    Accepts ``(N, T, D)``, ``(N, T, H, W)`` (a channel axis is added), ``(N, T, C, H, W)`` with C in
+    {1, 3}, or channels-last ``(N, T, H, W, 3)`` (when axis 2 is not 1 or 3); every axis non-empty;
+    values finite and in [0, 1]. Raises ``ValueError`` naming ``argument`` otherwise.
+    """
+    sequences = _to_layout(torch.as_tensor(np.asarray(array), dtype=torch.float32), argument)
+    if sequences.numel() == 0:
+        raise ValueError(
+            f"{argument}: every axis must be non-empty (N >= 1, T >= 1), got {tuple(sequences.shape)}"
+        )
+    if not torch.isfinite(sequences).all():
+        count = int((~torch.isfinite(sequences)).sum())
+        raise ValueError(f"{argument}: {count} values are NaN or infinite; sequences must be finite")
+    low, high = float(sequences.min()), float(sequences.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{argument}: values must lie in [0, 1], got min {low:.4g}, max {high:.4g}")
+    return sequences.contiguous()
+
+
+def check_events(array, sequences: torch.Tensor, argument: str = "events") -> torch.Tensor:
+    """Validate 0/1 events against ``sequences (N, T, ...)``; return int64 ``(N, T)``."""
+    events = torch.as_tensor(np.asarray(array))
+    expected = tuple(sequences.shape[:2])
+    if tuple(events.shape) != expected:
+        raise ValueError(
+            f"{argument}: expected shape (N, T) = {expected} to match the sequences, got {tuple(events.shape)}"
+        )
+    if not ((events == 0) | (events == 1)).all():
+        raise ValueError(f"{argument}: values must be 0 or 1, got {sorted(events.unique().tolist())[:10]}")
+    return events.to(torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generated data sets, with an optional disk cache
+
+
+def _bouncing(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    return bouncing_balls(**arguments)[:, :, None], None  # (N, T, 1, H, W), no events
+
+
+def _colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    return color_balls(**arguments)
+
+
+# name -> (generator whose signature defines the cache key, adapter returning ((N, T, C, H, W), events))
+GENERATORS: Dict[str, Tuple[Callable, Callable]] = {
+    "bouncing-balls": (bouncing_balls, _bouncing),
+    "color-balls": (color_balls, _colors),
+}
+
+
+def _cache_key(name: str, arguments: dict) -> Tuple[str, str]:
+    """The JSON description of a generation (every argument, defaults included) and its file name."""
+    generator = GENERATORS[name][0]
+    bound = inspect.signature(generator).bind(**arguments)
+    bound.apply_defaults()
+    description = json.dumps({"name": name, "version": CACHE_VERSION, **bound.arguments}, sort_keys=True)
+    digest = hashlib.sha256(description.encode()).hexdigest()[:CACHE_HASH_CHARS]
+    return description, f"{name}-n{bound.arguments['num_sequences']}-s{bound.arguments['seed']}-{digest}.npz"
+
+
+def _save(path: str, description: str, frames: np.ndarray, events: Optional[np.ndarray]) -> None:
+    """Write atomically (a temporary file in the same folder, then ``os.replace``); binary frames are
+    bit-packed along the last axis."""
+    binary = bool(np.all((frames == 0) | (frames == 1)))
+    payload = {
+        "key": np.array(description),
+        "shape": np.array(frames.shape),
+        "packed": np.array(binary),
+        "frames": np.packbits(frames.astype(bool), axis=-1) if binary else frames,
+    }
+    if events is not None:
+        payload["events"] = events
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, **payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load(path: str, description: str) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """The cached ``(frames, events)`` at ``path``, or None when absent, unreadable or for other arguments."""
+    try:
+        with np.load(path) as archive:
+            if str(archive["key"]) != description:
+                return None
+            shape = tuple(int(n) for n in archive["shape"])
+            frames = archive["frames"]
+            if bool(archive["packed"]):
+                frames = np.unpackbits(frames, axis=-1, count=shape[-1]).astype(np.float32)
+            events = archive["events"] if "events" in archive.files else None
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return frames.reshape(shape), events
+
+
+def generate_sequences(
+    name: str, cache_dir: Optional[str] = None, **arguments
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Generate ``name`` in ``GENERATORS`` with ``arguments`` (those of its generator function).
+
+    Returns float32 frames ``(N, T, C, H, W)`` and int64 events ``(N, T)`` (None for bouncing balls).
+    With ``cache_dir``, a file keyed by every generator argument is read when present, else written.
+    """
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generated data set {name!r}; choose one of {tuple(GENERATORS)}")
+    description, file_name = _cache_key(name, arguments)
+    path = os.path.join(cache_dir, file_name) if cache_dir is not None else None
+    cached = _load(path, description) if path is not None and os.path.isfile(path) else None
+    if cached is None:
+        cached = GENERATORS[name][1](**arguments)
+        if path is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            _save(path, description, *cached)
+    frames, events = cached
+    return torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)), (
+        None if events is None else torch.from_numpy(events.astype(np.int64))
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> SequenceData:
+    """A user's sequences: ``np.load(path)['sequences']`` in any layout of :func:`check_sequences`,
+    with optional 0/1 ``events (N, T)``. The last ``test_fraction`` (at least one) are held out."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data-path: no such file {os.path.abspath(path)}")
+    with np.load(path) as archive:
+        if "sequences" not in archive:
+            raise ValueError(f"{path}: expected an array named 'sequences', found {sorted(archive.files)}")
+        sequences = check_sequences(archive["sequences"], f"{path}['sequences']")
+        events = check_events(archive["events"], sequences, f"{path}['events']") if "events" in archive else None
+    num_test = max(1, int(round(test_fraction * len(sequences))))
+    if num_test >= len(sequences):
+        raise ValueError(f"{path}: need at least 2 sequences to hold one out, got {len(sequences)}")
+    split = len(sequences) - num_test
+    if events is None:
+        return SequenceData(sequences[:split], sequences[split:], "npz")
+    return SequenceData(sequences[:split], sequences[split:], "npz", events[:split], events[split:])
+
+
+def load_mnist_rows(data_dir: str, download: bool = True) -> SequenceData:
+    """MNIST images read row by row: ``(N, 28, 28)``, T = 28 rows of D = 28 pixels, splits of
+    :func:`load_mnist`."""
+    train, test = load_mnist(data_dir, download=download)  # (N, 1, 28, 28)
+    return SequenceData(train.squeeze(1).contiguous(), test.squeeze(1).contiguous(), "mnist-rows")
+
+
+def load_sequence_data(
+    name: str,
+    data_dir: Optional[str] = None,
+    data_path: Optional[str] = None,
+    num_train: int = 5000,
+    num_test: int = 1000,
+    num_steps: int = 20,
+    seed: int = DEFAULT_SEED,
+    cache_dir: Optional[str] = None,
+    download: bool = True,
+) -> SequenceData:
+    """Load ``name`` in ``SEQUENCE_DATASETS``.
+
+    ``bouncing-balls`` / ``color-balls``: ``num_train`` sequences of ``num_steps`` frames from ``seed``
+    and ``num_test`` from ``seed + TEST_SEED_OFFSET`` (1234 and 5678 by default, as the KVAE), cached
+    under ``cache_dir`` when given. ``mnist-rows``: from ``data_dir`` (all its images); ``npz``: from
+    ``data_path``. ``num_train``, ``num_test``, ``num_steps`` and ``seed`` apply to generated sets only.
+    """
+    if name in GENERATORS:
+        if num_train < 1 or num_test < 1:
+            raise ValueError(f"--data {name}: num_train and num_test must be >= 1, got {num_train}, {num_test}")
+        common = dict(num_steps=num_steps, cache_dir=cache_dir)
+        train, train_events = generate_sequences(name, num_sequences=num_train, seed=seed, **common)
+        test, test_events = generate_sequences(name, num_sequences=num_test, seed=seed + TEST_SEED_OFFSET, **common)
+        return SequenceData(train, test, name, train_events, test_events)
+    if name == "mnist-rows":
+        if data_dir is None:
+            raise ValueError("--data mnist-rows needs --data-dir (a folder holding the MNIST IDX files)")
+        return load_mnist_rows(data_dir, download=download)
+    if name == "npz":
+        if data_path is None:
+            raise ValueError("--data npz needs --data-path (an .npz file with a 'sequences' array)")
+        return load_sequence_npz(data_path)
+    raise ValueError(f"unknown sequence data set {name!r}; choose one of {SEQUENCE_DATASETS}")
+
+
+__all__ = [
+    "SEQUENCE_DATASETS",
+    "SequenceData",
+    "check_events",
+    "check_sequences",
+    "generate_sequences",
+    "load_mnist_rows",
+    "load_sequence_data",
+    "load_sequence_npz",
+]

@@ -1,0 +1,327 @@
+"""The Kalman variational autoencoder (Fraccaro et al. 2017, "A disentangled recognition and nonlinear
+dynamics model for unsupervised learning", arXiv 1710.05741).
+
+Generative process (eqs. 1-5; no control input, so B is unused)::
+
+    alpha_t = softmax(W LSTM(a_0, a_1, ..., a_{t-1}))        (batch, T, K); a_0 is learned
+    A_t = sum_k alpha_t^(k) A^(k),  C_t = sum_k alpha_t^(k) C^(k)
+    z_1 ~ N(0, init_cov);  z_t = A_t z_{t-1} + w_t,  w_t ~ N(0, Q)        (batch, T, z_dim)
+    a_t = C_t z_t + v_t,  v_t ~ N(0, R)                                    (batch, T, a_dim)
+    x_t | a_t ~ Bernoulli(decoder(a_t))                                    (batch, T, *frame_shape)
+
+The model marginalises z exactly: the site ``a`` has the distribution :class:`KalmanPrior`, whose
+``log_prob`` is log p(a) from the Kalman filter's parallel scan (:func:`inference.lgssm.log_marginal`,
+float64), so with the guide q(a | x) = prod_t N(a_t; mu(x_t), sigma^2(x_t)) the ELBO is eq. 7 with the
+exact posterior of z. The reconstruction term is weighted by ``recon_weight`` in training mode only
+(0.3 in the original recipe); evaluation always scores the true ELBO.
+
+Model and guide share the signature ``(x, mask=None)`` with ``x (batch, T, *frame_shape)`` and
+``mask (batch, T)`` (bool, True = frame observed; used for imputation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch import nn
+from torch.distributions import constraints
+
+from inference.lgssm import LGSSM, log_marginal
+
+from .distributions import GreyBernoulli, observe
+from .networks import mlp
+
+
+@dataclass
+class KVAEConfig:
+    """Sizes and fixed quantities of the KVAE; defaults follow the original code (simonkamronn/kvae)."""
+
+    a_dim: int = 2
+    z_dim: int = 4
+    num_bases: int = 3  # K
+    lstm_hidden: int = 50
+    obs_noise: float = 0.03  # R = obs_noise * I (fixed)
+    trans_noise: float = 0.08  # Q = trans_noise * I (fixed)
+    init_cov: float = 20.0  # Cov(z_1) = init_cov * I (fixed)
+    init_obs_scale: float = 0.05  # C^(k) ~ init_obs_scale * N(0, 1); A^(k) start at I
+    encoder_var_cap: float = 0.03  # Var q(a_t | x_t) = cap * sigmoid(.): never above R
+    recon_weight: float = 0.3  # weight of log p(x | a) in training (1 in evaluation)
+    encoder_filters: int = 32  # images: conv layers of 3x3, stride 2
+    encoder_layers: int = 3
+    decoder_start_channels: int = 32  # images: dense to (channels, H / 2^blocks, W / 2^blocks)
+    decoder_channels: int = 128  # each block: 3x3 conv to this many channels, then sub-pixel x2
+    decoder_blocks: int = 3
+    mlp_hidden: Tuple[int, ...] = (128, 128)  # vector frames: encoder and decoder widths
+
+    def __post_init__(self):
+        for name in ("a_dim", "z_dim", "num_bases", "lstm_hidden", "encoder_layers", "decoder_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("obs_noise", "trans_noise", "init_cov", "encoder_var_cap"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+
+
+# ------------------------------------------------------------------------------------------ networks
+class ConvFrameEncoder(nn.Module):
+    """Network of q(a_t | x_t) for image frames: ``layers`` 3x3 stride-2 convs with ReLU, then dense to
+    the mean and the variance ``cap * sigmoid(.)`` of a_t."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        c, h, w = frame_shape
+        layers, channels = [], c
+        for _ in range(config.encoder_layers):
+            layers += [nn.Conv2d(channels, config.encoder_filters, 3, stride=2, padding=1), nn.ReLU()]
+            channels = config.encoder_filters
+            h, w = (h + 1) // 2, (w + 1) // 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.loc = nn.Linear(channels * h * w, config.a_dim)
+        self.var = nn.Linear(channels * h * w, config.a_dim)
+        self.cap = config.encoder_var_cap
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)  # (frames, C, H, W) -> (frames, features)
+        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
+
+
+class ConvFrameDecoder(nn.Module):
+    """Network of p(x_t | a_t) for image frames: dense to ``(start_channels, H/2^B, W/2^B)``, then B
+    blocks of [3x3 conv to ``channels``, ReLU, sub-pixel x2 upsampling], then a 1x1 conv to logits."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        c, h, w = frame_shape
+        factor = 2**config.decoder_blocks
+        if h % factor or w % factor:
+            raise ValueError(f"frame_shape: height and width must be multiples of 2^decoder_blocks = {factor}, got {h}x{w}")
+        self.start = (config.decoder_start_channels, h // factor, w // factor)
+        self.dense = nn.Linear(config.a_dim, int(torch.Size(self.start).numel()))
+        blocks, channels = [], config.decoder_start_channels
+        for _ in range(config.decoder_blocks):
+            blocks += [nn.Conv2d(channels, config.decoder_channels, 3, padding=1), nn.ReLU(), nn.PixelShuffle(2)]
+            channels = config.decoder_channels // 4
+        self.body = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(channels, c, 1)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.dense(a)).reshape((-1,) + self.start)  # (frames, start_channels, h, w)
+        return self.out(self.body(h))  # (frames, C, H, W) logits
+
+
+class MLPFrameEncoder(nn.Module):
+    """Network of q(a_t | x_t) for vector frames ``(frames, D)``: MLP, then mean and capped variance."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        self.body = nn.Sequential(mlp([frame_shape[0], *config.mlp_hidden]), nn.ReLU())
+        self.loc = nn.Linear(config.mlp_hidden[-1], config.a_dim)
+        self.var = nn.Linear(config.mlp_hidden[-1], config.a_dim)
+        self.cap = config.encoder_var_cap
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
+
+
+class MLPFrameDecoder(nn.Module):
+    """Network of p(x_t | a_t) for vector frames: MLP to ``D`` logits."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        self.net = mlp([config.a_dim, *config.mlp_hidden[::-1], frame_shape[0]])
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net(a)
+
+
+def _per_frame(network: nn.Module, frames: torch.Tensor, frame_dims: int):
+    """Apply ``network`` to ``(..., *frame)`` by flattening the leading axes."""
+    lead = frames.shape[: frames.dim() - frame_dims]
+    out = network(frames.reshape((-1,) + frames.shape[frames.dim() - frame_dims :]))
+    if isinstance(out, tuple):
+        return tuple(o.reshape(lead + o.shape[1:]) for o in out)
+    return out.reshape(lead + out.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------ dynamics
+class KalmanDynamics(nn.Module):
+    """The linear-Gaussian state-space model over a, with the dynamics parameter network:
+    p(z_t | z_{t-1}) = N(A_t z_{t-1}, Q), p(a_t | z_t) = N(C_t z_t, R), (A_t, C_t) mixed from K bases
+    with alpha_t = softmax(W LSTM(a_{0:t-1})) (eqs. 1, 3, 5). Q, R and Cov(z_1) are fixed buffers."""
+
+    def __init__(self, config: KVAEConfig):
+        super().__init__()
+        k, z, a = config.num_bases, config.z_dim, config.a_dim
+        self.a0 = nn.Parameter(torch.zeros(a))
+        self.lstm = nn.LSTM(a, config.lstm_hidden, batch_first=True)
+        self.alpha_head = nn.Linear(config.lstm_hidden, k)
+        self.trans_bases = nn.Parameter(torch.eye(z).expand(k, z, z).clone())  # A^(k) = I
+        self.obs_bases = nn.Parameter(config.init_obs_scale * torch.randn(k, a, z))
+        self.register_buffer("trans_cov", config.trans_noise * torch.eye(z))
+        self.register_buffer("obs_cov", config.obs_noise * torch.eye(a))
+        self.register_buffer("init_cov", config.init_cov * torch.eye(z))
+        self.register_buffer("init_loc", torch.zeros(z))
+
+    def alpha(self, a: torch.Tensor) -> torch.Tensor:
+        """Mixture weights ``(batch, T, K)`` for ``a (batch, T, a_dim)``: alpha_t sees a_0 ... a_{t-1}."""
+        inputs = torch.cat([self.a0.expand(a.shape[0], 1, -1), a[:, :-1]], dim=1)  # (batch, T, a_dim)
+        hidden, _ = self.lstm(inputs)
+        return torch.softmax(self.alpha_head(hidden), dim=-1)
+
+    def alpha_step(self, a_prev: torch.Tensor, state=None):
+        """One step of the dynamics network: ``a_prev (batch, a_dim)`` -> ``alpha (batch, K)``, state."""
+        hidden, state = self.lstm(a_prev.unsqueeze(1), state)
+        return torch.softmax(self.alpha_head(hidden[:, 0]), dim=-1), state
+
+    def matrices(self, alpha: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``A_t (..., Z, Z)`` and ``C_t (..., a_dim, Z)`` for weights ``alpha (..., K)``."""
+        return (torch.einsum("...k,kij->...ij", alpha, self.trans_bases),
+                torch.einsum("...k,kij->...ij", alpha, self.obs_bases))
+
+    def lgssm(self, alpha: torch.Tensor) -> LGSSM:
+        """The LGSSM of weights ``alpha (batch, T, K)`` (``trans_matrix[:, 0]`` is unused)."""
+        trans, obs = self.matrices(alpha)
+        return LGSSM(self.init_loc, self.init_cov, trans, self.trans_cov, obs, self.obs_cov)
+
+
+class KalmanPrior(TorchDistribution):
+    """p(a_{1:T}) = integral of prod_t p(a_t | z_t) p(z_t | z_{t-1}) dz, with the dynamics read from a's
+    own past (alpha_t depends on a_{<t}); batch ``batch_shape``, event ``(T, a_dim)``.
+
+    ``log_prob`` is exact (Kalman marginalisation by a parallel scan, float64); ``sample`` draws
+    ancestrally (z, then a, step by step)."""
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = False
+
+    def __init__(self, dynamics: KalmanDynamics, batch_shape, num_steps: int, a_dim: int):
+        self.dynamics = dynamics
+        super().__init__(torch.Size(batch_shape), torch.Size((num_steps, a_dim)), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return KalmanPrior(self.dynamics, batch_shape, *self.event_shape)
+
+    def log_prob(self, a: torch.Tensor) -> torch.Tensor:
+        flat = a.reshape((-1,) + a.shape[-2:])  # (n, T, a_dim)
+        value = log_marginal(self.dynamics.lgssm(self.dynamics.alpha(flat)), flat)
+        return value.to(a.dtype).reshape(a.shape[:-2])
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.batch_shape
+        a = generate_latents(self.dynamics, int(shape.numel()), self.event_shape[0]).a
+        return a.reshape(shape + self.event_shape)
+
+
+class Latents(NamedTuple):
+    """A draw from the prior: ``a (batch, T, a_dim)``, ``z (batch, T, z_dim)``, ``alpha (batch, T, K)``."""
+
+    a: torch.Tensor
+    z: torch.Tensor
+    alpha: torch.Tensor
+
+
+def generate_latents(dynamics: KalmanDynamics, batch_size: int, num_steps: int) -> Latents:
+    """Ancestral sampling of (z, a) from the prior, one step at a time (the LSTM needs each a_t)."""
+    z_dist = torch.distributions.MultivariateNormal
+    a_prev, state = dynamics.a0.expand(batch_size, -1), None
+    z = z_dist(dynamics.init_loc, dynamics.init_cov).sample((batch_size,))
+    outputs = []
+    for t in range(num_steps):
+        alpha, state = dynamics.alpha_step(a_prev, state)
+        trans, obs = dynamics.matrices(alpha)
+        if t > 0:
+            z = z_dist((trans @ z.unsqueeze(-1)).squeeze(-1), dynamics.trans_cov).sample()
+        a_prev = z_dist((obs @ z.unsqueeze(-1)).squeeze(-1), dynamics.obs_cov).sample()
+        outputs.append((a_prev, z, alpha))
+    a, z, alpha = (torch.stack(v, dim=1) for v in zip(*outputs))
+    return Latents(a, z, alpha)
+
+
+# ------------------------------------------------------------------------------------ model, guide
+class KVAE(nn.Module):
+    """The model p(x, a) = p(a) prod_t p(x_t | a_t), z marginalised exactly (see the module docstring)."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        self.frame_shape, self.config = tuple(frame_shape), config
+        self.decoder = (ConvFrameDecoder if len(frame_shape) == 3 else MLPFrameDecoder)(frame_shape, config)
+        self.dynamics = KalmanDynamics(config)
+
+    def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        if x.dim() != len(self.frame_shape) + 2 or tuple(x.shape[2:]) != self.frame_shape:
+            raise ValueError(f"x: expected shape (batch, T, {', '.join(map(str, self.frame_shape))}), got {tuple(x.shape)}")
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {tuple(mask.shape)}")
+
+    def frame_logits(self, a: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(..., T, *frame_shape)`` for ``a (..., T, a_dim)``."""
+        return _per_frame(self.decoder, a, 1)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_input(x, mask)
+        pyro.module("kvae", self)
+        batch, steps = x.shape[:2]
+        with pyro.plate("sequences", batch):
+            a = pyro.sample("a", KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim))
+            logits = self.frame_logits(a)  # (batch, T, *frame_shape)
+            if mask is not None:
+                pyro.deterministic("x_mean", torch.sigmoid(logits), event_dim=len(self.frame_shape) + 1)
+            weight = self.config.recon_weight if self.training else 1.0
+            with poutine.scale(scale=weight):
+                return observe("x", GreyBernoulli(logits=logits, validate_args=False), x, mask,
+                               len(self.frame_shape) + 1, "frames")
+
+
+class KVAEGuide(nn.Module):
+    """The guide q(a | x) = prod_t N(a_t; mu(x_t), diag sigma^2(x_t)) (the recognition model, eq. 6)."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+        super().__init__()
+        self.frame_dims = len(frame_shape)
+        self.encoder = (ConvFrameEncoder if len(frame_shape) == 3 else MLPFrameEncoder)(frame_shape, config)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
+        loc, scale = _per_frame(self.encoder, x, self.frame_dims)
+        return dist.Normal(loc, scale).to_event(2)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pyro.module("kvae_guide", self)
+        with pyro.plate("sequences", x.shape[0]):
+            return pyro.sample("a", self.posterior(x))
+
+
+def generate(model: KVAE, batch_size: int, num_steps: int) -> torch.Tensor:
+    """A Pyro program sampling sequences from the prior, one step at a time under ``pyro.markov``:
+    z_t | z_{t-1}, a_t | z_t and x_t | a_t are sample sites ``z_t``, ``a_t``, ``x_t`` (t from 1).
+    Returns the frames' Bernoulli means ``(batch, T, *frame_shape)``."""
+    dynamics = model.dynamics
+    a_prev, state, z, means = dynamics.a0.expand(batch_size, -1), None, None, []
+    with pyro.plate("sequences", batch_size):
+        for t in pyro.markov(range(num_steps)):
+            alpha, state = dynamics.alpha_step(a_prev, state)
+            trans, obs = dynamics.matrices(alpha)
+            z_loc = dynamics.init_loc.expand(batch_size, -1) if z is None else (trans @ z.unsqueeze(-1)).squeeze(-1)
+            z_cov = dynamics.init_cov if z is None else dynamics.trans_cov
+            z = pyro.sample(f"z_{t + 1}", dist.MultivariateNormal(z_loc, z_cov))
+            a_prev = pyro.sample(f"a_{t + 1}", dist.MultivariateNormal((obs @ z.unsqueeze(-1)).squeeze(-1), dynamics.obs_cov))
+            logits = model.decoder(a_prev)
+            means.append(torch.sigmoid(logits))
+            pyro.sample(f"x_{t + 1}", dist.Bernoulli(logits=logits).to_event(len(model.frame_shape)))
+    return torch.stack(means, dim=1)
+
+
+def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KVAEGuide]:
+    """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)`` vectors."""
+    if len(frame_shape) not in (1, 3):
+        raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
+    return KVAE(frame_shape, config), KVAEGuide(frame_shape, config)

@@ -58,3 +58,62 @@ class VAEReport(Callback):
                    f"(Cov_x E[z|x] > {ACTIVE_UNIT_THRESHOLD})", "latent dimension", "KL (nats)")
         plots.bars(decoder_weight_norms(model.decoder.input_layer), run.figure_path("decoder_weight_norms", epoch),
                    f"epoch {epoch}: column norms of the decoder's first layer", "latent dimension", "L2 norm")
+
+
+class FreezeParameters(Callback):
+    """Leaves ``parameters`` untouched for the first ``epochs`` epochs: their gradients are dropped after
+    every backward pass (gradients still flow through them to everything else), so Adam neither moves
+    them nor accumulates their moments. The KVAE recipe freezes the dynamics LSTM for 10 epochs."""
+
+    def __init__(self, parameters, epochs: int):
+        self.parameters, self.epochs, self.frozen = list(parameters), epochs, epochs > 0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.frozen = epoch <= self.epochs
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if self.frozen:
+            for p in self.parameters:
+                p.grad = None
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        return {"frozen": self.frozen}
+
+
+class KVAEReport(Callback):
+    """Each epoch, on the first held-out sequences: reconstructions, the mixture weights alpha over time,
+    the a-trajectories (figures), and the imputation error at drop probability ``drop_prob``
+    (``impute_smooth``, ``impute_filter``: fraction of wrong pixels on missing frames)."""
+
+    def __init__(self, num_sequences: int = 64, num_shown: int = 4, drop_prob: float = 0.5, seed: int = 0):
+        self.num_sequences, self.num_shown, self.drop_prob, self.seed = num_sequences, num_shown, drop_prob, seed
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        from .kvae_impute import hamming_error, kalman_impute, random_frame_mask
+
+        model, guide, run = trainer.model, trainer.guide, trainer.run
+        x = trainer.test_data[: self.num_sequences].to(trainer.device)
+        mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
+        imputation = kalman_impute(model, guide, x, mask)
+        metrics = {"impute_smooth": hamming_error(x, imputation.smoothed, mask),
+                   "impute_filter": hamming_error(x, imputation.filtered, mask)}
+        if run is not None and x.dim() == 5:
+            self._figures(trainer, epoch, x, mask, imputation)
+        model.train(), guide.train()
+        return metrics
+
+    def _figures(self, trainer, epoch, x, mask, imputation) -> None:
+        model, guide, run = trainer.model, trainer.guide, trainer.run
+        shown = x[: self.num_shown]
+        a = guide.posterior(shown).mean  # (n, T, a_dim)
+        reconstruction = torch.sigmoid(model.frame_logits(a))
+        plots.image_rows([shown[0], reconstruction[0], shown[1], reconstruction[1]],
+                         ["data", "reconstruction", "data", "reconstruction"], run.figure_path("reconstructions", epoch),
+                         f"epoch {epoch}: two held-out sequences and their reconstructions from E_q[a|x]")
+        plots.weight_panels(model.dynamics.alpha(a), run.figure_path("alpha", epoch), f"epoch {epoch}: mixture weights alpha_t")
+        plots.trajectories(guide.posterior(x).mean, run.figure_path("a_trajectories", epoch), f"epoch {epoch}: E_q[a_t | x_t], colour = time")
+        frame_mask = mask[0].reshape((-1,) + (1,) * (x.dim() - 2)).expand_as(x[0])
+        plots.image_rows([x[0], x[0], imputation.smoothed[0], imputation.filtered[0]],
+                         ["truth", "observed", "smoothed", "filtered"], run.figure_path("imputation", epoch),
+                         f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)", observed=[None, frame_mask, None, None])

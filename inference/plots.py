@@ -101,3 +101,54 @@ def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "tr
 def read_metrics(run_path: str) -> List[Dict]:
     with open(os.path.join(run_path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def weight_panels(weights: torch.Tensor, path: str, title: str) -> str:
+    """One panel per sequence of mixture weights ``weights (n, T, K)`` against time (stacked areas)."""
+    weights = weights.detach().cpu().numpy()
+    n, steps, k = weights.shape
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.5, 2.6), squeeze=False, sharey=True)
+    for i, ax in enumerate(axes[0]):
+        ax.stackplot(np.arange(1, steps + 1), weights[i].T, labels=[f"k={j + 1}" for j in range(k)], alpha=0.85)
+        ax.set_xlabel("t")
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("alpha_t")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def trajectories(points: torch.Tensor, path: str, title: str) -> str:
+    """Paths of ``points (n, T, 2)`` (first two coordinates), coloured by time, one colour map per path."""
+    points = points.detach().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for i in range(points.shape[0]):
+        ax.plot(points[i, :, 0], points[i, :, 1], color="grey", linewidth=0.6, alpha=0.6)
+        ax.scatter(points[i, :, 0], points[i, :, 1], c=np.arange(points.shape[1]), cmap="viridis", s=10)
+    ax.set_xlabel("a[0]")
+    ax.set_ylabel("a[1]")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel: str, title: str) -> str:
+    """Imputation error against a setting (drop probability or number of missing frames)."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, values in series.items():
+        style = "--" if "floor" in label else "-"
+        ax.plot(x_values, values, style, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of wrong pixels (missing frames)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

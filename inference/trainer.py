@@ -79,6 +79,9 @@ class Callback:
     def before_step(self, trainer: "Trainer", batch: torch.Tensor) -> None:
         pass
 
+    def after_backward(self, trainer: "Trainer") -> None:
+        """Gradients are computed, not yet clipped or applied (e.g. to freeze parameters)."""
+
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> Dict[str, Any]:
         return {}
 
@@ -191,6 +194,8 @@ class Trainer:
             self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for callback in self.callbacks:
+            callback.after_backward(self)
         if self.config.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
             if not torch.isfinite(norm):

@@ -4,6 +4,10 @@
     python scripts/train.py vae --data shapes --epochs 5 --out runs/vae-shapes
     python scripts/train.py conv-vae --data mnist --data-dir ../shared/data/mnist --guide iaf --out runs/cvae
     python scripts/train.py vae --data mnist --data-dir ../shared/data/mnist --kl-schedule free-bits --out runs/fb
+    python scripts/train.py kvae --data bouncing-balls --out runs/kvae      # the original recipe's defaults
+
+Trainer flags left out take the model family's defaults (VAE: batch 128, Adam 1e-3, 10 epochs; KVAE:
+the original recipe, batch 32, Adam 0.007 x0.85 every 20 epochs, clip 150, 80 epochs).
 
 Writes a run directory (--out): config.json, metrics.jsonl, checkpoint.pt, figures/. --resume continues it.
 """
@@ -15,13 +19,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataclasses import fields, replace  # noqa: E402
+
+from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS, LSTM_FROZEN_EPOCHS, train_kvae  # noqa: E402
 from inference.schedules import KL_SCHEDULES, FreeBitsConfig  # noqa: E402
 from inference.trainer import TrainConfig, TrainingDiverged  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
-from pyro_models.datasets import BINARIZE_MODES, DATASETS, load_image_data  # noqa: E402
+from pyro_models.datasets import BINARIZE_MODES, DATASETS, SEQUENCE_DATASETS, load_image_data, load_sequence_data  # noqa: E402
+from pyro_models.kvae import KVAEConfig  # noqa: E402
 from pyro_models.vae import ARCHITECTURES, GUIDES, VAEConfig  # noqa: E402
 
-MODELS = tuple(ARCHITECTURES)
+MODELS = (*ARCHITECTURES, "kvae")
+DATA_CHOICES = {**{m: DATASETS for m in ARCHITECTURES}, "kvae": SEQUENCE_DATASETS}
+TRAIN_DEFAULTS = {**{m: TrainConfig() for m in ARCHITECTURES}, "kvae": KVAE_TRAIN_DEFAULTS}
 
 
 def int_tuple(text: str):
@@ -29,15 +39,19 @@ def int_tuple(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults, vae_defaults, fb = TrainConfig(), VAEConfig(), FreeBitsConfig()
+    vae_defaults, kvae_defaults, fb = VAEConfig(), KVAEConfig(), FreeBitsConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=MODELS)
     data = p.add_argument_group("data")
-    data.add_argument("--data", choices=DATASETS, default="shapes")
+    data.add_argument("--data", choices=sorted(set(DATASETS) | set(SEQUENCE_DATASETS)),
+                      help="vae, conv-vae: mnist|shapes|npz (default shapes); kvae: " + "|".join(SEQUENCE_DATASETS) + " (default bouncing-balls)")
     data.add_argument("--data-dir", help="folder of the MNIST IDX files (torchvision layout or flat)")
     data.add_argument("--data-path", help="an .npz file with an 'images' array (--data npz)")
     data.add_argument("--binarize", choices=BINARIZE_MODES, default="none")
     data.add_argument("--num-shapes", type=int, default=6000, help="size of the generated shapes set")
+    data.add_argument("--num-sequences", type=int, default=5000, help="kvae: generated training sequences (1/5 as many held out)")
+    data.add_argument("--num-steps", type=int, default=20, help="kvae: frames per generated sequence")
+    data.add_argument("--cache-dir", default="data/cache", help="where generated sequence sets are cached")
     data.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     model = p.add_argument_group("model")
     model.add_argument("--guide", choices=GUIDES, default=vae_defaults.guide)
@@ -46,44 +60,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--channels", type=int_tuple, default=vae_defaults.channels, help="conv filters, e.g. 32,64,128")
     model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=vae_defaults.likelihood)
     model.add_argument("--num-flows", type=int, default=vae_defaults.num_flows)
+    model.add_argument("--a-dim", type=int, default=kvae_defaults.a_dim, help="kvae")
+    model.add_argument("--kvae-z-dim", type=int, default=kvae_defaults.z_dim, help="kvae: LGSSM state size")
+    model.add_argument("--num-bases", type=int, default=kvae_defaults.num_bases, help="kvae: K")
+    model.add_argument("--decoder-channels", type=int, default=kvae_defaults.decoder_channels, help="kvae: sub-pixel block width")
+    model.add_argument("--recon-weight", type=float, default=kvae_defaults.recon_weight, help="kvae: training weight of log p(x|a)")
+    model.add_argument("--lstm-frozen-epochs", type=int, default=LSTM_FROZEN_EPOCHS, help="kvae")
     objective = p.add_argument_group("objective")
-    objective.add_argument("--elbo", choices=("trace", "meanfield"), default=defaults.elbo)
-    objective.add_argument("--num-particles", type=int, default=defaults.num_particles)
+    objective.add_argument("--elbo", choices=("trace", "meanfield"))
+    objective.add_argument("--num-particles", type=int)
     objective.add_argument("--jit", action="store_true")
     objective.add_argument("--kl-schedule", choices=KL_SCHEDULES, default="none")
     objective.add_argument("--free-bits-target", type=float, default=fb.target, help="lambda, nats per dimension")
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--lr-decay", type=float, default=defaults.lr_decay)
-    train.add_argument("--lr-decay-every", type=int, default=defaults.lr_decay_every)
-    train.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    train.add_argument("--device", default=defaults.device, help="cpu or cuda")
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train = p.add_argument_group("training (unset: the model family's defaults)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--lr-decay", type=float)
+    train.add_argument("--lr-decay-every", type=int)
+    train.add_argument("--clip-norm", type=float)
+    train.add_argument("--device", help="cpu or cuda")
+    train.add_argument("--seed", type=int)
     train.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run stored in --out")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
-        lr_decay_every=args.lr_decay_every, clip_norm=args.clip_norm, elbo=args.elbo,
-        num_particles=args.num_particles, jit=args.jit, device=args.device, seed=args.seed,
-        progress=not args.no_progress,
-    )
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The model family's defaults, overridden by every trainer flag given."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    given.update(progress=not args.no_progress, jit=args.jit)
+    return replace(TRAIN_DEFAULTS[args.model], **given)
+
+
+def run_vae(args: argparse.Namespace, config: TrainConfig):
     vae_config = VAEConfig(
         z_dim=args.z_dim, hidden_dims=args.hidden_dims, channels=args.channels,
         likelihood=args.likelihood, guide=args.guide, num_flows=args.num_flows,
     )
-    data = load_image_data(args.data, args.data_dir, args.data_path, num_shapes=args.num_shapes,
-                           seed=args.seed, download=not args.no_download)
+    data = load_image_data(args.data or "shapes", args.data_dir, args.data_path, num_shapes=args.num_shapes,
+                           seed=config.seed, download=not args.no_download)
+    return train_vae(args.model, data, vae_config, config, args.out, args.kl_schedule,
+                     FreeBitsConfig(target=args.free_bits_target), args.binarize, args.resume)
+
+
+def run_kvae(args: argparse.Namespace, config: TrainConfig):
+    kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
+                             decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
+    data = load_sequence_data(args.data or "bouncing-balls", args.data_dir, args.data_path, num_train=args.num_sequences,
+                              num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps, cache_dir=args.cache_dir,
+                              download=not args.no_download)
+    return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.data is not None and args.data not in DATA_CHOICES[args.model]:
+        print(f"error: --data {args.data} is not available for {args.model}; choose one of {DATA_CHOICES[args.model]}", file=sys.stderr)
+        return 2
+    config = train_config(args)
     try:
-        history = train_vae(args.model, data, vae_config, train_config, args.out, args.kl_schedule,
-                            FreeBitsConfig(target=args.free_bits_target), args.binarize, args.resume)
+        history = (run_kvae if args.model == "kvae" else run_vae)(args, config)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

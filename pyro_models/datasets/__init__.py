@@ -1,4 +1,6 @@
-"""Image data sets: MNIST (IDX), generated shapes, and a user's own ``.npz`` array.
+"""Image data sets (MNIST from IDX files, generated shapes, a user's own ``.npz``) and sequence data sets
+(generated bouncing balls and colour-changing balls, MNIST rows as time steps, a user's ``.npz``;
+see :mod:`.sequences`).
 
 Every loader returns an :class:`ImageData` of float tensors ``(N, C, H, W)`` in [0, 1]. Binarisation
 (``none`` keeps grey values, as the seeds do; ``static`` thresholds once at 0.5; ``dynamic`` draws
@@ -12,7 +14,18 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
+from .balls import bouncing_balls, color_balls
 from .mnist import load_mnist, read_idx  # noqa: F401
+from .sequences import (
+    SEQUENCE_DATASETS,
+    SequenceData,
+    check_events,
+    check_sequences,
+    generate_sequences,
+    load_mnist_rows,
+    load_sequence_data,
+    load_sequence_npz,
+)
 from .shapes import make_shapes
 
 DATASETS = ("mnist", "shapes", "npz")
@@ -110,6 +123,16 @@ def binarizer(mode: str) -> Callable[[torch.Tensor, Optional[torch.Generator]], 
 
 
 __all__ = [
+    "SEQUENCE_DATASETS",
+    "SequenceData",
+    "bouncing_balls",
+    "check_events",
+    "check_sequences",
+    "color_balls",
+    "generate_sequences",
+    "load_mnist_rows",
+    "load_sequence_data",
+    "load_sequence_npz",
     "BINARIZE_MODES",
     "DATASETS",
     "ImageData",

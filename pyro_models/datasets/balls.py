@@ -144,7 +144,7 @@ def color_balls(
     Its colour is one of the first ``num_colors`` of ``PALETTE``; on every step with a wall hit (one
     change also when two walls are hit at a corner) it changes to a different one.
     ``events[n, t] = 1`` iff the colour of frame ``t`` differs from that of frame ``t - 1``
-    (``events[:, 0] = 0``): about 2.4 per 20-frame sequence with the defaults.
+    (``events[:, 0] = 0``): 2.49 per 20-frame sequence on average with the defaults.
     """
     _check_common("color_balls", num_sequences, num_steps, radius, speed)
     if not MIN_COLORS <= num_colors <= len(PALETTE):

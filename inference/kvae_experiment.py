@@ -2,20 +2,25 @@
 settings, the LSTM freeze, the report, the trainer."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import pyro
 import torch
 
+from pyro_models.datasets import load_sequence_data
 from pyro_models.kvae import KVAEConfig, build_kvae
 
 from .callbacks import FreezeParameters, KVAEReport
-from .rundir import RunDir
+from .rundir import CHECKPOINT, CONFIG, RunDir
 from .trainer import TrainConfig, Trainer
 
 # The optimisation recipe of the original code (simonkamronn/kvae).
-KVAE_TRAIN_DEFAULTS = TrainConfig(epochs=80, batch_size=32, lr=0.007, lr_decay=0.85, lr_decay_every=20, clip_norm=150.0)
+# Its loss is the mean per frame, which its gradient clip of 150 assumes (mean_loss).
+KVAE_TRAIN_DEFAULTS = TrainConfig(epochs=80, batch_size=32, lr=0.007, lr_decay=0.85, lr_decay_every=20, clip_norm=150.0,
+                                  mean_loss=True)
 LSTM_FROZEN_EPOCHS = 10
 
 
@@ -28,7 +33,9 @@ def build_kvae_run(data, config: KVAEConfig, seed: int):
 
 def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optional[str], lstm_frozen_epochs: int = LSTM_FROZEN_EPOCHS,
                resume: bool = False, extra_config: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """Train a KVAE on ``data`` (a ``SequenceData``); returns the per-epoch metrics."""
+    """Train a KVAE on ``data`` (a ``SequenceData``); returns the per-epoch metrics. Put the arguments
+    of ``load_sequence_data`` under ``extra_config["data_args"]`` so that :func:`load_kvae_run` can
+    rebuild the data."""
     model, guide = build_kvae_run(data, config, train_config.seed)
     run_config = {
         "model": "kvae",
@@ -42,5 +49,25 @@ def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optiona
     }
     run = RunDir(out, run_config, resume=resume) if out is not None else None
     callbacks = [FreezeParameters(model.dynamics.lstm.parameters(), lstm_frozen_epochs), KVAEReport(seed=train_config.seed)]
-    trainer = Trainer(model, guide, train_config, run, callbacks)
+    trainer = Trainer(model, guide, train_config, run, callbacks, units_per_example=data.train.shape[1])
     return trainer.fit(data.train, data.test, resume=resume)
+
+
+def load_kvae_run(path: str, data_dir: Optional[str] = None):
+    """The trained model, guide (eval mode) and data of the KVAE run directory ``path``."""
+    with open(os.path.join(path, CONFIG)) as f:
+        stored = json.load(f)
+    if stored.get("model") != "kvae":
+        raise ValueError(f"--run: {path} holds a {stored.get('model')!r} run, not a kvae run")
+    if "data_args" not in stored:
+        raise ValueError(f"--run: {path}/config.json has no data_args; it was not written by scripts/train.py kvae")
+    data_args = dict(stored["data_args"])
+    if data_dir is not None:
+        data_args["data_dir"] = data_dir
+    data = load_sequence_data(**data_args)
+    config = KVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored["kvae"].items()})
+    model, guide = build_kvae_run(data, config, stored["train"]["seed"])
+    state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=False)
+    for module, module_state in zip((model, guide), state["modules"]):
+        module.load_state_dict(module_state)
+    return model.eval(), guide.eval(), data

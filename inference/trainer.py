@@ -42,6 +42,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # the learning rate is multiplied by this ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
     clip_norm: Optional[float] = None  # global gradient-norm clip; None: no clipping
+    mean_loss: bool = False  # step on the loss per example and unit (e.g. per frame), not the batch sum
     elbo: str = "meanfield"  # "meanfield" (analytic KL where known, else Monte Carlo) or "trace" (Monte Carlo KL)
     num_particles: int = 1
     jit: bool = False  # compile the training loss with torch.jit.trace (static models only)
@@ -101,6 +102,9 @@ class Trainer:
 
     ``run``: where config, metrics, checkpoints and figures go (``None``: nowhere).
     ``batch_transform(batch, generator)``: applied to each training batch (e.g. dynamic binarisation).
+    ``units_per_example``: with ``config.mean_loss``, the gradient step uses the loss divided by
+    ``batch * units_per_example`` (e.g. the number of frames of a sequence), the convention of the
+    original KVAE and VTA code, which their gradient-clipping thresholds assume.
     """
 
     def __init__(
@@ -111,8 +115,10 @@ class Trainer:
         run: Optional[RunDir] = None,
         callbacks: Sequence[Callback] = (),
         batch_transform: Optional[BatchTransform] = None,
+        units_per_example: int = 1,
     ):
         self.model, self.guide, self.config, self.run = model, guide, config, run
+        self.units_per_example = units_per_example
         self.callbacks = list(callbacks)
         self.batch_transform = batch_transform
         self.device = torch.device(config.device)
@@ -193,6 +199,8 @@ class Trainer:
         if not math.isfinite(value):
             self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.mean_loss:
+            loss = loss / (batch.shape[0] * self.units_per_example)
         loss.backward()
         for callback in self.callbacks:
             callback.after_backward(self)

@@ -108,10 +108,11 @@ def run_vae(args: argparse.Namespace, config: TrainConfig):
 def run_kvae(args: argparse.Namespace, config: TrainConfig):
     kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
                              decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
-    data = load_sequence_data(args.data or "bouncing-balls", args.data_dir, args.data_path, num_train=args.num_sequences,
-                              num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps, cache_dir=args.cache_dir,
-                              download=not args.no_download)
-    return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume)
+    data_args = dict(name=args.data or "bouncing-balls", data_dir=args.data_dir, data_path=args.data_path,
+                     num_train=args.num_sequences, num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps,
+                     cache_dir=args.cache_dir, download=not args.no_download)
+    data = load_sequence_data(**data_args)
+    return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args})
 
 
 def main(argv=None) -> int:

@@ -195,3 +195,18 @@ def test_jit_loss_equals_eager_loss(name, elbo):
     assert jit_losses == pytest.approx(eager_losses, rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(eager_grads, jit_grads))  # float noise on ~0 grads
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(eager_buffers, jit_buffers))
+
+
+def test_mean_loss_divides_the_gradient(tiny_images):
+    x = tiny_images[0][:10]
+    grads = []
+    for mean_loss in (False, True):
+        torch.manual_seed(0)
+        model, guide = build_vae("vae", (1, 12, 12), SMALL)
+        trainer = Trainer(model, guide, config(mean_loss=mean_loss), units_per_example=3)
+        trainer._setup_optimizer(x)
+        trainer.optimizer.step = lambda: None  # keep the parameters: compare gradients only
+        torch.manual_seed(1)
+        trainer.step(x)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None]))
+    assert torch.allclose(grads[0] / 30, grads[1], rtol=1e-4, atol=1e-7)

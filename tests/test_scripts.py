@@ -44,8 +44,29 @@ def test_train_script_npz_and_errors(tmp_path):
     assert unknown.returncode == 2 and "--guide" in unknown.stderr
 
 
+def test_kvae_demo_train_and_impute_scripts(tmp_path):
+    # The demo trains a KVAE and runs scripts/impute.py (random masks) on its run directory.
+    result = run("scripts/demo.py", "--out", str(tmp_path / "demo"), "--epochs", "1", "--num-sequences", "12",
+                 "--decoder-channels", "8", "--num-impute", "3", "--cache-dir", str(tmp_path / "cache"))
+    assert "smoothing" in result.stdout
+    (run_dir,) = os.listdir(tmp_path / "demo")
+    run_dir = tmp_path / "demo" / run_dir
+    rows = json.load(open(run_dir / "imputation_random.json"))["rows"]
+    assert [r["setting"] for r in rows] == [round(0.1 * i, 1) for i in range(1, 11)]
+    assert all(0 <= r["smoothing"] <= 1 and 0 <= r["floor_walls_only"] <= 1 for r in rows)
+    for name in ("imputation_random.png", "imputation_random_strip.png", "alpha_epoch001.png", "a_trajectories_epoch001.png"):
+        assert (run_dir / "figures" / name).exists()
+    result = run("scripts/impute.py", "--run", str(run_dir), "--mask", "consecutive", "--num-test", "2")
+    assert "consecutive 15" in result.stdout
+    out = str(tmp_path / "kvae")
+    run("scripts/train.py", "kvae", "--num-sequences", "10", "--num-steps", "6", "--decoder-channels", "8", "--epochs", "1",
+        "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out)
+    bad = run("scripts/train.py", "kvae", "--data", "shapes", "--out", str(tmp_path / "bad"), ok=False)
+    assert bad.returncode == 2 and "not available for kvae" in bad.stderr
+
+
 def test_demo_script(tmp_path):
-    result = run("scripts/demo.py", "--out", str(tmp_path), "--epochs", "1", "--num-shapes", "60", "--z-dim", "2")
+    result = run("scripts/demo.py", "--out", str(tmp_path), "--model", "vae", "--epochs", "1")
     assert "held-out ELBO" in result.stdout
     (run_dir,) = os.listdir(tmp_path)
     assert os.path.exists(tmp_path / run_dir / "figures" / "imputation_epoch001.png")

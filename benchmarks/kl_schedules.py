@@ -8,13 +8,14 @@ per dimension of each (the per-epoch figures are in each run directory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import RESULTS, write_json  # noqa: E402
 
 from svi_overhead import DEFAULT_MNIST  # noqa: E402
 
@@ -23,8 +24,6 @@ from inference.trainer import TrainConfig  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
 from pyro_models.datasets import load_image_data  # noqa: E402
 from pyro_models.vae import VAEConfig  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def main(argv=None):
@@ -49,10 +48,7 @@ def main(argv=None):
         print(f"{schedule:>10}: test ELBO {last['test_elbo']:.2f}, KL {last['kl']:.2f} nats, {last['active_units']} of "
               f"{args.z_dim} units active, bottom-half imputation MSE {last['impute_mse']:.4f} "
               f"(mean image {last['impute_baseline_mse']:.4f}); run {out}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

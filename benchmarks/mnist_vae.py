@@ -12,7 +12,6 @@ each (nats per image, higher is better).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import RESULTS, write_json  # noqa: E402
 
 from svi_overhead import DEFAULT_MNIST, HandWrittenVAE  # noqa: E402
 
@@ -73,8 +74,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--guides", nargs="+", default=["normal", "iaf"])
     p.add_argument("--elbo", choices=("meanfield", "trace"), default=TrainConfig().elbo)
-    p.add_argument("--runs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mnist_runs"))
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mnist_vae.json"))
+    p.add_argument("--runs", default=os.path.join(RESULTS, "mnist_runs"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "mnist_vae.json"))
     args = p.parse_args(argv)
     data = load_image_data("mnist", args.data_dir, download=False)
     results = {"epochs": args.epochs, "elbo": args.elbo, "seeds": args.seeds, "num_train": len(data.train), "num_test": len(data.test)}
@@ -99,10 +100,7 @@ def main(argv=None):
         gaps = [a - b for a, b in zip(finals["pyro_iaf"], finals["pyro_normal"])]
         results["gap_iaf_minus_normal"] = mean_std(gaps)
         print(f"iaf - normal: {results['gap_iaf_minus_normal']['mean']:+.2f} nats (per seed {[round(g, 2) for g in gaps]})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

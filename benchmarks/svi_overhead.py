@@ -18,7 +18,6 @@ that path alone on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -29,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import RESULTS, write_json  # noqa: E402
 
 import pyro  # noqa: E402
 
@@ -170,7 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "svi_overhead.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "svi_overhead.json"))
     return p.parse_args(argv)
 
 
@@ -194,10 +196,7 @@ def main(argv=None):
     print(f"ratio pyro (jit) / torch: {result['ratio_pyro_over_torch']:.3f}; pyro eager / torch: {result['ratio_pyro_eager_over_torch']:.3f}")
     for name, memory in result["memory"].items():
         print(f"memory {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

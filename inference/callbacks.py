@@ -112,7 +112,7 @@ class KVAEReport(Callback):
                          ["data", "reconstruction", "data", "reconstruction"], run.figure_path("reconstructions", epoch),
                          f"epoch {epoch}: two held-out sequences and their reconstructions from E_q[a|x]")
         plots.weight_panels(model.dynamics.alpha(a), run.figure_path("alpha", epoch), f"epoch {epoch}: mixture weights alpha_t")
-        plots.trajectories(guide.posterior(x).mean, run.figure_path("a_trajectories", epoch), f"epoch {epoch}: E_q[a_t | x_t], colour = time")
+        plots.trajectories(a, run.figure_path("a_trajectories", epoch), f"epoch {epoch}: E_q[a_t | x_t] of {self.num_shown} sequences, colour = time")
         frame_mask = mask[0].reshape((-1,) + (1,) * (x.dim() - 2)).expand_as(x[0])
         plots.image_rows([x[0], x[0], imputation.smoothed[0], imputation.filtered[0]],
                          ["truth", "observed", "smoothed", "filtered"], run.figure_path("imputation", epoch),

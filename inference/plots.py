@@ -14,6 +14,14 @@ import torch  # noqa: E402
 
 
 MISSING_RGB = (0.35, 0.45, 0.85)  # how unobserved pixels are drawn
+DPI = 90
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def _to_display(images: torch.Tensor, observed: Optional[torch.Tensor] = None) -> np.ndarray:
@@ -53,10 +61,7 @@ def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, t
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def image_grid(images: torch.Tensor, path: str, num_cols: int = 8, title: Optional[str] = None) -> str:
@@ -75,10 +80,7 @@ def bars(values: torch.Tensor, path: str, title: str, xlabel: str, ylabel: str, 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "training curves") -> str:
@@ -93,10 +95,7 @@ def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "tr
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_metrics(run_path: str) -> List[Dict]:
@@ -116,10 +115,7 @@ def weight_panels(weights: torch.Tensor, path: str, title: str) -> str:
     axes[0, 0].set_ylabel("alpha_t")
     axes[0, -1].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def trajectories(points: torch.Tensor, path: str, title: str) -> str:
@@ -132,10 +128,7 @@ def trajectories(points: torch.Tensor, path: str, title: str) -> str:
     ax.set_xlabel("a[0]")
     ax.set_ylabel("a[1]")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel: str, title: str) -> str:
@@ -149,7 +142,4 @@ def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -79,7 +79,7 @@ def figures(run: str, model, guide, data, kind: str, rows, seed: int) -> None:
     series = {k: [r[k] for r in rows] for k in ("smoothing", "filtering", "floor_walls_only", "floor_last_observed")}
     label = "drop probability" if kind == "random" else "consecutive missing frames k"
     plots.error_curves(xs, series, os.path.join(run, "figures", f"imputation_{kind}.png"), label,
-                       f"KVAE imputation ({kind} masks), cf. Fraccaro et al. 2017, Fig. 3")
+                       f"KVAE imputation, {kind} masks (cf. paper's Fig. 3)")
     middle = xs[len(xs) // 2]
     x = data.test[:1]
     mask = make_mask(kind, middle, 1, x.shape[1], seed)

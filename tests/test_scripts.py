@@ -79,3 +79,10 @@ def test_svi_overhead_benchmark(tmp_path):
     assert "ratio" in result.stdout
     payload = json.load(open(out))
     assert payload["ratio_pyro_over_torch"] > 0 and set(payload["memory"]) == {"pyro", "pyro_eager", "torch"}
+
+
+def test_kvae_step_benchmark(tmp_path):
+    out = str(tmp_path / "kvae_step.json")
+    result = run("benchmarks/kvae_step.py", "--steps", "1", "--decoder-channels", "8", "--batch-size", "2", "--num-steps", "4", "--out", out)
+    assert "of a step" in result.stdout
+    assert 0 < json.load(open(out))["lgssm_share"]

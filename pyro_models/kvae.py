@@ -35,7 +35,7 @@ from torch.distributions import constraints
 from inference.lgssm import LGSSM, log_marginal
 
 from .distributions import GreyBernoulli, observe
-from .networks import mlp
+from .networks import mlp, per_frame
 
 
 @dataclass
@@ -139,15 +139,6 @@ class MLPFrameDecoder(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.net(a)
-
-
-def _per_frame(network: nn.Module, frames: torch.Tensor, frame_dims: int):
-    """Apply ``network`` to ``(..., *frame)`` by flattening the leading axes."""
-    lead = frames.shape[: frames.dim() - frame_dims]
-    out = network(frames.reshape((-1,) + frames.shape[frames.dim() - frame_dims :]))
-    if isinstance(out, tuple):
-        return tuple(o.reshape(lead + o.shape[1:]) for o in out)
-    return out.reshape(lead + out.shape[1:])
 
 
 # ------------------------------------------------------------------------------------------ dynamics
@@ -264,7 +255,7 @@ class KVAE(nn.Module):
 
     def frame_logits(self, a: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(..., T, *frame_shape)`` for ``a (..., T, a_dim)``."""
-        return _per_frame(self.decoder, a, 1)
+        return per_frame(self.decoder, a, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x, mask)
@@ -291,7 +282,7 @@ class KVAEGuide(nn.Module):
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
-        loc, scale = _per_frame(self.encoder, x, self.frame_dims)
+        loc, scale = per_frame(self.encoder, x, self.frame_dims)
         return dist.Normal(loc, scale).to_event(2)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -143,3 +143,13 @@ class ConvDecoder(nn.Module):
         h = self.input_layer(z).reshape((-1,) + self.start_shape)  # (N, channels[-1], h', w')
         x = self.out(self.body(h))  # (N, C, H, W)
         return x.reshape(batch_shape + self.x_shape)
+
+
+def per_frame(network: nn.Module, frames: torch.Tensor, frame_dims: int):
+    """Apply ``network`` to ``frames (..., *frame)`` (``frame_dims`` trailing axes per frame) as one batch
+    of frames, then restore the leading axes: ``(..., *out)``. Tuple outputs are reshaped element-wise."""
+    lead = frames.shape[: frames.dim() - frame_dims]
+    out = network(frames.reshape((-1,) + frames.shape[frames.dim() - frame_dims :]))  # (frames, *out)
+    if isinstance(out, tuple):
+        return tuple(o.reshape(lead + o.shape[1:]) for o in out)
+    return out.reshape(lead + out.shape[1:])

@@ -34,4 +34,6 @@ def tiny_images():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # One intra-op thread: many tiny ops (Kalman steps, GRU cells) and OpenMP spin-waiting make more
+    # threads slower, and badly so when another process shares the cores.
+    torch.set_num_threads(1)

@@ -15,6 +15,7 @@ from pyro_models.kvae import KVAEConfig, build_kvae
 
 from .callbacks import FreezeParameters, KVAEReport
 from .rundir import CHECKPOINT, CONFIG, RunDir
+from .schedules import LinearKLAnnealing
 from .trainer import TrainConfig, Trainer
 
 # The optimisation recipe of the original code (simonkamronn/kvae).
@@ -32,10 +33,11 @@ def build_kvae_run(data, config: KVAEConfig, seed: int):
 
 
 def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optional[str], lstm_frozen_epochs: int = LSTM_FROZEN_EPOCHS,
-               resume: bool = False, extra_config: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+               resume: bool = False, extra_config: Optional[Dict[str, Any]] = None, kl_warmup_epochs: int = 0) -> List[Dict[str, Any]]:
     """Train a KVAE on ``data`` (a ``SequenceData``); returns the per-epoch metrics. Put the arguments
     of ``load_sequence_data`` under ``extra_config["data_args"]`` so that :func:`load_kvae_run` can
-    rebuild the data."""
+    rebuild the data. ``kl_warmup_epochs > 0`` scales the KL term (the ``a`` site) by
+    min(1, epoch / kl_warmup_epochs): not part of the original recipe (default 0: off)."""
     model, guide = build_kvae_run(data, config, train_config.seed)
     run_config = {
         "model": "kvae",
@@ -45,10 +47,15 @@ def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optiona
         "kvae": asdict(config),
         "train": asdict(train_config),
         "lstm_frozen_epochs": lstm_frozen_epochs,
+        "kl_warmup_epochs": kl_warmup_epochs,
         **(extra_config or {}),
     }
     run = RunDir(out, run_config, resume=resume) if out is not None else None
     callbacks = [FreezeParameters(model.dynamics.lstm.parameters(), lstm_frozen_epochs), KVAEReport(seed=train_config.seed)]
+    if kl_warmup_epochs > 0:
+        if train_config.jit:
+            raise ValueError("jit: a compiled ELBO freezes the KL warm-up's weight; use --kl-warmup-epochs 0 with --jit")
+        callbacks.insert(0, LinearKLAnnealing(model.kl_weights, kl_warmup_epochs))
     trainer = Trainer(model, guide, train_config, run, callbacks, units_per_example=data.train.shape[1])
     return trainer.fit(data.train, data.test, resume=resume)
 

@@ -21,14 +21,17 @@ KL_SCHEDULES = ("none", "linear", "free-bits")
 
 
 class LinearKLAnnealing(Callback):
-    """beta = epoch / epochs, set at the start of each epoch (epochs count from 1, so the last epoch
-    trains the full ELBO)."""
+    """beta = min(1, epoch / epochs), set at the start of each epoch (epochs count from 1, so epoch
+    ``epochs`` and later train the full ELBO). With ``epochs`` the run's length this is seed 002's
+    schedule; shorter, a KL warm-up."""
 
     def __init__(self, kl_weights, epochs: int):
+        if epochs < 1:
+            raise ValueError(f"epochs: expected >= 1, got {epochs}")
         self.kl_weights, self.epochs = kl_weights, epochs
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self.kl_weights.beta = epoch / self.epochs
+        self.kl_weights.beta = min(1.0, epoch / self.epochs)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"beta": self.kl_weights.beta}

@@ -36,6 +36,7 @@ from inference.lgssm import LGSSM, log_marginal
 
 from .distributions import GreyBernoulli, observe
 from .networks import mlp, per_frame
+from .vae import KLWeights, sample_latent
 
 
 @dataclass
@@ -246,6 +247,7 @@ class KVAE(nn.Module):
         self.frame_shape, self.config = tuple(frame_shape), config
         self.decoder = (ConvFrameDecoder if len(frame_shape) == 3 else MLPFrameDecoder)(frame_shape, config)
         self.dynamics = KalmanDynamics(config)
+        self.kl_weights = KLWeights(config.a_dim)  # beta of an optional KL warm-up (training mode only)
 
     def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         if x.dim() != len(self.frame_shape) + 2 or tuple(x.shape[2:]) != self.frame_shape:
@@ -262,7 +264,7 @@ class KVAE(nn.Module):
         pyro.module("kvae", self)
         batch, steps = x.shape[:2]
         with pyro.plate("sequences", batch):
-            a = pyro.sample("a", KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim))
+            a = sample_latent("a", KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim), self.kl_weights)
             logits = self.frame_logits(a)  # (batch, T, *frame_shape)
             if mask is not None:
                 pyro.deterministic("x_mean", torch.sigmoid(logits), event_dim=len(self.frame_shape) + 1)
@@ -275,10 +277,11 @@ class KVAE(nn.Module):
 class KVAEGuide(nn.Module):
     """The guide q(a | x) = prod_t N(a_t; mu(x_t), diag sigma^2(x_t)) (the recognition model, eq. 6)."""
 
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig, kl_weights: Optional[KLWeights] = None):
         super().__init__()
         self.frame_dims = len(frame_shape)
         self.encoder = (ConvFrameEncoder if len(frame_shape) == 3 else MLPFrameEncoder)(frame_shape, config)
+        self.kl_weights = kl_weights if kl_weights is not None else KLWeights(config.a_dim)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
@@ -288,7 +291,7 @@ class KVAEGuide(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         pyro.module("kvae_guide", self)
         with pyro.plate("sequences", x.shape[0]):
-            return pyro.sample("a", self.posterior(x))
+            return sample_latent("a", self.posterior(x), self.kl_weights)
 
 
 def generate(model: KVAE, batch_size: int, num_steps: int) -> torch.Tensor:
@@ -315,4 +318,5 @@ def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KV
     """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)`` vectors."""
     if len(frame_shape) not in (1, 3):
         raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
-    return KVAE(frame_shape, config), KVAEGuide(frame_shape, config)
+    model = KVAE(frame_shape, config)
+    return model, KVAEGuide(frame_shape, config, model.kl_weights)

@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--decoder-channels", type=int, default=kvae_defaults.decoder_channels, help="kvae: sub-pixel block width")
     model.add_argument("--recon-weight", type=float, default=kvae_defaults.recon_weight, help="kvae: training weight of log p(x|a)")
     model.add_argument("--lstm-frozen-epochs", type=int, default=LSTM_FROZEN_EPOCHS, help="kvae")
+    model.add_argument("--kl-warmup-epochs", type=int, default=0, help="kvae: scale the KL by min(1, epoch / N) (0: off, the recipe)")
     objective = p.add_argument_group("objective")
     objective.add_argument("--elbo", choices=("trace", "meanfield"))
     objective.add_argument("--num-particles", type=int)
@@ -112,7 +113,8 @@ def run_kvae(args: argparse.Namespace, config: TrainConfig):
                      num_train=args.num_sequences, num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps,
                      cache_dir=args.cache_dir, download=not args.no_download)
     data = load_sequence_data(**data_args)
-    return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args})
+    return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args},
+                      kl_warmup_epochs=args.kl_warmup_epochs)
 
 
 def main(argv=None) -> int:

@@ -177,3 +177,14 @@ def test_freeze_parameters_keeps_lstm_until_the_epoch():
     freeze2 = FreezeParameters(model2.dynamics.lstm.parameters(), epochs=5)
     Trainer(model2, guide2, TrainConfig(epochs=1, batch_size=4, progress=False, train_eval_size=4), callbacks=[freeze2]).fit(x, x[:2])
     assert all(torch.equal(a, b) for a, b in zip(before, model2.dynamics.lstm.parameters()))
+
+
+def test_kl_warmup_scales_the_a_site_in_model_and_guide():
+    model, guide = build_kvae((6,), KVAEConfig(**SMALL))
+    x = torch.rand(2, 4, 6)
+    model.kl_weights.beta = 0.25
+    guide_trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, guide_trace)).get_trace(x)
+    assert guide_trace.nodes["a"]["scale"] == 0.25 and model_trace.nodes["a"]["scale"] == 0.25
+    model.eval(), guide.eval()  # evaluation scores the true ELBO
+    assert pyro.poutine.trace(guide).get_trace(x).nodes["a"]["scale"] == 1.0

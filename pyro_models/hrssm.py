@@ -65,7 +65,7 @@ from torch import nn
 
 from inference.trainer import Callback, Trainer
 
-from .networks import mlp, per_frame
+from .networks import GaussianHead, mlp, per_frame
 
 # Convolutions of the frame encoder and decoder (official: 4x4, stride 2, padding 1, which halves or
 # doubles an even size exactly).
@@ -309,20 +309,6 @@ def _bottleneck(frame_shape: Sequence[int], layers: int) -> Tuple[int, int]:
     return height // factor, width // factor
 
 
-class SigmoidGaussianHead(nn.Module):
-    """Maps a feature ``(batch, in_dim)`` to the ``loc`` and ``scale`` of a diagonal Normal
-    ``(batch, out_dim)``: linear mean, ``scale = sigmoid(linear) + min_scale`` (official LatentDistribution)."""
-
-    def __init__(self, in_dim: int, out_dim: int, min_scale: float):
-        super().__init__()
-        self.loc = nn.Linear(in_dim, out_dim)
-        self.scale = nn.Linear(in_dim, out_dim)
-        self.min_scale = min_scale
-
-    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(h), torch.sigmoid(self.scale(h)) + self.min_scale
-
-
 class ConvFrameEncoder(nn.Module):
     """Per-frame features e_t = CNN(x_t) ``(frames, feature_size)`` for image frames ``(frames, C, H, W)``,
     shared by q(M | X), q(z_t | M, X) and q(s_t | z_t, M, X): ``conv_layers`` 4x4 stride-2 convolutions,
@@ -398,7 +384,7 @@ class AbstractTransition(nn.Module):
     def __init__(self, config: HRSSMConfig):
         super().__init__()
         self.cell = nn.GRUCell(config.abstract_state_size, config.abstract_belief_size)
-        self.head = SigmoidGaussianHead(config.abstract_belief_size, config.abstract_state_size, config.min_scale)
+        self.head = GaussianHead(config.abstract_belief_size, config.abstract_state_size, config.min_scale, scale_fn="sigmoid")
 
     def belief(self, z_prev: torch.Tensor, c_prev: torch.Tensor) -> torch.Tensor:
         return self.cell(z_prev, c_prev)  # (batch, Z), (batch, C) -> (batch, C)
@@ -420,7 +406,7 @@ class ObservationTransition(nn.Module):
         belief, state = config.observation_belief_size, config.observation_state_size
         self.abstract_feature = nn.Linear(config.abstract_belief_size + config.abstract_state_size, belief)
         self.cell = nn.GRUCell(state + belief, belief) if recurrent else None
-        self.head = SigmoidGaussianHead(belief, state, config.min_scale)
+        self.head = GaussianHead(belief, state, config.min_scale, scale_fn="sigmoid")
 
     def init(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.abstract_feature(torch.cat([c, z], dim=-1))  # (batch, H)
@@ -488,7 +474,7 @@ class AbstractPosterior(nn.Module):
         belief = config.abstract_belief_size
         self.forward_rnn = nn.GRU(config.feature_size, belief, batch_first=True)
         self.backward_cell = nn.GRUCell(config.feature_size, belief)
-        self.head = SigmoidGaussianHead(2 * belief, config.abstract_state_size, config.min_scale)
+        self.head = GaussianHead(2 * belief, config.abstract_state_size, config.min_scale, scale_fn="sigmoid")
 
     def features(self, e: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """``[psi^fwd_{t-1}, psi^bwd_t]`` ``(batch, T, 2C)`` for ``e (batch, T, F)``, ``starts (batch, T)``."""
@@ -516,7 +502,7 @@ class ObservationPosterior(nn.Module):
         belief = config.observation_belief_size
         self.cell = nn.GRUCell(config.feature_size, belief)
         state = config.observation_state_size
-        self.head = SigmoidGaussianHead(belief + config.abstract_state_size, state, config.min_scale)
+        self.head = GaussianHead(belief + config.abstract_state_size, state, config.min_scale, scale_fn="sigmoid")
 
     def features(self, e: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """phi^fwd ``(batch, T, H)`` for ``e (batch, T, F)``, ``starts (batch, T)``."""

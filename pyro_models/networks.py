@@ -22,18 +22,24 @@ def mlp(sizes: Sequence[int], activation=nn.ReLU) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+SCALE_FUNCTIONS = {"softplus": F.softplus, "sigmoid": torch.sigmoid}
+
+
 class GaussianHead(nn.Module):
     """Maps a feature ``(batch, in_dim)`` to the ``loc`` and ``scale`` of a diagonal Normal
-    ``(batch, out_dim)``; ``scale = softplus(.) + min_scale``."""
+    ``(batch, out_dim)``; ``scale = f(linear) + min_scale`` with ``f`` softplus (the VAEs) or sigmoid
+    (the official VTA code's latent distributions)."""
 
-    def __init__(self, in_dim: int, out_dim: int, min_scale: float):
+    def __init__(self, in_dim: int, out_dim: int, min_scale: float, scale_fn: str = "softplus"):
         super().__init__()
+        if scale_fn not in SCALE_FUNCTIONS:
+            raise ValueError(f"scale_fn: expected one of {tuple(SCALE_FUNCTIONS)}, got {scale_fn!r}")
         self.loc = nn.Linear(in_dim, out_dim)
         self.scale = nn.Linear(in_dim, out_dim)
-        self.min_scale = min_scale
+        self.min_scale, self.scale_fn = min_scale, SCALE_FUNCTIONS[scale_fn]
 
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(h), F.softplus(self.scale(h)) + self.min_scale
+        return self.loc(h), self.scale_fn(self.scale(h)) + self.min_scale
 
 
 class MLPEncoder(nn.Module):

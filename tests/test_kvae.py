@@ -188,3 +188,18 @@ def test_kl_warmup_scales_the_a_site_in_model_and_guide():
     assert guide_trace.nodes["a"]["scale"] == 0.25 and model_trace.nodes["a"]["scale"] == 0.25
     model.eval(), guide.eval()  # evaluation scores the true ELBO
     assert pyro.poutine.trace(guide).get_trace(x).nodes["a"]["scale"] == 1.0
+
+
+def test_kalman_prior_gradients_match_dense_gaussian():
+    # Through a (observations and the alpha network's inputs) and the dynamics parameters.
+    torch.manual_seed(0)
+    model, _ = build_kvae((6,), KVAEConfig(**SMALL))
+    with torch.no_grad():
+        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
+        model.dynamics.obs_bases.mul_(20)
+    a = torch.randn(2, 5, 2, requires_grad=True)
+    params = [a, model.dynamics.obs_bases, model.dynamics.trans_bases, model.dynamics.a0]
+    ours = torch.autograd.grad(KalmanPrior(model.dynamics, (2,), 5, 2).log_prob(a).sum(), params)
+    dense = torch.autograd.grad(sum(dense_log_marginal(model.dynamics, a[i]) for i in range(2)), params)
+    for x, y in zip(ours, dense):
+        assert torch.allclose(x, y.float(), rtol=1e-4, atol=1e-4)

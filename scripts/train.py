@@ -5,6 +5,7 @@
     python scripts/train.py conv-vae --data mnist --data-dir ../shared/data/mnist --guide iaf --out runs/cvae
     python scripts/train.py vae --data mnist --data-dir ../shared/data/mnist --kl-schedule free-bits --out runs/fb
     python scripts/train.py kvae --data bouncing-balls --out runs/kvae      # the original recipe's defaults
+    python scripts/train.py hrssm --data color-balls --out runs/hrssm       # --no-boundaries: the RSSM
 
 Trainer flags left out take the model family's defaults (VAE: batch 128, Adam 1e-3, 10 epochs; KVAE:
 the original recipe, batch 32, Adam 0.007 x0.85 every 20 epochs, clip 150, 80 epochs).
@@ -21,17 +22,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataclasses import fields, replace  # noqa: E402
 
+from inference.hrssm_experiment import HRSSM_TRAIN_DEFAULTS, train_hrssm  # noqa: E402
 from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS, LSTM_FROZEN_EPOCHS, train_kvae  # noqa: E402
 from inference.schedules import KL_SCHEDULES, FreeBitsConfig  # noqa: E402
 from inference.trainer import TrainConfig, TrainingDiverged  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
 from pyro_models.datasets import BINARIZE_MODES, DATASETS, SEQUENCE_DATASETS, load_image_data, load_sequence_data  # noqa: E402
+from pyro_models.hrssm import HRSSMConfig  # noqa: E402
 from pyro_models.kvae import KVAEConfig  # noqa: E402
 from pyro_models.vae import ARCHITECTURES, GUIDES, VAEConfig  # noqa: E402
 
-MODELS = (*ARCHITECTURES, "kvae")
-DATA_CHOICES = {**{m: DATASETS for m in ARCHITECTURES}, "kvae": SEQUENCE_DATASETS}
-TRAIN_DEFAULTS = {**{m: TrainConfig() for m in ARCHITECTURES}, "kvae": KVAE_TRAIN_DEFAULTS}
+MODELS = (*ARCHITECTURES, "kvae", "hrssm")
+DATA_CHOICES = {**{m: DATASETS for m in ARCHITECTURES}, "kvae": SEQUENCE_DATASETS, "hrssm": SEQUENCE_DATASETS}
+TRAIN_DEFAULTS = {**{m: TrainConfig() for m in ARCHITECTURES}, "kvae": KVAE_TRAIN_DEFAULTS, "hrssm": HRSSM_TRAIN_DEFAULTS}
+DEFAULT_SEQUENCES = {"kvae": "bouncing-balls", "hrssm": "color-balls"}
 
 
 def int_tuple(text: str):
@@ -39,7 +43,7 @@ def int_tuple(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    vae_defaults, kvae_defaults, fb = VAEConfig(), KVAEConfig(), FreeBitsConfig()
+    vae_defaults, kvae_defaults, hrssm_defaults, fb = VAEConfig(), KVAEConfig(), HRSSMConfig(), FreeBitsConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=MODELS)
     data = p.add_argument_group("data")
@@ -49,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--data-path", help="an .npz file with an 'images' array (--data npz)")
     data.add_argument("--binarize", choices=BINARIZE_MODES, default="none")
     data.add_argument("--num-shapes", type=int, default=6000, help="size of the generated shapes set")
-    data.add_argument("--num-sequences", type=int, default=5000, help="kvae: generated training sequences (1/5 as many held out)")
-    data.add_argument("--num-steps", type=int, default=20, help="kvae: frames per generated sequence")
+    data.add_argument("--num-sequences", type=int, default=5000, help="kvae, hrssm: generated training sequences (1/5 as many held out)")
+    data.add_argument("--num-steps", type=int, default=20, help="kvae, hrssm: frames per generated sequence")
     data.add_argument("--cache-dir", default="data/cache", help="where generated sequence sets are cached")
     data.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     model = p.add_argument_group("model")
@@ -67,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--recon-weight", type=float, default=kvae_defaults.recon_weight, help="kvae: training weight of log p(x|a)")
     model.add_argument("--lstm-frozen-epochs", type=int, default=LSTM_FROZEN_EPOCHS, help="kvae")
     model.add_argument("--kl-warmup-epochs", type=int, default=0, help="kvae: scale the KL by min(1, epoch / N) (0: off, the recipe)")
+    model.add_argument("--no-boundaries", action="store_true", help="hrssm: every step UPDATE (the RSSM baseline)")
+    model.add_argument("--belief-size", type=int, default=hrssm_defaults.abstract_belief_size, help="hrssm: c_t, h_t and feature widths")
+    model.add_argument("--state-size", type=int, default=hrssm_defaults.abstract_state_size, help="hrssm: z_t and s_t sizes")
+    model.add_argument("--conv-channels", type=int, default=hrssm_defaults.conv_channels, help="hrssm: frame encoder/decoder width")
+    model.add_argument("--max-segments", type=int, default=hrssm_defaults.max_segments, help="hrssm: N_max")
+    model.add_argument("--max-length", type=int, default=hrssm_defaults.max_length, help="hrssm: l_max")
     objective = p.add_argument_group("objective")
     objective.add_argument("--elbo", choices=("trace", "meanfield"))
     objective.add_argument("--num-particles", type=int)
@@ -106,13 +116,28 @@ def run_vae(args: argparse.Namespace, config: TrainConfig):
                      FreeBitsConfig(target=args.free_bits_target), args.binarize, args.resume)
 
 
+def sequence_data(args: argparse.Namespace):
+    """The sequence data set of the flags, and the arguments that rebuild it (stored in config.json)."""
+    data_args = dict(name=args.data or DEFAULT_SEQUENCES[args.model], data_dir=args.data_dir, data_path=args.data_path,
+                     num_train=args.num_sequences, num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps,
+                     cache_dir=args.cache_dir, download=not args.no_download)
+    return load_sequence_data(**data_args), data_args
+
+
+def run_hrssm(args: argparse.Namespace, config: TrainConfig):
+    hrssm_config = HRSSMConfig(
+        abstract_belief_size=args.belief_size, observation_belief_size=args.belief_size, feature_size=args.belief_size,
+        abstract_state_size=args.state_size, observation_state_size=args.state_size, conv_channels=args.conv_channels,
+        max_segments=args.max_segments, max_length=args.max_length, boundaries=not args.no_boundaries,
+    )
+    data, data_args = sequence_data(args)
+    return train_hrssm(data, hrssm_config, config, args.out, args.resume, {"data_args": data_args})
+
+
 def run_kvae(args: argparse.Namespace, config: TrainConfig):
     kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
                              decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
-    data_args = dict(name=args.data or "bouncing-balls", data_dir=args.data_dir, data_path=args.data_path,
-                     num_train=args.num_sequences, num_test=max(1, args.num_sequences // 5), num_steps=args.num_steps,
-                     cache_dir=args.cache_dir, download=not args.no_download)
-    data = load_sequence_data(**data_args)
+    data, data_args = sequence_data(args)
     return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args},
                       kl_warmup_epochs=args.kl_warmup_epochs)
 
@@ -124,7 +149,7 @@ def main(argv=None) -> int:
         return 2
     config = train_config(args)
     try:
-        history = (run_kvae if args.model == "kvae" else run_vae)(args, config)
+        history = {"kvae": run_kvae, "hrssm": run_hrssm}.get(args.model, run_vae)(args, config)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -86,3 +86,17 @@ def test_kvae_step_benchmark(tmp_path):
     result = run("benchmarks/kvae_step.py", "--steps", "1", "--decoder-channels", "8", "--batch-size", "2", "--num-steps", "4", "--out", out)
     assert "of a step" in result.stdout
     assert 0 < json.load(open(out))["lgssm_share"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-boundaries"]])
+def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
+    out = str(tmp_path / "hrssm")
+    run("scripts/train.py", "hrssm", "--num-sequences", "16", "--num-steps", "10", "--belief-size", "16", "--conv-channels", "8",
+        "--epochs", "1", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out, *extra)
+    metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert {"boundary_f1", "mean_segments", "temperature", "test_elbo"} <= set(metrics)
+    result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")
+    scores = json.load(open(os.path.join(out, "boundaries.json")))
+    assert 0 <= scores["f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
+    for name in ("boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png"):
+        assert os.path.exists(os.path.join(out, "figures", name))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, reset_peak_rss, rss_mib, write_json  # noqa: E402
 
 import pyro  # noqa: E402
 
@@ -110,27 +110,17 @@ def time_alternating(steppers, batches, device, steps: int, warmup: int):
     return times
 
 
-def _rss_mib(field: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process, MiB, from /proc."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_rss_child(args, path: str, queue) -> None:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)
     steppers, batches, _ = build(args, paths=(path,))
     step = steppers[path]
     step(batches[0])
-    before = _rss_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
+    before = rss_mib("VmRSS")
+    reset_peak_rss()
     for i in range(args.memory_steps):
         step(batches[i % len(batches)])
-    queue.put((before, _rss_mib("VmHWM")))
+    queue.put((before, rss_mib("VmHWM")))
 
 
 def peak_memory(args):

@@ -100,3 +100,10 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     assert 0 <= scores["f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
     for name in ("boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png"):
         assert os.path.exists(os.path.join(out, "figures", name))
+
+
+def test_hrssm_step_benchmark(tmp_path):
+    out = str(tmp_path / "hrssm_step.json")
+    result = run("benchmarks/hrssm_step.py", "--steps", "1", "--belief-size", "16", "--conv-channels", "8", "--batch-size", "2",
+                 "--num-steps", "6", "--out", out)
+    assert "steps/s" in result.stdout and json.load(open(out))["steps_per_second"] > 0

@@ -2,8 +2,6 @@
 true events, model and guide, the boundary-temperature schedule, a boundary report, the trainer."""
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
@@ -16,7 +14,7 @@ from pyro_models.hrssm import HRSSMConfig, TemperatureAnnealing, build_hrssm, po
 
 from . import plots
 from .boundaries import boundary_scores
-from .rundir import CHECKPOINT, CONFIG, RunDir
+from .rundir import RunDir, config_from_json, load_trained_modules, read_run_config
 from .trainer import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -81,15 +79,8 @@ def train_hrssm(data, config: HRSSMConfig, train_config: TrainConfig, out: Optio
 
 def load_hrssm_run(path: str, data_dir: Optional[str] = None):
     """The trained model, guide (eval mode) and data of the HRSSM run directory ``path``."""
-    with open(os.path.join(path, CONFIG)) as f:
-        stored = json.load(f)
-    if stored.get("model") != "hrssm" or "data_args" not in stored:
-        raise ValueError(f"--run: {path} does not hold an hrssm run written by scripts/train.py hrssm")
-    data_args = dict(stored["data_args"], **({"data_dir": data_dir} if data_dir is not None else {}))
-    data = load_sequence_data(**data_args)
-    config = HRSSMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored["hrssm"].items()})
-    model, guide = build_hrssm(tuple(data.train.shape[2:]), config)
-    state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=False)
-    for module, module_state in zip((model, guide), state["modules"]):
-        module.load_state_dict(module_state)
-    return model.eval(), guide.eval(), data
+    stored = read_run_config(path, "hrssm")
+    data = load_sequence_data(**{**stored["data_args"], **({"data_dir": data_dir} if data_dir is not None else {})})
+    model, guide = build_hrssm(tuple(data.train.shape[2:]), config_from_json(HRSSMConfig, stored["hrssm"]))
+    load_trained_modules(path, model, guide)
+    return model, guide, data

@@ -2,8 +2,6 @@
 settings, the LSTM freeze, the report, the trainer."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
@@ -14,7 +12,7 @@ from pyro_models.datasets import load_sequence_data
 from pyro_models.kvae import KVAEConfig, build_kvae
 
 from .callbacks import FreezeParameters, KVAEReport
-from .rundir import CHECKPOINT, CONFIG, RunDir
+from .rundir import RunDir, config_from_json, load_trained_modules, read_run_config
 from .schedules import LinearKLAnnealing
 from .trainer import TrainConfig, Trainer
 
@@ -62,19 +60,8 @@ def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optiona
 
 def load_kvae_run(path: str, data_dir: Optional[str] = None):
     """The trained model, guide (eval mode) and data of the KVAE run directory ``path``."""
-    with open(os.path.join(path, CONFIG)) as f:
-        stored = json.load(f)
-    if stored.get("model") != "kvae":
-        raise ValueError(f"--run: {path} holds a {stored.get('model')!r} run, not a kvae run")
-    if "data_args" not in stored:
-        raise ValueError(f"--run: {path}/config.json has no data_args; it was not written by scripts/train.py kvae")
-    data_args = dict(stored["data_args"])
-    if data_dir is not None:
-        data_args["data_dir"] = data_dir
-    data = load_sequence_data(**data_args)
-    config = KVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored["kvae"].items()})
-    model, guide = build_kvae_run(data, config, stored["train"]["seed"])
-    state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=False)
-    for module, module_state in zip((model, guide), state["modules"]):
-        module.load_state_dict(module_state)
-    return model.eval(), guide.eval(), data
+    stored = read_run_config(path, "kvae")
+    data = load_sequence_data(**{**stored["data_args"], **({"data_dir": data_dir} if data_dir is not None else {})})
+    model, guide = build_kvae_run(data, config_from_json(KVAEConfig, stored["kvae"]), stored["train"]["seed"])
+    load_trained_modules(path, model, guide)
+    return model, guide, data

@@ -105,3 +105,28 @@ class RunDir:
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
         return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+
+
+def read_run_config(path: str, model: str) -> Dict[str, Any]:
+    """The stored ``config.json`` of the run directory ``path``, which must hold a ``model`` run written
+    by ``scripts/train.py`` (with the ``data_args`` that rebuild its data)."""
+    with open(os.path.join(path, CONFIG)) as f:
+        stored = json.load(f)
+    if stored.get("model") != model:
+        raise ValueError(f"--run: {path} holds a {stored.get('model')!r} run, not a {model} run")
+    if "data_args" not in stored:
+        raise ValueError(f"--run: {path}/config.json has no data_args; it was not written by scripts/train.py {model}")
+    return stored
+
+
+def config_from_json(cls, stored: Dict[str, Any]):
+    """A config dataclass ``cls`` from its JSON form (lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+def load_trained_modules(path: str, *modules: torch.nn.Module) -> None:
+    """Load the checkpoint of the run directory ``path`` into ``modules`` (model, guide), in eval mode."""
+    state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=False)
+    for module, module_state in zip(modules, state["modules"]):
+        module.load_state_dict(module_state)
+        module.eval()

@@ -1,21 +1,13 @@
 """Data loaders: IDX reading and layouts, shapes, npz, binarisation, bad input."""
-import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_idx
 from pyro_models.datasets import binarizer, check_images, load_image_data, load_npz, make_shapes, read_idx
 from pyro_models.datasets.mnist import TEST_IMAGES, TRAIN_IMAGES, load_mnist
-
-
-def write_idx(path, array, compress):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    with (gzip.open if compress else open)(path, "wb") as f:
-        f.write(payload)
 
 
 @pytest.fixture

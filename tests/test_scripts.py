@@ -107,3 +107,15 @@ def test_hrssm_step_benchmark(tmp_path):
     result = run("benchmarks/hrssm_step.py", "--steps", "1", "--belief-size", "16", "--conv-channels", "8", "--batch-size", "2",
                  "--num-steps", "6", "--out", out)
     assert "steps/s" in result.stdout and json.load(open(out))["steps_per_second"] > 0
+
+
+def test_mnist_benchmarks(tmp_path, fake_mnist_dir):
+    out = str(tmp_path / "mnist.json")
+    run("benchmarks/mnist_vae.py", "--data-dir", str(fake_mnist_dir), "--epochs", "1", "--seeds", "0",
+        "--runs", str(tmp_path / "runs"), "--out", out)
+    results = json.load(open(out))
+    assert {"pyro_normal", "pyro_iaf", "hand_written", "gap_pyro_normal_minus_hand"} <= set(results)
+    out = str(tmp_path / "kl.json")
+    run("benchmarks/kl_schedules.py", "--data-dir", str(fake_mnist_dir), "--epochs", "1", "--z-dim", "4",
+        "--runs", str(tmp_path / "kl_runs"), "--out", out)
+    assert set(json.load(open(out))) >= {"none", "linear", "free-bits"}

@@ -82,8 +82,10 @@ class FreezeParameters(Callback):
 
 class KVAEReport(Callback):
     """Each epoch, on the first held-out sequences: reconstructions, the mixture weights alpha over time,
-    the a-trajectories (figures), and the imputation error at drop probability ``drop_prob``
-    (``impute_smooth``, ``impute_filter``: fraction of wrong pixels on missing frames)."""
+    the a-trajectories (figures), the imputation error at drop probability ``drop_prob``
+    (``impute_smooth``, ``impute_filter``: fraction of wrong pixels on missing frames) and the
+    reconstruction error from E_q[a | x] on all frames (``recon_error``; at the walls-only floor, the
+    decoder ignores a: posterior collapse)."""
 
     def __init__(self, num_sequences: int = 64, num_shown: int = 4, drop_prob: float = 0.5, seed: int = 0):
         self.num_sequences, self.num_shown, self.drop_prob, self.seed = num_sequences, num_shown, drop_prob, seed
@@ -96,8 +98,10 @@ class KVAEReport(Callback):
         x = trainer.test_data[: self.num_sequences].to(trainer.device)
         mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
         imputation = kalman_impute(model, guide, x, mask)
+        reconstruction = torch.sigmoid(model.frame_logits(guide.posterior(x).mean))
         metrics = {"impute_smooth": hamming_error(x, imputation.smoothed, mask),
-                   "impute_filter": hamming_error(x, imputation.filtered, mask)}
+                   "impute_filter": hamming_error(x, imputation.filtered, mask),
+                   "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
         if run is not None and x.dim() == 5:
             self._figures(trainer, epoch, x, mask, imputation)
         model.train(), guide.train()

@@ -143,3 +143,34 @@ def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def boundary_probabilities(probs: torch.Tensor, path: str, title: str, events: Optional[torch.Tensor] = None) -> str:
+    """One panel per sequence: the probability that frame t starts a segment, ``probs (n, T)``, against
+    t, with the true events ``events (n, T)`` (0/1) as dashed lines when given."""
+    probs = probs.detach().cpu().numpy()
+    n, steps = probs.shape
+    fig, axes = plt.subplots(n, 1, figsize=(6, 1.4 * n + 0.6), squeeze=False, sharex=True)
+    for i, ax in enumerate(axes[:, 0]):
+        if events is not None:
+            for t in np.flatnonzero(events[i].cpu().numpy()):
+                ax.axvline(t + 1, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.plot(np.arange(1, steps + 1), probs[i], marker="o", markersize=3)
+        ax.axhline(0.5, color="grey", linewidth=0.5)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("q(start)")
+    axes[-1, 0].set_xlabel("frame t" + (" (dashed: true events)" if events is not None else ""))
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def metric_against_time(metrics: List[Dict], key: str, path: str, title: str) -> str:
+    """``key`` of each epoch's record against the cumulative training time (the records' ``time_s``)."""
+    minutes = np.cumsum([m["time_s"] for m in metrics]) / 60.0
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(minutes, [m[key] for m in metrics], marker="o", markersize=3)
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel(key)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

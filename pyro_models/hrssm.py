@@ -720,6 +720,16 @@ def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = Fals
         return _segmentation(apply_constraints((logits[:, 1:] > 0).to(x.dtype), guide.config))
 
 
+def start_probabilities(guide: HRSSMGuide, x: torch.Tensor) -> torch.Tensor:
+    """q(frame t starts a segment | X) of ``x (batch, T, *frame_shape)`` for t = 2..T, as
+    ``(batch, T - 1)``: the guide's boundary probabilities before the hard constraints. Eval mode."""
+    check_input(x, None, guide.frame_shape, guide.config)
+    if guide.boundary_posterior is None or x.shape[1] == 1:
+        raise ValueError("start_probabilities: needs a guide with boundaries and T >= 2")
+    with torch.no_grad(), _eval_mode(guide):
+        return torch.sigmoid(guide.boundary_logits(x)[:, 1:])
+
+
 def generate(model: HRSSM, batch_size: int, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Pyro program sampling from the prior (sites ``z_t``, ``s_t``, ``m_t``, ``x``). Returns the frame
     means ``(batch, T, *frame_shape)`` and the segment starts ``(batch, T)``."""

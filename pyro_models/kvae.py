@@ -52,6 +52,7 @@ class KVAEConfig:
     init_cov: float = 20.0  # Cov(z_1) = init_cov * I (fixed)
     init_obs_scale: float = 0.05  # C^(k) ~ init_obs_scale * N(0, 1); A^(k) start at I
     encoder_var_cap: float = 0.03  # Var q(a_t | x_t) = cap * sigmoid(.): never above R
+    encoder_init_var: Optional[float] = None  # Var q(a_t | x_t) at initialisation; None: cap / 2 (original)
     recon_weight: float = 0.3  # weight of log p(x | a) in training (1 in evaluation)
     encoder_filters: int = 32  # images: conv layers of 3x3, stride 2
     encoder_layers: int = 3
@@ -67,9 +68,28 @@ class KVAEConfig:
         for name in ("obs_noise", "trans_noise", "init_cov", "encoder_var_cap"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.encoder_init_var is not None and not 0 < self.encoder_init_var < self.encoder_var_cap:
+            raise ValueError(f"encoder_init_var: expected in (0, encoder_var_cap = {self.encoder_var_cap}), got {self.encoder_init_var}")
 
 
 # ------------------------------------------------------------------------------------------ networks
+class CappedGaussianHead(nn.Module):
+    """Mean and standard deviation of q(a_t | x_t) from frame features ``(frames, features)``: dense
+    layers to the mean and to the variance ``cap * sigmoid(.)`` (never above R). With
+    ``config.encoder_init_var`` set, the variance layer's bias starts at ``logit(init_var / cap)``."""
+
+    def __init__(self, features: int, config: KVAEConfig):
+        super().__init__()
+        self.loc = nn.Linear(features, config.a_dim)
+        self.var = nn.Linear(features, config.a_dim)
+        self.cap = config.encoder_var_cap
+        if config.encoder_init_var is not None:
+            nn.init.constant_(self.var.bias, float(torch.logit(torch.tensor(config.encoder_init_var / self.cap))))
+
+    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
+
+
 class ConvFrameEncoder(nn.Module):
     """Network of q(a_t | x_t) for image frames: ``layers`` 3x3 stride-2 convs with ReLU, then dense to
     the mean and the variance ``cap * sigmoid(.)`` of a_t."""
@@ -83,13 +103,10 @@ class ConvFrameEncoder(nn.Module):
             channels = config.encoder_filters
             h, w = (h + 1) // 2, (w + 1) // 2
         self.body = nn.Sequential(*layers, nn.Flatten())
-        self.loc = nn.Linear(channels * h * w, config.a_dim)
-        self.var = nn.Linear(channels * h * w, config.a_dim)
-        self.cap = config.encoder_var_cap
+        self.head = CappedGaussianHead(channels * h * w, config)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)  # (frames, C, H, W) -> (frames, features)
-        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
+        return self.head(self.body(x))  # (frames, C, H, W) -> (frames, features) -> loc, scale
 
 
 class ConvFrameDecoder(nn.Module):
@@ -122,13 +139,10 @@ class MLPFrameEncoder(nn.Module):
     def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
         super().__init__()
         self.body = nn.Sequential(mlp([frame_shape[0], *config.mlp_hidden]), nn.ReLU())
-        self.loc = nn.Linear(config.mlp_hidden[-1], config.a_dim)
-        self.var = nn.Linear(config.mlp_hidden[-1], config.a_dim)
-        self.cap = config.encoder_var_cap
+        self.head = CappedGaussianHead(config.mlp_hidden[-1], config)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)
-        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
+        return self.head(self.body(x))
 
 
 class MLPFrameDecoder(nn.Module):

@@ -5,9 +5,11 @@
 
 Prints and writes RUN/boundaries.json: precision / recall / F1 of the inferred segment starts (the
 guide's noise-free boundaries) against the data's true events within +-tolerance frames, the mean
-number of segments per sequence, and the held-out ELBO (nats per sequence). Draws
-RUN/figures/boundaries_eval.png (frames with the inferred boundaries) and RUN/figures/jumpy.png (a
-prefix, then one imagined frame per future segment).
+number of segments per sequence, and the held-out ELBO (nats per sequence). Draws, under RUN/figures/:
+boundaries_eval.png (frames with the inferred boundaries), boundary_probabilities.png (q(segment start
+at t | X) over time, true events dashed), jumpy.png (a prefix, then one imagined frame per future
+segment) and, when the run logged it, f1_vs_time.png (each epoch's boundary F1 against training time,
+evaluation included).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from inference import plots  # noqa: E402
 from inference.boundaries import boundary_scores  # noqa: E402
 from inference.elbo import elbo_terms  # noqa: E402
 from inference.hrssm_experiment import boundary_figure, load_hrssm_run  # noqa: E402
-from pyro_models.hrssm import jumpy_rollout, posterior_boundaries  # noqa: E402
+from pyro_models.hrssm import jumpy_rollout, posterior_boundaries, start_probabilities  # noqa: E402
 
 
 @torch.no_grad()
@@ -47,12 +49,22 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--prefix", type=int, default=5, help="frames given to the jumpy rollout")
+    p.add_argument("--num-shown", type=int, default=4, help="sequences in the boundary-probability figure")
     args = p.parse_args(argv)
     model, guide, data = load_hrssm_run(args.run, args.data_dir)
     result, starts = evaluate_boundaries(model, guide, data, args.num_test, args.tolerance, args.batch_size)
     print(json.dumps(result, indent=2))
     figures = os.path.join(args.run, "figures")
     x = data.test[: starts.shape[0]]
+    if guide.boundary_posterior is not None and x.shape[1] > 1:
+        probs = start_probabilities(guide, x[: args.num_shown])  # (n, T - 1): frames 2..T
+        events = data.test_events[: args.num_shown, 1:] if data.test_events is not None else None
+        plots.boundary_probabilities(probs, os.path.join(figures, "boundary_probabilities.png"),
+                                     "held-out sequences: probability that frame t starts a segment", events)
+    history = plots.read_metrics(args.run)
+    if history and all("boundary_f1" in m for m in history):
+        plots.metric_against_time(history, "boundary_f1", os.path.join(figures, "f1_vs_time.png"),
+                                  f"boundary F1 (+-{args.tolerance} frame) on held-out sequences while training")
     if x.dim() == 5:
         boundary_figure(os.path.join(figures, "boundaries_eval.png"), x, starts, data.test_events, "held-out frames; segment starts in blue")
         frames = jumpy_rollout(model, guide, x[:1, : args.prefix], num_segments=min(8, x.shape[1]))

@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--num-bases", type=int, default=kvae_defaults.num_bases, help="kvae: K")
     model.add_argument("--decoder-channels", type=int, default=kvae_defaults.decoder_channels, help="kvae: sub-pixel block width")
     model.add_argument("--recon-weight", type=float, default=kvae_defaults.recon_weight, help="kvae: training weight of log p(x|a)")
+    model.add_argument("--encoder-init-var", type=float, default=kvae_defaults.encoder_init_var,
+                       help="kvae: Var q(a_t|x_t) at initialisation (unset: half the cap, the original)")
     model.add_argument("--lstm-frozen-epochs", type=int, default=LSTM_FROZEN_EPOCHS, help="kvae")
     model.add_argument("--kl-warmup-epochs", type=int, default=0, help="kvae: scale the KL by min(1, epoch / N) (0: off, the recipe)")
     model.add_argument("--no-boundaries", action="store_true", help="hrssm: every step UPDATE (the RSSM baseline)")
@@ -77,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--conv-channels", type=int, default=hrssm_defaults.conv_channels, help="hrssm: frame encoder/decoder width")
     model.add_argument("--max-segments", type=int, default=hrssm_defaults.max_segments, help="hrssm: N_max")
     model.add_argument("--max-length", type=int, default=hrssm_defaults.max_length, help="hrssm: l_max")
+    model.add_argument("--temperature-decay-steps", type=float, default=hrssm_defaults.temperature_decay_steps,
+                       help=f"hrssm: the boundary temperature is multiplied by {hrssm_defaults.temperature_decay} every this many steps")
     objective = p.add_argument_group("objective")
     objective.add_argument("--elbo", choices=("trace", "meanfield"))
     objective.add_argument("--num-particles", type=int)
@@ -129,6 +133,7 @@ def run_hrssm(args: argparse.Namespace, config: TrainConfig):
         abstract_belief_size=args.belief_size, observation_belief_size=args.belief_size, feature_size=args.belief_size,
         abstract_state_size=args.state_size, observation_state_size=args.state_size, conv_channels=args.conv_channels,
         max_segments=args.max_segments, max_length=args.max_length, boundaries=not args.no_boundaries,
+        temperature_decay_steps=args.temperature_decay_steps,
     )
     data, data_args = sequence_data(args)
     return train_hrssm(data, hrssm_config, config, args.out, args.resume, {"data_args": data_args})
@@ -136,7 +141,8 @@ def run_hrssm(args: argparse.Namespace, config: TrainConfig):
 
 def run_kvae(args: argparse.Namespace, config: TrainConfig):
     kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
-                             decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
+                             decoder_channels=args.decoder_channels, recon_weight=args.recon_weight,
+                             encoder_init_var=args.encoder_init_var)
     data, data_args = sequence_data(args)
     return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args},
                       kl_warmup_epochs=args.kl_warmup_epochs)

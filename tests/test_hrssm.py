@@ -22,6 +22,7 @@ from pyro_models.hrssm import (
     generate,
     jumpy_rollout,
     posterior_boundaries,
+    start_probabilities,
 )
 
 # The guide draws every boundary before the states (q(z_t | M, X) needs them all), the model draws each
@@ -324,3 +325,19 @@ def test_trainer_smoke_run_on_color_balls():
             assert math.isfinite(metrics[key]), key
     assert annealing.step == 4 and history[-1]["temperature"] < config.temperature_max
     assert guide.temperature is model.temperature
+
+
+def test_start_probabilities_match_the_noise_free_boundaries():
+    """With constraints that never bind (N_max = l_max = T), a frame starts a segment in the noise-free
+    segmentation exactly when its start probability is above 1/2."""
+    steps = 9
+    model, guide = build_hrssm(VECTOR, tiny(max_segments=steps, max_length=steps))
+    x = torch.randn(6, steps, *VECTOR) * 3
+    probs = start_probabilities(guide, x)
+    assert probs.shape == (6, steps - 1) and ((probs > 0) & (probs < 1)).all()
+    assert 0 < (probs > 0.5).float().mean() < 1  # both sides of 1/2 occur, so the comparison can fail
+    starts = posterior_boundaries(guide, x).starts
+    assert torch.equal(starts[:, 1:].bool(), probs > 0.5) and (starts[:, 0] == 1).all()
+    _, rssm_guide = build_hrssm(VECTOR, tiny(boundaries=False))
+    with pytest.raises(ValueError, match="start_probabilities"):
+        start_probabilities(rssm_guide, x)

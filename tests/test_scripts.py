@@ -61,6 +61,8 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
     out = str(tmp_path / "kvae")
     run("scripts/train.py", "kvae", "--num-sequences", "10", "--num-steps", "6", "--decoder-channels", "8", "--epochs", "1",
         "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out)
+    metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert 0 <= metrics["recon_error"] <= 1 and 0 <= metrics["impute_smooth"] <= 1
     bad = run("scripts/train.py", "kvae", "--data", "shapes", "--out", str(tmp_path / "bad"), ok=False)
     assert bad.returncode == 2 and "not available for kvae" in bad.stderr
 
@@ -92,14 +94,18 @@ def test_kvae_step_benchmark(tmp_path):
 def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     out = str(tmp_path / "hrssm")
     run("scripts/train.py", "hrssm", "--num-sequences", "16", "--num-steps", "10", "--belief-size", "16", "--conv-channels", "8",
-        "--epochs", "1", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out, *extra)
+        "--epochs", "1", "--batch-size", "8", "--temperature-decay-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--no-progress", "--out", out, *extra)
+    assert json.load(open(os.path.join(out, "config.json")))["hrssm"]["temperature_decay_steps"] == 2
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"boundary_f1", "mean_segments", "temperature", "test_elbo"} <= set(metrics)
     result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")
     scores = json.load(open(os.path.join(out, "boundaries.json")))
     assert 0 <= scores["f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
-    for name in ("boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png"):
-        assert os.path.exists(os.path.join(out, "figures", name))
+    figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
+    figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
+    for name in figures:
+        assert os.path.exists(os.path.join(out, "figures", name)), name
 
 
 def test_hrssm_step_benchmark(tmp_path):

@@ -1,9 +1,12 @@
-"""Assembles a Kalman VAE training run: sequence data, model and guide, the recipe's optimiser
-settings, the LSTM freeze, the report, the trainer."""
+"""Assembles a Kalman VAE training run: sequence data, model and guide, an optional warm start, the
+recipe's optimiser settings, the LSTM freeze, the report, the trainer."""
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
+
+import json
+import os
 
 import pyro
 import torch
@@ -12,6 +15,7 @@ from pyro_models.datasets import load_sequence_data
 from pyro_models.kvae import KVAEConfig, build_kvae
 
 from .callbacks import FreezeParameters, KVAEReport
+from .kvae_warmstart import WarmStartConfig, warm_start
 from .rundir import RunDir, config_from_json, load_trained_modules, read_run_config
 from .schedules import LinearKLAnnealing
 from .trainer import TrainConfig, Trainer
@@ -31,11 +35,13 @@ def build_kvae_run(data, config: KVAEConfig, seed: int):
 
 
 def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optional[str], lstm_frozen_epochs: int = LSTM_FROZEN_EPOCHS,
-               resume: bool = False, extra_config: Optional[Dict[str, Any]] = None, kl_warmup_epochs: int = 0) -> List[Dict[str, Any]]:
+               resume: bool = False, extra_config: Optional[Dict[str, Any]] = None, kl_warmup_epochs: int = 0,
+               warm: Optional[WarmStartConfig] = None) -> List[Dict[str, Any]]:
     """Train a KVAE on ``data`` (a ``SequenceData``); returns the per-epoch metrics. Put the arguments
     of ``load_sequence_data`` under ``extra_config["data_args"]`` so that :func:`load_kvae_run` can
-    rebuild the data. ``kl_warmup_epochs > 0`` scales the KL term (the ``a`` site) by
-    min(1, epoch / kl_warmup_epochs): not part of the original recipe (default 0: off)."""
+    rebuild the data. ``warm`` runs :func:`inference.kvae_warmstart.warm_start` first (its losses go to
+    ``RUN/warm_start.json``; skipped on resume). ``kl_warmup_epochs > 0`` scales the KL term (the ``a``
+    site) by min(1, epoch / kl_warmup_epochs). Neither is part of the original recipe (default: off)."""
     model, guide = build_kvae_run(data, config, train_config.seed)
     run_config = {
         "model": "kvae",
@@ -46,9 +52,16 @@ def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optiona
         "train": asdict(train_config),
         "lstm_frozen_epochs": lstm_frozen_epochs,
         "kl_warmup_epochs": kl_warmup_epochs,
+        "warm_start": asdict(warm) if warm is not None else None,
         **(extra_config or {}),
     }
     run = RunDir(out, run_config, resume=resume) if out is not None else None
+    if warm is not None and not resume:
+        model.to(train_config.device), guide.to(train_config.device)
+        result = warm_start(model, guide, data.train, warm, progress=train_config.progress)
+        if run is not None:
+            with open(os.path.join(run.path, "warm_start.json"), "w") as f:
+                json.dump({k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}, f, indent=2)
     callbacks = [FreezeParameters(model.dynamics.lstm.parameters(), lstm_frozen_epochs), KVAEReport(seed=train_config.seed)]
     if kl_warmup_epochs > 0:
         if train_config.jit:

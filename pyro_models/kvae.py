@@ -52,7 +52,6 @@ class KVAEConfig:
     init_cov: float = 20.0  # Cov(z_1) = init_cov * I (fixed)
     init_obs_scale: float = 0.05  # C^(k) ~ init_obs_scale * N(0, 1); A^(k) start at I
     encoder_var_cap: float = 0.03  # Var q(a_t | x_t) = cap * sigmoid(.): never above R
-    encoder_init_var: Optional[float] = None  # Var q(a_t | x_t) at initialisation; None: cap / 2 (original)
     recon_weight: float = 0.3  # weight of log p(x | a) in training (1 in evaluation)
     encoder_filters: int = 32  # images: conv layers of 3x3, stride 2
     encoder_layers: int = 3
@@ -68,23 +67,18 @@ class KVAEConfig:
         for name in ("obs_noise", "trans_noise", "init_cov", "encoder_var_cap"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.encoder_init_var is not None and not 0 < self.encoder_init_var < self.encoder_var_cap:
-            raise ValueError(f"encoder_init_var: expected in (0, encoder_var_cap = {self.encoder_var_cap}), got {self.encoder_init_var}")
 
 
 # ------------------------------------------------------------------------------------------ networks
 class CappedGaussianHead(nn.Module):
     """Mean and standard deviation of q(a_t | x_t) from frame features ``(frames, features)``: dense
-    layers to the mean and to the variance ``cap * sigmoid(.)`` (never above R). With
-    ``config.encoder_init_var`` set, the variance layer's bias starts at ``logit(init_var / cap)``."""
+    layers to the mean and to the variance ``cap * sigmoid(.)`` (never above R)."""
 
     def __init__(self, features: int, config: KVAEConfig):
         super().__init__()
         self.loc = nn.Linear(features, config.a_dim)
         self.var = nn.Linear(features, config.a_dim)
         self.cap = config.encoder_var_cap
-        if config.encoder_init_var is not None:
-            nn.init.constant_(self.var.bias, float(torch.logit(torch.tensor(config.encoder_init_var / self.cap))))
 
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
@@ -128,6 +122,11 @@ class ConvFrameDecoder(nn.Module):
         self.body = nn.Sequential(*blocks)
         self.out = nn.Conv2d(channels, c, 1)
 
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The dense layer that reads a."""
+        return self.dense
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.dense(a)).reshape((-1,) + self.start)  # (frames, start_channels, h, w)
         return self.out(self.body(h))  # (frames, C, H, W) logits
@@ -151,6 +150,11 @@ class MLPFrameDecoder(nn.Module):
     def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
         super().__init__()
         self.net = mlp([config.a_dim, *config.mlp_hidden[::-1], frame_shape[0]])
+
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The dense layer that reads a."""
+        return self.net[0]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.net(a)

@@ -24,6 +24,7 @@ from dataclasses import fields, replace  # noqa: E402
 
 from inference.hrssm_experiment import HRSSM_TRAIN_DEFAULTS, train_hrssm  # noqa: E402
 from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS, LSTM_FROZEN_EPOCHS, train_kvae  # noqa: E402
+from inference.kvae_warmstart import WarmStartConfig  # noqa: E402
 from inference.schedules import KL_SCHEDULES, FreeBitsConfig  # noqa: E402
 from inference.trainer import TrainConfig, TrainingDiverged  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
@@ -44,6 +45,7 @@ def int_tuple(text: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     vae_defaults, kvae_defaults, hrssm_defaults, fb = VAEConfig(), KVAEConfig(), HRSSMConfig(), FreeBitsConfig()
+    warm_defaults = WarmStartConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=MODELS)
     data = p.add_argument_group("data")
@@ -69,10 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--num-bases", type=int, default=kvae_defaults.num_bases, help="kvae: K")
     model.add_argument("--decoder-channels", type=int, default=kvae_defaults.decoder_channels, help="kvae: sub-pixel block width")
     model.add_argument("--recon-weight", type=float, default=kvae_defaults.recon_weight, help="kvae: training weight of log p(x|a)")
-    model.add_argument("--encoder-init-var", type=float, default=kvae_defaults.encoder_init_var,
-                       help="kvae: Var q(a_t|x_t) at initialisation (unset: half the cap, the original)")
     model.add_argument("--lstm-frozen-epochs", type=int, default=LSTM_FROZEN_EPOCHS, help="kvae")
     model.add_argument("--kl-warmup-epochs", type=int, default=0, help="kvae: scale the KL by min(1, epoch / N) (0: off, the recipe)")
+    model.add_argument("--warm-start-steps", type=int, default=warm_defaults.autoencoder_steps,
+                       help="kvae: autoencoder steps of the warm start against collapse (0: no warm start, the original recipe)")
+    model.add_argument("--dynamics-fit-steps", type=int, default=warm_defaults.dynamics_steps,
+                       help="kvae: warm start, steps fitting the LGSSM to the codes")
     model.add_argument("--no-boundaries", action="store_true", help="hrssm: every step UPDATE (the RSSM baseline)")
     model.add_argument("--belief-size", type=int, default=hrssm_defaults.abstract_belief_size, help="hrssm: c_t, h_t and feature widths")
     model.add_argument("--state-size", type=int, default=hrssm_defaults.abstract_state_size, help="hrssm: z_t and s_t sizes")
@@ -139,13 +143,20 @@ def run_hrssm(args: argparse.Namespace, config: TrainConfig):
     return train_hrssm(data, hrssm_config, config, args.out, args.resume, {"data_args": data_args})
 
 
+def warm_start_config(args: argparse.Namespace, config: TrainConfig):
+    """The KVAE warm start of the flags (None with --warm-start-steps 0), on the run's batch size and seed."""
+    if args.warm_start_steps == 0:
+        return None
+    return WarmStartConfig(autoencoder_steps=args.warm_start_steps, dynamics_steps=args.dynamics_fit_steps,
+                           batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+
+
 def run_kvae(args: argparse.Namespace, config: TrainConfig):
     kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
-                             decoder_channels=args.decoder_channels, recon_weight=args.recon_weight,
-                             encoder_init_var=args.encoder_init_var)
+                             decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
     data, data_args = sequence_data(args)
     return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args},
-                      kl_warmup_epochs=args.kl_warmup_epochs)
+                      kl_warmup_epochs=args.kl_warmup_epochs, warm=warm_start_config(args, config))
 
 
 def main(argv=None) -> int:

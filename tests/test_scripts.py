@@ -47,7 +47,8 @@ def test_train_script_npz_and_errors(tmp_path):
 def test_kvae_demo_train_and_impute_scripts(tmp_path):
     # The demo trains a KVAE and runs scripts/impute.py (random masks) on its run directory.
     result = run("scripts/demo.py", "--out", str(tmp_path / "demo"), "--epochs", "1", "--num-sequences", "12",
-                 "--decoder-channels", "8", "--num-impute", "3", "--cache-dir", str(tmp_path / "cache"))
+                 "--decoder-channels", "8", "--num-impute", "3", "--warm-start-steps", "2", "--dynamics-fit-steps", "2",
+                 "--cache-dir", str(tmp_path / "cache"))
     assert "smoothing" in result.stdout
     (run_dir,) = os.listdir(tmp_path / "demo")
     run_dir = tmp_path / "demo" / run_dir
@@ -60,7 +61,10 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
     assert "consecutive 15" in result.stdout
     out = str(tmp_path / "kvae")
     run("scripts/train.py", "kvae", "--num-sequences", "10", "--num-steps", "6", "--decoder-channels", "8", "--epochs", "1",
-        "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out)
+        "--batch-size", "5", "--warm-start-steps", "2", "--dynamics-fit-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--no-progress", "--out", out)
+    warm = json.load(open(os.path.join(out, "warm_start.json")))
+    assert len(warm["code_std"]) == 2 and json.load(open(os.path.join(out, "config.json")))["warm_start"]["autoencoder_steps"] == 2
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert 0 <= metrics["recon_error"] <= 1 and 0 <= metrics["impute_smooth"] <= 1
     bad = run("scripts/train.py", "kvae", "--data", "shapes", "--out", str(tmp_path / "bad"), ok=False)

@@ -1,0 +1,135 @@
+"""A warm start for Kalman VAE training, against posterior collapse. Not part of the original recipe.
+
+Why: trained from scratch with the recipe, the KVAE on bouncing balls often collapses (the decoder draws
+the walls and ignores a; ``docs/kvae.md`` has the runs). Two measured causes:
+
+* a 2-d autoencoder on these frames has a plateau of about 150-200 Adam steps before the decoder uses
+  its code at all (the ball is 28 of 1,024 pixels), and during it any KL pressure shrinks the code;
+* the Kalman prior at initialisation (A = I, C ~ 0.05 N(0, 1)) expects a to stand still, so a code that
+  follows the ball costs many nats; even a trained autoencoder's code is crushed within one epoch.
+
+The warm start removes both before the recipe begins, in three stages:
+
+1. **Autoencoder**: the encoder's mean and the decoder are trained as a deterministic autoencoder
+   (a_t = mu(x_t), loss -log p(x_t | a_t) per frame; no prior, no noise) for ``autoencoder_steps`` on
+   batches of ``frames_per_step`` frames drawn from all training frames.
+2. **Standardise**: the encoder's mean layer is rescaled so that the codes have zero mean and unit
+   standard deviation per dimension over the training frames; the decoder's first dense layer absorbs
+   the inverse map, so the decoded frames are unchanged.
+3. **Dynamics**: the LGSSM's bases A^(k), C^(k) and a_0 (the LSTM stays as initialised) are fitted by
+   maximising log p(a) of codes drawn from the guide q(a | x) (detached) for ``dynamics_steps``.
+
+Then training proceeds with the recipe (ELBO, LSTM freeze, learning-rate decay) from these weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
+
+
+@dataclass
+class WarmStartConfig:
+    """Lengths and optimiser of the warm start (stages in the module docstring)."""
+
+    autoencoder_steps: int = 1000  # stage 1; the plateau on bouncing balls lasts ~150-300 steps
+    frames_per_step: int = 160  # stage 1 batch: frames drawn from all training frames
+    dynamics_steps: int = 300  # stage 3
+    batch_size: int = 32  # stage 3 batch: sequences
+    lr: float = 0.007  # Adam, both stages (the recipe's initial rate)
+    seed: int = 0  # order of the batches
+
+    def __post_init__(self):
+        for name in ("autoencoder_steps", "dynamics_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.frames_per_step < 1 or not self.lr > 0:
+            raise ValueError(f"batch_size, frames_per_step, lr: expected >= 1, >= 1 and > 0, "
+                             f"got {self.batch_size}, {self.frames_per_step}, {self.lr}")
+
+
+class WarmStartResult(NamedTuple):
+    """Final losses (per frame) of the autoencoder and dynamics stages, and the codes' mean and
+    standard deviation before standardising, each ``(a_dim,)``."""
+
+    autoencoder_loss: float
+    dynamics_loss: float
+    code_mean: torch.Tensor
+    code_std: torch.Tensor
+
+
+def _batches(num: int, size: int, steps: int, seed: int, desc: str, progress: bool):
+    """``steps`` index batches of ``min(size, num)`` draws from range(num), with a tqdm bar."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        yield torch.randint(num, (min(size, num),), generator=generator)
+
+
+def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
+                         progress: bool = False) -> float:
+    """Stage 1 on ``train (N, T, *frame_shape)``: returns the last loss, nats per frame."""
+    encoder, decoder = guide.encoder, model.decoder
+    optimiser = torch.optim.Adam([*encoder.body.parameters(), *encoder.head.loc.parameters(), *decoder.parameters()], lr=config.lr)
+    all_frames = train.reshape((-1,) + train.shape[2:])  # (N * T, *frame_shape)
+    loss = torch.tensor(float("nan"))
+    batches = _batches(len(all_frames), config.frames_per_step, config.autoencoder_steps, config.seed, "warm start: autoencoder", progress)
+    for index in batches:
+        frames = all_frames[index]  # (frames_per_step, *frame_shape)
+        loc, _ = encoder(frames)
+        logits = decoder(loc)
+        loss = F.binary_cross_entropy_with_logits(logits, frames, reduction="sum") / frames.shape[0]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def standardise_codes(model: KVAE, guide: KVAEGuide, train: torch.Tensor, chunk: int = 256):
+    """Stage 2: codes of ``train (N, T, *frame_shape)`` to zero mean and unit std per dimension; the
+    decoder's first layer absorbs the inverse map. Returns the old mean and std ``(a_dim,)``."""
+    head, dense = guide.encoder.head, model.decoder.input_layer
+    codes = torch.cat([guide.posterior(train[i : i + chunk]).mean.reshape(-1, head.loc.out_features)
+                       for i in range(0, len(train), chunk)])  # (N * T, a_dim)
+    mean, std = codes.mean(0), codes.std(0).clamp_min(torch.finfo(codes.dtype).eps)
+    head.loc.weight.div_(std.unsqueeze(-1))
+    head.loc.bias.sub_(mean).div_(std)
+    dense.bias.add_(dense.weight @ mean)
+    dense.weight.mul_(std)
+    return mean, std
+
+
+def fit_dynamics(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
+                 progress: bool = False) -> float:
+    """Stage 3: maximise log p(a) over A^(k), C^(k), a_0 for a ~ q(a | x) (detached), x from
+    ``train (N, T, *frame_shape)``. Returns the last loss, nats per frame."""
+    dynamics = model.dynamics
+    optimiser = torch.optim.Adam([dynamics.trans_bases, dynamics.obs_bases, dynamics.a0], lr=config.lr)
+    loss = torch.tensor(float("nan"))
+    for index in _batches(len(train), config.batch_size, config.dynamics_steps, config.seed, "warm start: dynamics", progress):
+        with torch.no_grad():
+            a = guide.posterior(train[index]).sample()  # (batch, T, a_dim)
+        prior = KalmanPrior(dynamics, a.shape[:1], a.shape[1], a.shape[2])
+        loss = -prior.log_prob(a).mean() / a.shape[1]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return float(loss.detach())
+
+
+def warm_start(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
+               progress: bool = False) -> WarmStartResult:
+    """The three stages on ``train (N, T, *frame_shape)`` (on the modules' device), in training mode."""
+    if train.dim() != len(model.frame_shape) + 2 or tuple(train.shape[2:]) != model.frame_shape:
+        raise ValueError(f"train: expected shape (N, T, {', '.join(map(str, model.frame_shape))}), got {tuple(train.shape)}")
+    train = train.to(next(model.parameters()).device)
+    model.train(), guide.train()
+    autoencoder_loss = pretrain_autoencoder(model, guide, train, config, progress)
+    mean, std = standardise_codes(model, guide, train)
+    dynamics_loss = fit_dynamics(model, guide, train, config, progress)
+    return WarmStartResult(autoencoder_loss, dynamics_loss, mean.cpu(), std.cpu())

@@ -1,0 +1,83 @@
+"""The KVAE warm start: each stage does what it claims, measured against the state before it."""
+import pytest
+import torch
+
+from inference.kvae_warmstart import WarmStartConfig, fit_dynamics, pretrain_autoencoder, standardise_codes, warm_start
+from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae
+
+SMALL = dict(lstm_hidden=8, decoder_channels=8, decoder_start_channels=4, encoder_filters=4, mlp_hidden=(16,))
+FRAME_SHAPES = [(1, 8, 8), (6,)]
+
+
+def frames(shape, n=12, steps=5):
+    """Binary sequences ``(n, steps, *shape)`` with structure: a bright unit moving one step per frame."""
+    size = int(torch.Size(shape).numel())
+    start = torch.randint(size, (n, 1))
+    position = (start + torch.arange(steps)) % size  # (n, steps)
+    x = torch.nn.functional.one_hot(position, size).float()  # (n, steps, size)
+    return x.reshape(n, steps, *shape)
+
+
+def build(shape):
+    blocks = dict(decoder_blocks=2) if len(shape) == 3 else {}
+    return build_kvae(shape, KVAEConfig(**SMALL, **blocks))
+
+
+@pytest.mark.parametrize("shape", FRAME_SHAPES)
+def test_standardise_codes_keeps_the_decoded_frames(shape):
+    model, guide = build(shape)
+    x = frames(shape)
+    with torch.no_grad():
+        guide.encoder.head.loc.bias.add_(3.0)  # codes off-centre, so the test can fail
+        before = model.frame_logits(guide.posterior(x).mean)
+    mean, std = standardise_codes(model, guide, x, chunk=5)
+    assert mean.shape == std.shape == (2,) and (mean.abs() > 1).all()
+    with torch.no_grad():
+        codes = guide.posterior(x).mean.reshape(-1, 2)
+        after = model.frame_logits(guide.posterior(x).mean)
+    # float32: the codes' spread at initialisation is ~1e-3, so rescaling amplifies rounding ~1000x
+    assert torch.allclose(codes.mean(0), torch.zeros(2), atol=1e-3)
+    assert torch.allclose(codes.std(0), torch.ones(2), atol=1e-3)
+    assert torch.allclose(before, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", FRAME_SHAPES)
+def test_autoencoder_stage_lowers_the_loss_and_touches_only_encoder_mean_and_decoder(shape):
+    model, guide = build(shape)
+    x = frames(shape, n=16)
+    untouched = [p.detach().clone() for p in (*guide.encoder.head.var.parameters(), *model.dynamics.parameters())]
+    config = WarmStartConfig(autoencoder_steps=1, frames_per_step=80, lr=0.01)
+    first = pretrain_autoencoder(model, guide, x, config)
+    last = pretrain_autoencoder(model, guide, x, WarmStartConfig(autoencoder_steps=60, frames_per_step=80, lr=0.01))
+    assert last < 0.8 * first
+    after = [*guide.encoder.head.var.parameters(), *model.dynamics.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(untouched, after))
+
+
+def test_dynamics_stage_raises_log_p_of_the_codes():
+    model, guide = build((6,))
+    x = frames((6,), n=16)
+    standardise_codes(model, guide, x)
+    lstm = [p.detach().clone() for p in model.dynamics.lstm.parameters()]
+
+    def log_p():
+        with torch.no_grad():
+            a = guide.posterior(x).mean
+            return float(KalmanPrior(model.dynamics, (16,), 5, 2).log_prob(a).mean())
+
+    before = log_p()
+    fit_dynamics(model, guide, x, WarmStartConfig(dynamics_steps=40, batch_size=16, lr=0.02))
+    assert log_p() > before + 1.0
+    assert all(torch.equal(a, b) for a, b in zip(lstm, model.dynamics.lstm.parameters()))
+
+
+def test_warm_start_result_and_bad_input():
+    model, guide = build((6,))
+    result = warm_start(model, guide, frames((6,)), WarmStartConfig(autoencoder_steps=3, dynamics_steps=3, batch_size=4))
+    assert result.code_mean.shape == result.code_std.shape == (2,)
+    assert torch.isfinite(torch.tensor([result.autoencoder_loss, result.dynamics_loss])).all()
+    with pytest.raises(ValueError, match="train: expected shape"):
+        warm_start(model, guide, torch.rand(4, 5, 7), WarmStartConfig())
+    for bad, match in [(dict(autoencoder_steps=-1), "autoencoder_steps"), (dict(batch_size=0), "batch_size"), (dict(frames_per_step=0), "frames_per_step")]:
+        with pytest.raises(ValueError, match=match):
+            WarmStartConfig(**bad)

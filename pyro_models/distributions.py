@@ -176,3 +176,60 @@ def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:
     if isinstance(fn, dist.Normal):
         return dist.Normal(to_site(fn.loc), to_site(fn.scale), validate_args=False)
     raise TypeError(f"observe_pixels: no pixel layout for {type(fn).__name__}")
+
+
+class _HardStraightThrough(torch.autograd.Function):
+    """0/1 in the forward pass, the identity's gradient backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class LogitRelaxedBernoulliStraightThrough(dist.TorchDistribution):
+    """A relaxed Bernoulli (binary Concrete, Maddison et al. 2017) with hard 0/1 samples, a
+    straight-through gradient through sigmoid(y), and densities in *logit space*.
+
+    ``rsample`` draws y = (logits + L) / temperature, L ~ Logistic(0, 1), and returns
+    ``hard = 1[y > 0]`` with the gradient of sigmoid(y); the hard tensor remembers y. ``log_prob`` scores
+    that y under Logistic(logits / temperature, 1 / temperature). Pyro's
+    ``RelaxedBernoulliStraightThrough`` scores sigmoid(y) instead, clamped to [eps, 1 - eps]; below a
+    temperature of ~0.3 many samples hit the clamp and a one-sample KL log q - log p is biased (0.75 nats
+    instead of 1.32 at temperature 0.1 for logits 2 vs -1). Here q and p of the same y differ by an
+    exact log-ratio whose expectation is the KL, the same at every temperature. Pass the tensor returned
+    by ``rsample`` to the site untouched (any operation on it drops the remembered y).
+
+    ``temperature`` and ``logits`` broadcast to the batch shape; the event shape is ``()``.
+    """
+
+    arg_constraints = {"temperature": constraints.positive, "logits": constraints.real}
+    support = constraints.boolean
+    has_rsample = True
+
+    def __init__(self, temperature: torch.Tensor, logits: torch.Tensor, validate_args=None):
+        self.temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        self.logits = logits
+        batch_shape = torch.broadcast_shapes(self.temperature.shape, logits.shape)
+        self._logistic = dist.Logistic(logits / self.temperature, 1 / self.temperature).expand(batch_shape)
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return LogitRelaxedBernoulliStraightThrough(self.temperature, self.logits.expand(shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        y = self._logistic.rsample(sample_shape)  # the relaxed logit
+        hard = _HardStraightThrough.apply(torch.sigmoid(y))
+        hard._relaxed_logit = y
+        return hard
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        y = getattr(value, "_relaxed_logit", None)
+        if y is None:
+            raise ValueError("LogitRelaxedBernoulliStraightThrough.log_prob: value must be the tensor returned by rsample "
+                             "(it carries the relaxed logit); got a tensor without it")
+        return self._logistic.log_prob(y)

@@ -34,7 +34,7 @@ Inference (paper: "Learning and inference"): q(M, Z, S | X) = q(M | X) q(Z | M, 
 per-frame CNN (or MLP) features e_t shared by the three factors:
 
 * q(m_t | X): a non-causal Conv1d stack over (e_1..e_T) gives one logit per frame; the boundary is drawn
-  from ``RelaxedBernoulliStraightThrough(temperature, logits)`` (hard 0/1 forward, gradient of the relaxed
+  from ``LogitRelaxedBernoulliStraightThrough(temperature, logits)`` (hard 0/1 forward, gradient of the relaxed
   sample backward; the two-class Gumbel-softmax of the official code). Constraints as above.
 * q(z_t | M, X) = N(. | psi^fwd_{t-1}, psi^bwd_t): a forward GRU over e (never reset) and a backward GRU
   reset at segment starts (it sees the current segment only). Used at UPDATE steps only.
@@ -44,7 +44,9 @@ ELBO sites: ``m_t`` (t = 1..T-1), ``z_t``, ``s_t`` (t = 1..T) and the observed `
 ``(T, *frame_shape)``), inside one ``pyro.plate("sequences", batch)``, time under ``pyro.markov``. The
 ``z_t`` site is masked (``poutine.mask``) at COPY steps in model and guide, so COPY adds no KL; with
 ``TraceMeanField_ELBO`` the z and s KLs are analytic, the boundary KL is the one-sample estimate
-``log q(m~_t) - log p(m~_t)`` of the relaxed sample (as the official code). Model and guide share the
+``log q(y_t) - log p(y_t)`` of the relaxed sample's logit y_t (as the official code, which scores the
+log-space sample; Pyro's ``RelaxedBernoulliStraightThrough`` would score the clamped sigmoid(y_t),
+biased below temperature ~0.3). Model and guide share the
 signature ``(x, mask=None)``; ``mask`` is validated but missing frames are not supported yet.
 
 ``boundaries=False`` gives the plain RSSM baseline with the same networks: every step is an UPDATE (no
@@ -65,6 +67,7 @@ from torch import nn
 
 from inference.trainer import Callback, Trainer
 
+from .distributions import LogitRelaxedBernoulliStraightThrough
 from .networks import GaussianHead, mlp, per_frame
 
 # Convolutions of the frame encoder and decoder (official: 4x4, stride 2, padding 1, which halves or
@@ -234,14 +237,14 @@ def sample_boundary(name: str, logits: torch.Tensor, temperature: torch.Tensor, 
                     index: int) -> torch.Tensor:
     """The boundary site ``name`` after frame ``index`` (0-based) and the gate it implies, ``(batch,)``.
 
-    The site is ``RelaxedBernoulliStraightThrough(temperature, logits)``, masked where the constraints
+    The site is ``LogitRelaxedBernoulliStraightThrough(temperature, logits)``, masked where the constraints
     force the boundary (deterministic there in model and guide: no KL). The tensor ``rsample`` returns is
     passed to the site untouched: it carries its relaxed value in a private attribute that ``log_prob``
     reads, and any operation on it would drop it. The gate (forced values filled in) is derived apart.
     """
     force_copy, force_read = counter.forced(index)
     with poutine.mask(mask=~(force_copy | force_read)):
-        m = pyro.sample(name, dist.RelaxedBernoulliStraightThrough(temperature, logits=logits))
+        m = pyro.sample(name, LogitRelaxedBernoulliStraightThrough(temperature, logits))
     read = _resolve(m, force_copy, force_read)
     counter.update(read)
     return read

@@ -6,8 +6,8 @@ frames by Kalman smoothing and filtering, and write the figures.
     python scripts/demo.py --out runs/demo --model vae     # the MLP VAE on generated shapes
 
 Each call makes a fresh run directory ``OUT/<timestamp>`` and prints where its figures are. The demo
-is smaller than the paper's recipe (fewer sequences and epochs, a narrower decoder); see
-``docs/kvae.md`` for the full recipe.
+is smaller than the paper's recipe (fewer sequences and epochs, a narrower decoder) and starts with the
+warm start against posterior collapse (``inference/kvae_warmstart.py``); see ``docs/kvae.md``.
 """
 from __future__ import annotations
 

@@ -98,20 +98,19 @@ class KVAEReport(Callback):
         x = trainer.test_data[: self.num_sequences].to(trainer.device)
         mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
         imputation = kalman_impute(model, guide, x, mask)
-        reconstruction = torch.sigmoid(model.frame_logits(guide.posterior(x).mean))
+        a = guide.posterior(x).mean  # (n, T, a_dim)
+        reconstruction = torch.sigmoid(model.frame_logits(a))
         metrics = {"impute_smooth": hamming_error(x, imputation.smoothed, mask),
                    "impute_filter": hamming_error(x, imputation.filtered, mask),
                    "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
         if run is not None and x.dim() == 5:
-            self._figures(trainer, epoch, x, mask, imputation)
+            self._figures(trainer, epoch, x, mask, imputation, a, reconstruction)
         model.train(), guide.train()
         return metrics
 
-    def _figures(self, trainer, epoch, x, mask, imputation) -> None:
-        model, guide, run = trainer.model, trainer.guide, trainer.run
-        shown = x[: self.num_shown]
-        a = guide.posterior(shown).mean  # (n, T, a_dim)
-        reconstruction = torch.sigmoid(model.frame_logits(a))
+    def _figures(self, trainer, epoch, x, mask, imputation, a, reconstruction) -> None:
+        model, run = trainer.model, trainer.run
+        shown, a = x[: self.num_shown], a[: self.num_shown]
         plots.image_rows([shown[0], reconstruction[0], shown[1], reconstruction[1]],
                          ["data", "reconstruction", "data", "reconstruction"], run.figure_path("reconstructions", epoch),
                          f"epoch {epoch}: two held-out sequences and their reconstructions from E_q[a|x]")

@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
-import json
-import os
-
 import pyro
 import torch
 
@@ -60,8 +57,7 @@ def train_kvae(data, config: KVAEConfig, train_config: TrainConfig, out: Optiona
         model.to(train_config.device), guide.to(train_config.device)
         result = warm_start(model, guide, data.train, warm, progress=train_config.progress)
         if run is not None:
-            with open(os.path.join(run.path, "warm_start.json"), "w") as f:
-                json.dump({k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}, f, indent=2)
+            run.write_json("warm_start.json", {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()})
     callbacks = [FreezeParameters(model.dynamics.lstm.parameters(), lstm_frozen_epochs), KVAEReport(seed=train_config.seed)]
     if kl_warmup_epochs > 0:
         if train_config.jit:

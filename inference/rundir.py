@@ -59,7 +59,7 @@ class RunDir:
         os.makedirs(self.figures, exist_ok=True)
         if resume:
             self._check_same_config(config)
-        self._write_json(CONFIG, config)
+        self.write_json(CONFIG, config)
 
     @property
     def checkpoint_path(self) -> str:
@@ -79,7 +79,7 @@ class RunDir:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
             raise ValueError(f"--resume: the config differs from the stored run ({details})")
 
-    def _write_json(self, name: str, payload: Dict[str, Any]) -> None:
+    def write_json(self, name: str, payload: Dict[str, Any]) -> None:
         text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         atomic_write_bytes(os.path.join(self.path, name), lambda f: f.write(text))
 

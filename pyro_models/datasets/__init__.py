@@ -21,6 +21,7 @@ from .sequences import (
     SequenceData,
     check_events,
     check_sequences,
+    check_unit_interval,
     generate_sequences,
     load_mnist_rows,
     load_sequence_data,
@@ -54,12 +55,7 @@ def check_images(images, argument: str = "images") -> torch.Tensor:
         raise ValueError(
             f"{argument}: expected shape (N, H, W) or (N, C, H, W) with N > 0, got {tuple(images.shape)}"
         )
-    if not torch.isfinite(images).all():
-        count = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{argument}: {count} values are NaN or infinite; images must be finite")
-    low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"{argument}: values must lie in [0, 1], got min {low:.4g}, max {high:.4g}")
+    check_unit_interval(images, argument, "images")
     return images
 
 

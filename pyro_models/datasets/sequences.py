@@ -62,6 +62,17 @@ def _to_layout(sequences: torch.Tensor, argument: str) -> torch.Tensor:
     raise ValueError(f"{argument}: expected shape {_LAYOUTS}, got {shape} ({sequences.dim()}-d)")
 
 
+def check_unit_interval(values: torch.Tensor, argument: str, what: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless every value is finite and in [0, 1] (``what``:
+    the noun in the message, e.g. "images")."""
+    if not torch.isfinite(values).all():
+        count = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{argument}: {count} values are NaN or infinite; {what} must be finite")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{argument}: values must lie in [0, 1], got min {low:.4g}, max {high:.4g}")
+
+
 def check_sequences(array, argument: str = "sequences") -> torch.Tensor:
     """Validate sequences and return them as contiguous float32 ``(N, T, D)`` or ``(N, T, C, H, W)``.
 
@@ -74,12 +85,7 @@ def check_sequences(array, argument: str = "sequences") -> torch.Tensor:
         raise ValueError(
             f"{argument}: every axis must be non-empty (N >= 1, T >= 1), got {tuple(sequences.shape)}"
         )
-    if not torch.isfinite(sequences).all():
-        count = int((~torch.isfinite(sequences)).sum())
-        raise ValueError(f"{argument}: {count} values are NaN or infinite; sequences must be finite")
-    low, high = float(sequences.min()), float(sequences.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"{argument}: values must lie in [0, 1], got min {low:.4g}, max {high:.4g}")
+    check_unit_interval(sequences, argument, "sequences")
     return sequences.contiguous()
 
 

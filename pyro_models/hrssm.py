@@ -105,6 +105,9 @@ class HRSSMConfig:
     kl_weight_abstract: float = 1.0  # weights of the z, s and m KL terms in training (official: all 1)
     kl_weight_observation: float = 1.0
     kl_weight_boundary: float = 1.0
+    # True: the z-KL of an UPDATE step is scaled by the straight-through gate (1 forward, so the ELBO's
+    # value is unchanged; backward, q(M | X) sees what the UPDATE costs). False: detached (official).
+    straight_through_update_kl: bool = False
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
 
     def __post_init__(self):
@@ -248,6 +251,21 @@ def sample_boundary(name: str, logits: torch.Tensor, temperature: torch.Tensor, 
     read = _resolve(m, force_copy, force_read)
     counter.update(read)
     return read
+
+
+def update_site(read: torch.Tensor, straight_through: bool):
+    """The context of a ``z_t`` site: masked to UPDATE steps (``read (batch,)`` > 0.5; a COPY adds no
+    z-KL). With ``straight_through``, also scaled there by ``read`` itself, the hard gate: 1 in the
+    forward pass, so the ELBO's value is unchanged, while the KL's gradient reaches the boundary logits
+    through the straight-through sample as the gated terms' gradients do. The official code multiplies
+    this KL by the detached gate (``straight_through=False``), so q(M | X) never sees what an UPDATE
+    costs in z."""
+    update = read.detach() > BINARY_THRESHOLD
+    stack = contextlib.ExitStack()
+    stack.enter_context(poutine.mask(mask=update))
+    if straight_through and read.requires_grad:
+        stack.enter_context(poutine.scale(scale=torch.where(update, read, torch.ones_like(read))))
+    return stack
 
 
 def apply_constraints(raw: torch.Tensor, config: HRSSMConfig) -> torch.Tensor:
@@ -613,7 +631,7 @@ class HRSSM(_KLScaled, nn.Module):
             if t > 0:  # UPDATE: new belief; COPY: keep it
                 c = gate * self.abstract.belief(z, c) + (1.0 - gate) * c
             loc, scale = self.abstract(c)
-            with self._kl_scale(cfg.kl_weight_abstract), poutine.mask(mask=read.detach() > BINARY_THRESHOLD):
+            with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.straight_through_update_kl):
                 z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
             z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z  # COPY: exactly z_{t-1}
             a = self.observation.init(c, z)
@@ -687,7 +705,7 @@ class HRSSMGuide(_KLScaled, nn.Module):
                 read = starts[:, t]
                 gate = read.unsqueeze(-1)
                 loc, scale = self.abstract_posterior(psi[:, t])
-                with self._kl_scale(cfg.kl_weight_abstract), poutine.mask(mask=read.detach() > BINARY_THRESHOLD):
+                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.straight_through_update_kl):
                     z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z
                 loc, scale = self.observation_posterior(phi[:, t], z)
@@ -805,4 +823,5 @@ __all__ = [
     "jumpy_rollout",
     "posterior_boundaries",
     "sample_boundary",
+    "update_site",
 ]

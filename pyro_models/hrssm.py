@@ -47,7 +47,9 @@ ELBO sites: ``m_t`` (t = 1..T-1), ``z_t``, ``s_t`` (t = 1..T) and the observed `
 ``log q(y_t) - log p(y_t)`` of the relaxed sample's logit y_t (as the official code, which scores the
 log-space sample; Pyro's ``RelaxedBernoulliStraightThrough`` would score the clamped sigmoid(y_t),
 biased below temperature ~0.3). Model and guide share the
-signature ``(x, mask=None)``; ``mask`` is validated but missing frames are not supported yet.
+signature ``(x, mask=None)``. ``mask (batch, T)`` bool marks observed frames: a missing frame adds no
+likelihood term (model) and is read as the feature e_t = 0 by every posterior factor (guide), so its
+content is never seen; :func:`impute_frames` draws it from the posterior predictive.
 
 ``boundaries=False`` gives the plain RSSM baseline with the same networks: every step is an UPDATE (no
 boundary sites, no boundary networks, no observation-level GRU).
@@ -541,8 +543,7 @@ class ObservationPosterior(nn.Module):
 def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...],
                 config: HRSSMConfig) -> None:
     """Raise ``ValueError`` unless ``x`` is a float ``(batch, T, *frame_shape)`` with batch, T >= 1 and T
-    within what the constraints can segment, and ``mask`` (if given) ``(batch, T)``; raise
-    ``NotImplementedError`` for a mask with missing frames."""
+    within what the constraints can segment, and ``mask`` (if given) a bool ``(batch, T)``."""
     expected = f"(batch, T, {', '.join(map(str, frame_shape))})"
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a tensor of shape {expected}, got {type(x).__name__}")
@@ -560,8 +561,8 @@ def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tupl
         if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(x.shape[:2]):
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {shape}")
-        if not bool(mask.bool().all()):
-            raise NotImplementedError("mask: the HRSSM does not handle missing frames yet; pass mask=None or all True")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected a bool tensor (True: frame observed), got {mask.dtype}")
 
 
 def _frame_network(kind: str, frame_shape: Tuple[int, ...], config: HRSSMConfig) -> nn.Module:
@@ -612,9 +613,11 @@ class HRSSM(_KLScaled, nn.Module):
         """E[x_t | s_t] ``(batch, T, *frame_shape)`` for state features ``f (batch, T, F)``."""
         return torch.sigmoid(per_frame(self.decoder, f, 1))
 
-    def observation_dist(self, f: torch.Tensor) -> dist.Distribution:
-        """p(x | S): batch ``(batch,)``, event ``(T, *frame_shape)``."""
-        return dist.Normal(self.frame_mean(f), self.config.obs_scale).to_event(len(self.frame_shape) + 1)
+    def observation_dist(self, f: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dist.Distribution:
+        """p(x | S): batch ``(batch,)``, event ``(T, *frame_shape)``; frames where ``mask (batch, T)`` is
+        False add nothing to the log density."""
+        frames = dist.Normal(self.frame_mean(f), self.config.obs_scale).to_event(len(self.frame_shape))  # batch (batch, T)
+        return (frames if mask is None else frames.mask(mask)).to_event(1)
 
     def latents(self, batch_size: int, num_steps: int, like: torch.Tensor) -> HRSSMStates:
         """The latent process: sites ``z_t``, ``s_t`` (t = 1..T) and ``m_t`` (t < T) in time order, under
@@ -655,7 +658,7 @@ class HRSSM(_KLScaled, nn.Module):
         batch, steps = x.shape[:2]
         with pyro.plate("sequences", batch):
             states = self.latents(batch, steps, x)
-            pyro.sample("x", self.observation_dist(states.f), obs=x)
+            pyro.sample("x", self.observation_dist(states.f, mask), obs=x)
         return states
 
 
@@ -671,22 +674,24 @@ class HRSSMGuide(_KLScaled, nn.Module):
         self.abstract_posterior = AbstractPosterior(config)
         self.observation_posterior = ObservationPosterior(config)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)``."""
-        return per_frame(self.encoder, x, len(self.frame_shape))
+    def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)``; 0 at frames where
+        ``mask (batch, T)`` is False (missing)."""
+        e = per_frame(self.encoder, x, len(self.frame_shape))
+        return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
 
-    def boundary_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def boundary_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``(batch, T)`` of q(frame t starts a segment | X) before the constraints (column 0 unused)."""
         if self.boundary_posterior is None:
             raise ValueError("boundary_logits: this guide was built with boundaries=False")
-        return self.boundary_posterior(self.features(x))
+        return self.boundary_posterior(self.features(x, mask))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, mask, self.frame_shape, self.config)
         pyro.module("hrssm_guide", self)
         cfg = self.config
         batch, steps = x.shape[:2]
-        e = self.features(x)
+        e = self.features(x, mask)
         with pyro.plate("sequences", batch):
             starts = [x.new_ones(batch)]
             if self.boundary_posterior is not None and steps > 1:
@@ -805,11 +810,46 @@ def jumpy_rollout(model: HRSSM, guide: HRSSMGuide, prefix: torch.Tensor, num_seg
         return model.frame_mean(torch.stack(features, dim=1))
 
 
+class FrameImputation(NamedTuple):
+    """Posterior-predictive imputation of missing frames: ``imputed (batch, T, *frame_shape)`` (observed
+    frames kept, missing ones the mean of the draws), ``samples (num_samples, batch, T, *frame_shape)``
+    (frame means E[x_t | s_t] of each posterior draw, observed frames kept) and ``error``, the mean
+    squared error of ``imputed`` on the missing frames (0.0 when none is missing)."""
+
+    imputed: torch.Tensor
+    samples: torch.Tensor
+    error: float
+
+
+@torch.no_grad()
+def impute_frames(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, mask: torch.Tensor,
+                  num_samples: int = 16) -> FrameImputation:
+    """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False: draw
+    (M, Z, S) from the guide given the observed frames only, run the model on that draw and decode
+    E[x_t | s_t], ``num_samples`` times. The content of missing frames is never read. Eval mode."""
+    check_input(x, mask, model.frame_shape, model.config)
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    keep = mask.reshape(mask.shape + (1,) * len(model.frame_shape))  # (batch, T, 1, ...)
+    draws = []
+    with _eval_mode(model, guide):
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(guide).get_trace(x, mask)
+            states = poutine.replay(model, trace=guide_trace)(x, mask)
+            draws.append(torch.where(keep, x, model.frame_mean(states.f)))
+    samples = torch.stack(draws)
+    imputed = samples.mean(0)
+    missing = ~keep.expand_as(x)
+    error = float(((imputed - x)[missing] ** 2).mean()) if missing.any() else 0.0
+    return FrameImputation(imputed, samples, error)
+
+
 __all__ = [
     "HRSSM",
     "HRSSMConfig",
     "HRSSMGuide",
     "HRSSMStates",
+    "FrameImputation",
     "BoundaryTemperature",
     "Segmentation",
     "SegmentCounter",
@@ -820,6 +860,7 @@ __all__ = [
     "build_hrssm",
     "check_input",
     "generate",
+    "impute_frames",
     "jumpy_rollout",
     "posterior_boundaries",
     "sample_boundary",

@@ -20,6 +20,7 @@ from pyro_models.hrssm import (
     boundaries_from_trace,
     build_hrssm,
     generate,
+    impute_frames,
     jumpy_rollout,
     posterior_boundaries,
     start_probabilities,
@@ -237,6 +238,44 @@ def test_straight_through_update_kl_changes_gradients_only():
     assert torch.allclose(grad_on - grad_off, expected, atol=1e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------------- missing frames
+@pytest.mark.parametrize("frame_shape", [IMAGE, VECTOR])
+def test_missing_frames_are_never_read(frame_shape):
+    """The ELBO of a draw does not depend on the content of missing frames (neither the likelihood nor
+    any posterior factor reads them), and does on that of observed ones."""
+    model, guide = build_hrssm(frame_shape, tiny())
+    model.eval(), guide.eval()  # batch norm on running statistics: frames do not mix through batch stats
+    x = torch.rand(3, 5, *frame_shape)
+    mask = torch.tensor([[True, False, True, True, False], [True] * 5, [False, True, True, False, True]])
+
+    def loss(frames):
+        pyro.set_rng_seed(0)
+        return make_elbo("meanfield").differentiable_loss(model, guide, frames, mask)
+
+    changed = x.clone()
+    changed[~mask] = torch.rand_like(changed[~mask])
+    assert torch.equal(loss(changed), loss(x))  # the same computation exactly, not just close
+    changed[mask] = torch.rand_like(changed[mask])
+    assert not torch.allclose(loss(changed), loss(x))
+
+
+def test_impute_frames_keeps_observed_and_fills_missing():
+    model, guide = build_hrssm(IMAGE, tiny())
+    x = torch.from_numpy(color_balls(3, 6, seed=0)[0])
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[:, 3:5] = False
+    result = impute_frames(model, guide, x, mask, num_samples=4)
+    assert result.samples.shape == (4, *x.shape) and result.imputed.shape == x.shape
+    assert torch.equal(result.imputed[mask], x[mask])
+    assert torch.allclose(result.imputed, result.samples.mean(0))
+    missing = result.imputed[~mask]
+    assert missing.min() > 0 and missing.max() < 1  # decoder means, not copies of the data
+    assert result.error == pytest.approx(float(((missing - x[~mask]) ** 2).mean()))
+    assert model.training and guide.training  # mode restored
+    with pytest.raises(ValueError, match="num_samples: expected >= 1, got 0"):
+        impute_frames(model, guide, x, mask, num_samples=0)
+
+
 # --------------------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("boundaries", [True, False])
 @pytest.mark.parametrize("steps", [2, 5])
@@ -312,9 +351,8 @@ def test_bad_input_is_named():
             program(torch.rand(2, 7, 12))
         with pytest.raises(ValueError, match=r"mask: expected shape \(2, 4\) \(batch, T\), got \(2, 3\)"):
             program(x, torch.ones(2, 3, dtype=torch.bool))
-        with pytest.raises(NotImplementedError, match="mask: .* missing frames"):
-            program(x, torch.tensor([[True, False, True, True]] * 2))
-    guide(x, torch.ones(2, 4, dtype=torch.bool))  # a full mask is accepted
+        with pytest.raises(ValueError, match="mask: expected a bool tensor .* got torch.float32"):
+            program(x, torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"frame_shape: .* got \(4, 4\)"):
         build_hrssm((4, 4), tiny())
     with pytest.raises(ValueError, match=r"multiples of 2\^conv_layers = 8, got 30x30"):

@@ -107,9 +107,10 @@ class HRSSMConfig:
     kl_weight_abstract: float = 1.0  # weights of the z, s and m KL terms in training (official: all 1)
     kl_weight_observation: float = 1.0
     kl_weight_boundary: float = 1.0
-    # True: the z-KL of an UPDATE step is scaled by the straight-through gate (1 forward, so the ELBO's
-    # value is unchanged; backward, q(M | X) sees what the UPDATE costs). False: detached (official).
-    straight_through_update_kl: bool = False
+    # Weight in [0, 1] of the straight-through gradient of an UPDATE step's z-KL: the KL is scaled by
+    # w * gate + (1 - w) * detached gate (= 1 forward, so the ELBO's value is unchanged); backward,
+    # q(M | X) sees w times what the UPDATE costs. 0: detached (official).
+    update_kl_gradient: float = 0.0
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
 
     def __post_init__(self):
@@ -138,6 +139,8 @@ class HRSSMConfig:
         for name in ("obs_scale", "min_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.update_kl_gradient <= 1.0:
+            raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
         for name in ("kl_weight_abstract", "kl_weight_observation", "kl_weight_boundary"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
@@ -255,18 +258,20 @@ def sample_boundary(name: str, logits: torch.Tensor, temperature: torch.Tensor, 
     return read
 
 
-def update_site(read: torch.Tensor, straight_through: bool):
+def update_site(read: torch.Tensor, gradient_weight: float):
     """The context of a ``z_t`` site: masked to UPDATE steps (``read (batch,)`` > 0.5; a COPY adds no
-    z-KL). With ``straight_through``, also scaled there by ``read`` itself, the hard gate: 1 in the
-    forward pass, so the ELBO's value is unchanged, while the KL's gradient reaches the boundary logits
-    through the straight-through sample as the gated terms' gradients do. The official code multiplies
-    this KL by the detached gate (``straight_through=False``), so q(M | X) never sees what an UPDATE
-    costs in z."""
+    z-KL) and, for ``gradient_weight`` w > 0, scaled there by ``w * read + (1 - w) * read.detach()``:
+    1 in the forward pass (``read`` is the hard gate), so the ELBO's value is unchanged, while w times
+    the KL's gradient reaches the boundary logits through the straight-through sample, as the gated
+    terms' gradients do. The official code multiplies this KL by the detached gate (w = 0), so q(M | X)
+    never sees what an UPDATE costs in z. Only UPDATE steps get this gradient (a COPY step's
+    counterfactual KL is not computed), so w > 0 biases q(M | X) towards fewer segments."""
     update = read.detach() > BINARY_THRESHOLD
     stack = contextlib.ExitStack()
     stack.enter_context(poutine.mask(mask=update))
-    if straight_through and read.requires_grad:
-        stack.enter_context(poutine.scale(scale=torch.where(update, read, torch.ones_like(read))))
+    if gradient_weight > 0 and read.requires_grad:
+        gate = gradient_weight * read + (1.0 - gradient_weight) * read.detach()
+        stack.enter_context(poutine.scale(scale=torch.where(update, gate, torch.ones_like(read))))
     return stack
 
 
@@ -634,7 +639,7 @@ class HRSSM(_KLScaled, nn.Module):
             if t > 0:  # UPDATE: new belief; COPY: keep it
                 c = gate * self.abstract.belief(z, c) + (1.0 - gate) * c
             loc, scale = self.abstract(c)
-            with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.straight_through_update_kl):
+            with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient):
                 z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
             z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z  # COPY: exactly z_{t-1}
             a = self.observation.init(c, z)
@@ -710,7 +715,7 @@ class HRSSMGuide(_KLScaled, nn.Module):
                 read = starts[:, t]
                 gate = read.unsqueeze(-1)
                 loc, scale = self.abstract_posterior(psi[:, t])
-                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.straight_through_update_kl):
+                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient):
                     z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z
                 loc, scale = self.observation_posterior(phi[:, t], z)

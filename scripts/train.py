@@ -85,8 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--max-length", type=int, default=hrssm_defaults.max_length, help="hrssm: l_max")
     model.add_argument("--temperature-decay-steps", type=float, default=hrssm_defaults.temperature_decay_steps,
                        help=f"hrssm: the boundary temperature is multiplied by {hrssm_defaults.temperature_decay} every this many steps")
-    model.add_argument("--straight-through-update-kl", action="store_true",
-                       help="hrssm: the z-KL of an UPDATE reaches q(M|X) through the straight-through gate (official: detached)")
+    model.add_argument("--update-kl-gradient", type=float, default=hrssm_defaults.update_kl_gradient,
+                       help="hrssm: weight in [0, 1] of the z-KL gradient of an UPDATE reaching q(M|X) through the "
+                            "straight-through gate (0: detached, official)")
     objective = p.add_argument_group("objective")
     objective.add_argument("--elbo", choices=("trace", "meanfield"))
     objective.add_argument("--num-particles", type=int)
@@ -140,7 +141,7 @@ def run_hrssm(args: argparse.Namespace, config: TrainConfig):
         abstract_state_size=args.state_size, observation_state_size=args.state_size, conv_channels=args.conv_channels,
         max_segments=args.max_segments, max_length=args.max_length, boundaries=not args.no_boundaries,
         temperature_decay_steps=args.temperature_decay_steps,
-        straight_through_update_kl=args.straight_through_update_kl,
+        update_kl_gradient=args.update_kl_gradient,
     )
     data, data_args = sequence_data(args)
     return train_hrssm(data, hrssm_config, config, args.out, args.resume, {"data_args": data_args})

@@ -206,23 +206,24 @@ def test_boundary_encoder_learns_through_the_gates_alone():
     assert all(p.grad is None or (p.grad == 0).all() for p in model.boundary_prior.parameters())
 
 
-def test_straight_through_update_kl_changes_gradients_only():
-    """With ``straight_through_update_kl`` the loss is the same number, and the boundary logits' gradient
-    gains exactly that of sum_t KL_z,t * gate_t over UPDATE steps (KL held fixed; the gate is the
+@pytest.mark.parametrize("weight", [0.4, 1.0])
+def test_update_kl_gradient_changes_gradients_only(weight):
+    """With ``update_kl_gradient`` w the loss is the same number, and the boundary logits' gradient gains
+    exactly w times that of sum_t KL_z,t * gate_t over UPDATE steps (KL held fixed; the gate is the
     straight-through boundary), computed here by hand from the traces."""
     x = torch.rand(5, 6, *VECTOR)
 
-    def loss_and_grad(straight_through):
+    def loss_and_grad(gradient_weight):
         pyro.clear_param_store()
         torch.manual_seed(0)
-        model, guide = build_hrssm(VECTOR, tiny(straight_through_update_kl=straight_through))
+        model, guide = build_hrssm(VECTOR, tiny(update_kl_gradient=gradient_weight))
         pyro.set_rng_seed(1)
         loss = make_elbo("meanfield").differentiable_loss(model, guide, x)
         bias = guide.boundary_posterior.net[-1].bias
         return loss, torch.autograd.grad(loss, bias)[0], (model, guide, bias)
 
-    loss_off, grad_off, _ = loss_and_grad(False)
-    loss_on, grad_on, (model, guide, bias) = loss_and_grad(True)
+    loss_off, grad_off, _ = loss_and_grad(0.0)
+    loss_on, grad_on, (model, guide, bias) = loss_and_grad(weight)
     assert torch.allclose(loss_on, loss_off)
     assert not torch.allclose(grad_on, grad_off)
 
@@ -234,7 +235,7 @@ def test_straight_through_update_kl_changes_gradients_only():
         q, p = guide_trace.nodes[f"z_{t + 1}"]["fn"], model_trace.nodes[f"z_{t + 1}"]["fn"]
         kl = torch.distributions.kl_divergence(q, p).detach()
         surrogate = surrogate + (kl * starts[:, t] * (starts[:, t] > 0.5)).sum()
-    expected = torch.autograd.grad(surrogate, bias)[0]
+    expected = weight * torch.autograd.grad(surrogate, bias)[0]
     assert torch.allclose(grad_on - grad_off, expected, atol=1e-5, rtol=1e-4)
 
 

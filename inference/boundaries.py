@@ -1,30 +1,35 @@
 """Scoring inferred segment boundaries against true event times (Variational Temporal Abstraction,
 Kim et al. 2019, sec. 5: boundaries on the colour-changing balls).
 
-A predicted boundary at frame t (a segment starts at t, t >= 1; frame 0 always starts one and is not
-scored) counts as correct when an unmatched true event lies within ``tolerance`` frames of it. Each
-event matches at most one boundary and each boundary at most one event; pairs are matched closest
-first (one-to-one, so over-segmentation costs precision).
+A predicted boundary at frame t means a segment starts at t (t >= 1; frame 0 always starts one and is
+not scored). Two rules, both within ``tolerance`` frames:
+
+* **window** (the default; the definition of the task and of the VTA evaluation): a predicted boundary
+  is correct when some true event lies within ``tolerance`` frames of it, and an event is recalled
+  when some predicted boundary does. Two boundaries next to one event are both correct.
+* **one-to-one** (``one_to_one=True``, stricter): each event matches at most one boundary and each
+  boundary at most one event, closest pairs first, so over-segmentation costs precision.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 
 
 class BoundaryScores(NamedTuple):
-    precision: float
-    recall: float
+    precision: float  # num_correct / num_predicted
+    recall: float  # num_recalled / num_events
     f1: float
     num_predicted: int
     num_events: int
-    num_matched: int
+    num_correct: int  # predicted boundaries counted correct
+    num_recalled: int  # events counted found (= num_correct under one-to-one matching)
     mean_segments: float  # segments per sequence, frame 0's included
 
 
-def _match(predicted: torch.Tensor, events: torch.Tensor, tolerance: int) -> int:
-    """Matched pairs in one sequence: ``predicted`` and ``events`` are frame indices (1-D)."""
+def _one_to_one(predicted: torch.Tensor, events: torch.Tensor, tolerance: int) -> Tuple[int, int]:
+    """Matched pairs in one sequence (closest first): ``predicted`` and ``events`` are frame indices (1-D)."""
     pairs = sorted(
         (abs(int(p) - int(e)), int(p), int(e)) for p in predicted for e in events if abs(int(p) - int(e)) <= tolerance
     )
@@ -33,24 +38,46 @@ def _match(predicted: torch.Tensor, events: torch.Tensor, tolerance: int) -> int
         if p not in used_p and e not in used_e:
             used_p.add(p), used_e.add(e)
             matched += 1
-    return matched
+    return matched, matched
 
 
-def boundary_scores(starts: torch.Tensor, events: torch.Tensor, tolerance: int = 1) -> BoundaryScores:
+def _window(predicted: torch.Tensor, events: torch.Tensor, tolerance: int) -> Tuple[int, int]:
+    """(correct boundaries, recalled events) in one sequence: each within ``tolerance`` of the other kind."""
+    if predicted.numel() == 0 or events.numel() == 0:
+        return 0, 0
+    near = (predicted[:, None] - events[None, :]).abs() <= tolerance  # (predicted, events)
+    return int(near.any(1).sum()), int(near.any(0).sum())
+
+
+def boundary_scores(starts: torch.Tensor, events: torch.Tensor, tolerance: int = 1,
+                    one_to_one: bool = False) -> BoundaryScores:
     """Precision, recall and F1 of ``starts (N, T)`` (1 where a segment starts) against
-    ``events (N, T)`` (1 where a true event happens), within ``tolerance`` frames."""
+    ``events (N, T)`` (1 where a true event happens), within ``tolerance`` frames, by the window rule or,
+    with ``one_to_one``, by one-to-one matching (see the module docstring)."""
     if starts.shape != events.shape or starts.dim() != 2:
         raise ValueError(f"starts and events: expected equal shapes (N, T), got {tuple(starts.shape)} and {tuple(events.shape)}")
     if tolerance < 0:
         raise ValueError(f"tolerance: expected >= 0, got {tolerance}")
     starts, events = starts.bool(), events.bool()
     predicted, actual = starts[:, 1:], events[:, 1:]  # frame 0 is not a boundary
-    matched = sum(
-        _match(predicted[n].nonzero().flatten() + 1, actual[n].nonzero().flatten() + 1, tolerance) for n in range(starts.shape[0])
-    )
+    count = _one_to_one if one_to_one else _window
+    correct = recalled = 0
+    for n in range(starts.shape[0]):
+        c, r = count(predicted[n].nonzero().flatten() + 1, actual[n].nonzero().flatten() + 1, tolerance)
+        correct, recalled = correct + c, recalled + r
     num_predicted, num_events = int(predicted.sum()), int(actual.sum())
-    precision = matched / num_predicted if num_predicted else 0.0
-    recall = matched / num_events if num_events else 0.0
+    precision = correct / num_predicted if num_predicted else 0.0
+    recall = recalled / num_events if num_events else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     mean_segments = float((predicted.sum(1) + 1).float().mean())
-    return BoundaryScores(precision, recall, f1, num_predicted, num_events, matched, mean_segments)
+    return BoundaryScores(precision, recall, f1, num_predicted, num_events, correct, recalled, mean_segments)
+
+
+def boundary_metrics(starts: torch.Tensor, events: torch.Tensor, tolerance: int = 1) -> Dict[str, float]:
+    """Flat metrics for logs and JSON: ``boundary_precision``, ``boundary_recall``, ``boundary_f1`` (window
+    rule) and the same names ending in ``_one_to_one``; ``starts``, ``events`` as in :func:`boundary_scores`."""
+    metrics: Dict[str, float] = {}
+    for one_to_one, suffix in ((False, ""), (True, "_one_to_one")):
+        scores = boundary_scores(starts, events, tolerance, one_to_one)
+        metrics.update({f"boundary_{name}{suffix}": getattr(scores, name) for name in ("precision", "recall", "f1")})
+    return metrics

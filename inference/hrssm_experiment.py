@@ -13,7 +13,7 @@ from pyro_models.datasets import load_sequence_data
 from pyro_models.hrssm import HRSSMConfig, TemperatureAnnealing, build_hrssm, posterior_boundaries
 
 from . import plots
-from .boundaries import boundary_scores
+from .boundaries import boundary_metrics
 from .rundir import RunDir, config_from_json, load_trained_modules, read_run_config
 from .trainer import Callback, TrainConfig, Trainer
 
@@ -23,9 +23,10 @@ HRSSM_TRAIN_DEFAULTS = TrainConfig(epochs=20, batch_size=16, lr=5e-4, clip_norm=
 
 
 class HRSSMReport(Callback):
-    """Each epoch, on the first held-out sequences: boundary precision / recall / F1 (+-1 frame)
-    against the true events when the data have them, and the mean number of segments (metrics); the
-    frames of two sequences with their inferred boundaries (figure)."""
+    """Each epoch, on the first held-out sequences: boundary precision / recall / F1 (+-1 frame; window
+    rule, and one-to-one as ``*_one_to_one``) against the true events when the data have them, and the
+    mean number of segments (metrics); the frames of two sequences with their inferred boundaries
+    (figure)."""
 
     def __init__(self, test_events: Optional[torch.Tensor], num_sequences: int = 200, tolerance: int = 1):
         self.test_events, self.num_sequences, self.tolerance = test_events, num_sequences, tolerance
@@ -36,8 +37,7 @@ class HRSSMReport(Callback):
         starts = posterior_boundaries(trainer.guide, x).starts.cpu()
         metrics: Dict[str, Any] = {"mean_segments": float(starts.sum(1).mean())}
         if self.test_events is not None:
-            scores = boundary_scores(starts, self.test_events[: x.shape[0]], self.tolerance)
-            metrics.update(boundary_precision=scores.precision, boundary_recall=scores.recall, boundary_f1=scores.f1)
+            metrics.update(boundary_metrics(starts, self.test_events[: x.shape[0]], self.tolerance))
         if trainer.run is not None and x.dim() == 5:
             boundary_figure(trainer.run.figure_path("boundaries", epoch), x, starts, self.test_events,
                             f"epoch {epoch}: frames starting a segment in blue")

@@ -4,7 +4,9 @@
     python scripts/evaluate.py boundaries --run runs/hrssm [--num-test 500] [--tolerance 1]
 
 Prints and writes RUN/boundaries.json: precision / recall / F1 of the inferred segment starts (the
-guide's noise-free boundaries) against the data's true events within +-tolerance frames, the mean
+guide's noise-free boundaries) against the data's true events within +-tolerance frames
+(``boundary_f1``: the window rule of the VTA evaluation, a boundary counts when an event is within
+reach; ``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/boundaries.py), the mean
 number of segments per sequence, and the held-out ELBO (nats per sequence). Draws, under RUN/figures/:
 boundaries_eval.png (frames with the inferred boundaries), boundary_probabilities.png (q(segment start
 at t | X) over time, true events dashed), jumpy.png (a prefix, then one imagined frame per future
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from inference import plots  # noqa: E402
-from inference.boundaries import boundary_scores  # noqa: E402
+from inference.boundaries import boundary_metrics, boundary_scores  # noqa: E402
 from inference.elbo import elbo_terms  # noqa: E402
 from inference.hrssm_experiment import boundary_figure, load_hrssm_run  # noqa: E402
 from pyro_models.hrssm import jumpy_rollout, posterior_boundaries, start_probabilities  # noqa: E402
@@ -36,7 +38,10 @@ def evaluate_boundaries(model, guide, data, num_test: int, tolerance: int, batch
     elbo = sum(float(elbo_terms(model, guide, x[i : i + batch_size]).elbo) for i in range(0, len(x), batch_size)) / len(x)
     result = {"num_test": len(x), "tolerance": tolerance, "test_elbo": elbo, "mean_segments": float(starts.sum(1).mean())}
     if data.test_events is not None:
-        result.update(boundary_scores(starts, data.test_events[:num_test], tolerance)._asdict())
+        events = data.test_events[:num_test]
+        scores = boundary_scores(starts, events, tolerance)
+        result.update(boundary_metrics(starts, events, tolerance), num_predicted=scores.num_predicted,
+                      num_events=scores.num_events)
     return result, starts
 
 

@@ -12,22 +12,33 @@ def row(*frames, steps=10):
     return x
 
 
+@pytest.mark.parametrize("one_to_one", [False, True])
 @pytest.mark.parametrize("tolerance, expected_matched", [(0, 1), (1, 2), (2, 3)])
-def test_tolerance(tolerance, expected_matched):
+def test_tolerance(tolerance, expected_matched, one_to_one):
     starts = torch.stack([row(0, 3, 6, 9)])
     events = torch.stack([row(3, 5, 7)])  # 3 exact, 6 off by one from 5 and 7, 9 off by two from 7
-    scores = boundary_scores(starts, events, tolerance)
-    assert scores.num_matched == expected_matched
-    assert scores.precision == pytest.approx(expected_matched / 3) and scores.recall == pytest.approx(expected_matched / 3)
+    scores = boundary_scores(starts, events, tolerance, one_to_one)
+    if one_to_one or tolerance == 0:  # every boundary has at most one event in reach
+        assert scores.num_correct == scores.num_recalled == expected_matched
+        assert scores.precision == pytest.approx(expected_matched / 3)
+        assert scores.recall == pytest.approx(expected_matched / 3)
+    elif tolerance == 1:  # window: 3 and 6 correct; 6 recalls both 5 and 7
+        assert (scores.num_correct, scores.num_recalled) == (2, 3)
+        assert (scores.precision, scores.recall) == (pytest.approx(2 / 3), 1.0)
+    else:  # window, +-2: 3, 6 and 9 correct (9 reaches 7); every event recalled
+        assert (scores.num_correct, scores.num_recalled) == (3, 3)
 
 
-def test_one_to_one_matching_penalises_over_segmentation():
-    starts = torch.stack([row(0, 4, 5, 6)])
+def test_window_rule_counts_neighbours_one_to_one_does_not():
+    starts = torch.stack([row(0, 4, 5, 6, 9)])
     events = torch.stack([row(5)])
-    scores = boundary_scores(starts, events, tolerance=1)
-    assert (scores.num_matched, scores.precision, scores.recall) == (1, pytest.approx(1 / 3), 1.0)
-    assert scores.f1 == pytest.approx(0.5)
-    assert scores.mean_segments == 4.0
+    window = boundary_scores(starts, events, tolerance=1)
+    assert (window.num_correct, window.num_recalled) == (3, 1)
+    assert (window.precision, window.recall, window.f1) == (pytest.approx(3 / 4), 1.0, pytest.approx(6 / 7))
+    matched = boundary_scores(starts, events, tolerance=1, one_to_one=True)
+    assert (matched.num_correct, matched.precision, matched.recall) == (1, pytest.approx(1 / 4), 1.0)
+    assert matched.f1 == pytest.approx(0.4)
+    assert window.mean_segments == matched.mean_segments == 5.0
 
 
 def test_frame_zero_is_not_scored_and_empty_cases():
@@ -45,5 +56,7 @@ def test_true_events_score_one_and_random_boundaries_score_low():
     assert boundary_scores(perfect, events).f1 == 1.0
     rate = events[:, 1:].float().mean()
     random = (torch.rand(events.shape, generator=torch.Generator().manual_seed(0)) < rate).long()
-    # The task's scale: boundaries at random with the true rate score about 0.37 at +-1 frame.
-    assert 0.2 < boundary_scores(random, events).f1 < 0.5
+    # The task's scale: boundaries at random with the true rate score about 0.37 at +-1 frame (window
+    # rule); one-to-one matching scores lower.
+    window, matched = boundary_scores(random, events), boundary_scores(random, events, one_to_one=True)
+    assert 0.32 < window.f1 < 0.42 and 0.25 < matched.f1 < window.f1

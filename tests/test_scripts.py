@@ -98,14 +98,16 @@ def test_kvae_step_benchmark(tmp_path):
 def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     out = str(tmp_path / "hrssm")
     run("scripts/train.py", "hrssm", "--num-sequences", "16", "--num-steps", "10", "--belief-size", "16", "--conv-channels", "8",
-        "--epochs", "1", "--batch-size", "8", "--temperature-decay-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--epochs", "1", "--batch-size", "8", "--temperature-decay-steps", "2", "--update-kl-gradient", "0.5",
+        "--cache-dir", str(tmp_path / "cache"),
         "--no-progress", "--out", out, *extra)
-    assert json.load(open(os.path.join(out, "config.json")))["hrssm"]["temperature_decay_steps"] == 2
+    stored = json.load(open(os.path.join(out, "config.json")))["hrssm"]
+    assert stored["temperature_decay_steps"] == 2 and stored["update_kl_gradient"] == 0.5
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
-    assert {"boundary_f1", "mean_segments", "temperature", "test_elbo"} <= set(metrics)
+    assert {"boundary_f1", "boundary_f1_one_to_one", "mean_segments", "temperature", "test_elbo"} <= set(metrics)
     result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")
     scores = json.load(open(os.path.join(out, "boundaries.json")))
-    assert 0 <= scores["f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
+    assert 0 <= scores["boundary_f1_one_to_one"] <= scores["boundary_f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
     figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
     figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
     for name in figures:

@@ -815,6 +815,54 @@ def jumpy_rollout(model: HRSSM, guide: HRSSMGuide, prefix: torch.Tensor, num_seg
         return model.frame_mean(torch.stack(features, dim=1))
 
 
+class SegmentationELBO(NamedTuple):
+    """Terms of :func:`segmentation_elbo`, each ``(batch,)`` in nats per sequence:
+    ``elbo = log_likelihood + log_prior_boundaries - kl_abstract - kl_observation``."""
+
+    elbo: torch.Tensor
+    log_likelihood: torch.Tensor
+    log_prior_boundaries: torch.Tensor
+    kl_abstract: torch.Tensor
+    kl_observation: torch.Tensor
+
+
+@torch.no_grad()
+def segmentation_elbo(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, starts: torch.Tensor,
+                      num_samples: int = 4) -> SegmentationELBO:
+    """The ELBO of ``x (batch, T, *frame_shape)`` when q(M | X) is a point mass on the segmentation
+    ``starts (batch, T)`` (0/1, 1 where a frame starts a segment; column 0 is ignored, forced values are
+    re-applied): ``E_q(Z,S|M,X)[log p(X | S) + log p(M | S)] - KL_z - KL_s``, where log p(M | S) scores the
+    hard boundaries under the prior's Bernoulli at free steps and the KLs are analytic given each draw
+    (as ``TraceMeanField_ELBO``), averaged over ``num_samples`` draws of (Z, S). It compares
+    segmentations under one trained model: the guide's own, the true events, none. Eval mode."""
+    check_input(x, None, model.frame_shape, model.config)
+    if tuple(starts.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"starts: expected shape {tuple(x.shape[:2])} (batch, T), got {tuple(starts.shape)}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    steps = x.shape[1]
+    fixed = {f"m_{t}": (starts[:, t] > BINARY_THRESHOLD).to(x.dtype) for t in range(1, steps)}
+    totals = torch.zeros(4, x.shape[0], dtype=x.dtype, device=x.device)  # loglik, log p(M), KL_z, KL_s
+    with _eval_mode(model, guide):
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(poutine.condition(guide, data=fixed)).get_trace(x)
+            model_trace = poutine.trace(poutine.replay(poutine.condition(model, data=fixed), trace=guide_trace)).get_trace(x)
+            totals[0] += model_trace.nodes["x"]["fn"].log_prob(x)
+            for t in range(1, steps + 1):
+                if t < steps:
+                    site = model_trace.nodes[f"m_{t}"]
+                    totals[1] += _masked(dist.Bernoulli(logits=site["fn"].logits).log_prob(site["value"]), site)
+                for row, name in ((2, f"z_{t}"), (3, f"s_{t}")):
+                    q_site, p_site = guide_trace.nodes[name], model_trace.nodes[name]
+                    totals[row] += _masked(torch.distributions.kl_divergence(q_site["fn"], p_site["fn"]), q_site)
+    loglik, log_prior, kl_z, kl_s = totals / num_samples
+    return SegmentationELBO(loglik + log_prior - kl_z - kl_s, loglik, log_prior, kl_z, kl_s)
+
+
+def _masked(value: torch.Tensor, site: Dict[str, Any]) -> torch.Tensor:
+    return value if site["mask"] is None else value * site["mask"]
+
+
 class FrameImputation(NamedTuple):
     """Posterior-predictive imputation of missing frames: ``imputed (batch, T, *frame_shape)`` (observed
     frames kept, missing ones the mean of the draws), ``samples (num_samples, batch, T, *frame_shape)``
@@ -857,6 +905,7 @@ __all__ = [
     "FrameImputation",
     "BoundaryTemperature",
     "Segmentation",
+    "SegmentationELBO",
     "SegmentCounter",
     "TemperatureAnnealing",
     "annealed_temperature",
@@ -869,5 +918,6 @@ __all__ = [
     "jumpy_rollout",
     "posterior_boundaries",
     "sample_boundary",
+    "segmentation_elbo",
     "update_site",
 ]

@@ -7,8 +7,10 @@ Prints and writes RUN/boundaries.json: precision / recall / F1 of the inferred s
 guide's noise-free boundaries) against the data's true events within +-tolerance frames
 (``boundary_f1``: the window rule of the VTA evaluation, a boundary counts when an event is within
 reach; ``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/boundaries.py), the mean
-number of segments per sequence, and the held-out ELBO (nats per sequence). Draws, under RUN/figures/:
-boundaries_eval.png (frames with the inferred boundaries), boundary_probabilities.png (q(segment start
+number of segments per sequence, the held-out ELBO (nats per sequence) and, with true events,
+``segmentation_elbo``: the ELBO with the boundaries fixed to the guide's own, to the true events, and
+to none (``pyro_models.hrssm.segmentation_elbo``), which says whether the model prefers the events.
+Draws, under RUN/figures/: boundaries_eval.png (frames with the inferred boundaries), boundary_probabilities.png (q(segment start
 at t | X) over time, true events dashed), jumpy.png (a prefix, then one imagined frame per future
 segment) and, when the run logged it, f1_vs_time.png (each epoch's boundary F1 against training time,
 evaluation included).
@@ -28,7 +30,7 @@ from inference import plots  # noqa: E402
 from inference.boundaries import boundary_metrics, boundary_scores  # noqa: E402
 from inference.elbo import elbo_terms  # noqa: E402
 from inference.hrssm_experiment import boundary_figure, load_hrssm_run  # noqa: E402
-from pyro_models.hrssm import jumpy_rollout, posterior_boundaries, start_probabilities  # noqa: E402
+from pyro_models.hrssm import jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities  # noqa: E402
 
 
 @torch.no_grad()
@@ -42,7 +44,18 @@ def evaluate_boundaries(model, guide, data, num_test: int, tolerance: int, batch
         scores = boundary_scores(starts, events, tolerance)
         result.update(boundary_metrics(starts, events, tolerance), num_predicted=scores.num_predicted,
                       num_events=scores.num_events)
+        if guide.boundary_posterior is not None:
+            result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, batch_size)
     return result, starts
+
+
+def compare_segmentations(model, guide, x, starts, events, batch_size: int) -> dict:
+    """Mean ELBO (nats per sequence) of ``x`` with q(M | X) replaced by a point mass on: the guide's own
+    noise-free boundaries, the true events, and no boundaries (forced ones only)."""
+    candidates = {"own": starts, "true_events": events.to(x.dtype), "none": torch.zeros_like(starts)}
+    return {name: sum(float(segmentation_elbo(model, guide, x[i : i + batch_size], seg[i : i + batch_size]).elbo.sum())
+                      for i in range(0, len(x), batch_size)) / len(x)
+            for name, seg in candidates.items()}
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ from pyro_models.hrssm import (
     impute_frames,
     jumpy_rollout,
     posterior_boundaries,
+    segmentation_elbo,
     start_probabilities,
 )
 
@@ -237,6 +238,46 @@ def test_update_kl_gradient_changes_gradients_only(weight):
         surrogate = surrogate + (kl * starts[:, t] * (starts[:, t] > 0.5)).sum()
     expected = weight * torch.autograd.grad(surrogate, bias)[0]
     assert torch.allclose(grad_on - grad_off, expected, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- segmentation ELBO
+@pytest.mark.parametrize("bias", [-30.0, 30.0])
+def test_segmentation_elbo_matches_pyro_elbo_of_a_deterministic_posterior(bias):
+    """Reference: when q(M | X) and p(M | S) both put all their mass on the same segmentation (every
+    logit ``bias``: all COPY or all UPDATE, constraints applied), Pyro's TraceMeanField ELBO has no
+    boundary term (log q - log p of identical relaxed densities is 0) and must agree, within Monte
+    Carlo error, with segmentation_elbo of that segmentation."""
+    model, guide = build_hrssm(VECTOR, tiny(max_segments=4, max_length=3))
+    with torch.no_grad():
+        model.boundary_prior.linear.weight.zero_()
+        guide.boundary_posterior.net[-1].weight.zero_()
+    set_boundary_bias(model, guide, bias)
+    model.eval(), guide.eval()
+    x = torch.rand(4, 8, *VECTOR)
+    starts = posterior_boundaries(guide, x).starts
+    assert (starts[:, 1:] == (1.0 if bias > 0 else 0.0)).any()  # free steps follow the bias
+    draws = 150
+    elbo = make_elbo("meanfield")
+    pyro.set_rng_seed(0)
+    reference = torch.tensor([-float(elbo.loss(model, guide, x)) for _ in range(draws)]) / x.shape[0]
+    pyro.set_rng_seed(1)
+    ours = segmentation_elbo(model, guide, x, starts, num_samples=draws)
+    assert ours.elbo.shape == (4,)
+    assert torch.allclose(ours.elbo, ours.log_likelihood + ours.log_prior_boundaries - ours.kl_abstract - ours.kl_observation)
+    assert ours.log_prior_boundaries.abs().max() < 1e-6  # logits +-30 on the values they favour
+    tolerance = 5 * reference.std() * (2 / draws) ** 0.5  # two independent means of `draws` draws
+    assert abs(float(ours.elbo.mean()) - float(reference.mean())) < tolerance
+
+
+def test_segmentation_elbo_depends_on_the_segmentation_and_checks_input():
+    model, guide = build_hrssm(VECTOR, tiny())
+    x = torch.rand(3, 6, *VECTOR)
+    none, every = torch.zeros(3, 6), torch.ones(3, 6)
+    a, b = segmentation_elbo(model, guide, x, none), segmentation_elbo(model, guide, x, every)
+    assert (a.kl_abstract < b.kl_abstract).all()  # one z-KL against six
+    assert not torch.allclose(a.elbo, b.elbo)
+    with pytest.raises(ValueError, match=r"starts: expected shape \(3, 6\) \(batch, T\), got \(3, 5\)"):
+        segmentation_elbo(model, guide, x, none[:, :5])
 
 
 # ------------------------------------------------------------------------------- missing frames

@@ -108,6 +108,8 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")
     scores = json.load(open(os.path.join(out, "boundaries.json")))
     assert 0 <= scores["boundary_f1_one_to_one"] <= scores["boundary_f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
+    if not extra:
+        assert set(scores["segmentation_elbo"]) == {"own", "true_events", "none"}
     figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
     figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
     for name in figures:

@@ -10,10 +10,10 @@ reach; ``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/b
 number of segments per sequence, the held-out ELBO (nats per sequence) and, with true events,
 ``segmentation_elbo``: the ELBO with the boundaries fixed to the guide's own, to the true events, and
 to none (``pyro_models.hrssm.segmentation_elbo``), which says whether the model prefers the events.
-Draws, under RUN/figures/: boundaries_eval.png (frames with the inferred boundaries), boundary_probabilities.png (q(segment start
-at t | X) over time, true events dashed), jumpy.png (a prefix, then one imagined frame per future
-segment) and, when the run logged it, f1_vs_time.png (each epoch's boundary F1 against training time,
-evaluation included).
+Draws, under RUN/figures/: boundaries_eval.png (frames with the inferred boundaries),
+boundary_probabilities.png (q(segment start at t | X) over time, true events dashed), jumpy.png (a
+prefix, then one imagined frame per future segment) and, when the run logged it, f1_vs_time.png (each
+epoch's boundary F1 against training time, evaluation included).
 """
 from __future__ import annotations
 

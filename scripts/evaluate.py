@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     history = plots.read_metrics(args.run)
     if history and all("boundary_f1" in m for m in history):
         plots.metric_against_time(history, "boundary_f1", os.path.join(figures, "f1_vs_time.png"),
-                                  f"boundary F1 (+-{args.tolerance} frame) on held-out sequences while training")
+                                  f"boundary F1 (+-{args.tolerance} frame, window rule) on held-out sequences while training")
     if x.dim() == 5:
         boundary_figure(os.path.join(figures, "boundaries_eval.png"), x, starts, data.test_events, "held-out frames; segment starts in blue")
         frames = jumpy_rollout(model, guide, x[:1, : args.prefix], num_segments=min(8, x.shape[1]))

@@ -222,7 +222,12 @@ class LogitRelaxedBernoulliStraightThrough(dist.TorchDistribution):
         return LogitRelaxedBernoulliStraightThrough(self.temperature, self.logits.expand(shape))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        y = self._logistic.rsample(sample_shape)  # the relaxed logit
+        # L = log u - log(1 - u) with u kept off 0 (Pyro's Logistic draws u in [0, 1), and u = 0,
+        # about one float32 draw in 2^24, gives y = -inf and a NaN density: seen once in ~200 steps).
+        shape = self._extended_shape(sample_shape)
+        finfo = torch.finfo(self.logits.dtype)
+        u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device).clamp(finfo.tiny, 1.0 - finfo.eps)
+        y = self._logistic.loc + self._logistic.scale * (u.log() - torch.log1p(-u))  # the relaxed logit
         hard = _HardStraightThrough.apply(torch.sigmoid(y))
         hard._relaxed_logit = y
         return hard

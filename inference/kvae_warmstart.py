@@ -24,13 +24,15 @@ Then training proceeds with the recipe (ELBO, LSTM freeze, learning-rate decay) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
+
+from .trainer import TrainConfig
 
 
 @dataclass
@@ -51,6 +53,15 @@ class WarmStartConfig:
         if self.batch_size < 1 or self.frames_per_step < 1 or not self.lr > 0:
             raise ValueError(f"batch_size, frames_per_step, lr: expected >= 1, >= 1 and > 0, "
                              f"got {self.batch_size}, {self.frames_per_step}, {self.lr}")
+
+
+def warm_start_for(train_config: TrainConfig, autoencoder_steps: int, dynamics_steps: int) -> Optional[WarmStartConfig]:
+    """The warm start of a run: ``autoencoder_steps`` and ``dynamics_steps`` long, on the run's batch size,
+    learning rate and seed; None for ``autoencoder_steps == 0`` (the original recipe, no warm start)."""
+    if autoencoder_steps == 0:
+        return None
+    return WarmStartConfig(autoencoder_steps=autoencoder_steps, dynamics_steps=dynamics_steps,
+                           batch_size=train_config.batch_size, lr=train_config.lr, seed=train_config.seed)
 
 
 class WarmStartResult(NamedTuple):

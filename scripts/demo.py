@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import impute  # noqa: E402  (scripts/impute.py)
 
 from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS, train_kvae  # noqa: E402
-from inference.kvae_warmstart import WarmStartConfig  # noqa: E402
+from inference.kvae_warmstart import WarmStartConfig, warm_start_for  # noqa: E402
 from inference.trainer import TrainConfig  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
 from pyro_models.datasets import load_image_data, load_sequence_data  # noqa: E402
@@ -35,8 +35,7 @@ def demo_kvae(args, out: str) -> None:
                      cache_dir=args.cache_dir)
     data = load_sequence_data(**data_args)
     config = replace(KVAE_TRAIN_DEFAULTS, epochs=args.epochs, seed=args.seed)
-    warm = None if args.warm_start_steps == 0 else WarmStartConfig(
-        autoencoder_steps=args.warm_start_steps, dynamics_steps=args.dynamics_fit_steps, batch_size=config.batch_size, lr=config.lr, seed=args.seed)
+    warm = warm_start_for(config, args.warm_start_steps, args.dynamics_fit_steps)
     history = train_kvae(data, KVAEConfig(decoder_channels=args.decoder_channels), config, out,
                          lstm_frozen_epochs=max(1, args.epochs // 4), extra_config={"data_args": data_args}, warm=warm)
     last = history[-1]

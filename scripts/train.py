@@ -24,7 +24,7 @@ from dataclasses import fields, replace  # noqa: E402
 
 from inference.hrssm_experiment import HRSSM_TRAIN_DEFAULTS, train_hrssm  # noqa: E402
 from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS, LSTM_FROZEN_EPOCHS, train_kvae  # noqa: E402
-from inference.kvae_warmstart import WarmStartConfig  # noqa: E402
+from inference.kvae_warmstart import WarmStartConfig, warm_start_for  # noqa: E402
 from inference.schedules import KL_SCHEDULES, FreeBitsConfig  # noqa: E402
 from inference.trainer import TrainConfig, TrainingDiverged  # noqa: E402
 from inference.vae_experiment import train_vae  # noqa: E402
@@ -147,20 +147,12 @@ def run_hrssm(args: argparse.Namespace, config: TrainConfig):
     return train_hrssm(data, hrssm_config, config, args.out, args.resume, {"data_args": data_args})
 
 
-def warm_start_config(args: argparse.Namespace, config: TrainConfig):
-    """The KVAE warm start of the flags (None with --warm-start-steps 0), on the run's batch size and seed."""
-    if args.warm_start_steps == 0:
-        return None
-    return WarmStartConfig(autoencoder_steps=args.warm_start_steps, dynamics_steps=args.dynamics_fit_steps,
-                           batch_size=config.batch_size, lr=config.lr, seed=config.seed)
-
-
 def run_kvae(args: argparse.Namespace, config: TrainConfig):
     kvae_config = KVAEConfig(a_dim=args.a_dim, z_dim=args.kvae_z_dim, num_bases=args.num_bases,
                              decoder_channels=args.decoder_channels, recon_weight=args.recon_weight)
     data, data_args = sequence_data(args)
     return train_kvae(data, kvae_config, config, args.out, args.lstm_frozen_epochs, args.resume, {"data_args": data_args},
-                      kl_warmup_epochs=args.kl_warmup_epochs, warm=warm_start_config(args, config))
+                      kl_warmup_epochs=args.kl_warmup_epochs, warm=warm_start_for(config, args.warm_start_steps, args.dynamics_fit_steps))
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from inference.kvae_warmstart import WarmStartConfig, fit_dynamics, pretrain_autoencoder, standardise_codes, warm_start
+from inference.kvae_warmstart import (
+    WarmStartConfig,
+    fit_dynamics,
+    pretrain_autoencoder,
+    standardise_codes,
+    warm_start,
+    warm_start_for,
+)
+from inference.trainer import TrainConfig
 from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae
 
 SMALL = dict(lstm_hidden=8, decoder_channels=8, decoder_start_channels=4, encoder_filters=4, mlp_hidden=(16,))
@@ -81,3 +89,9 @@ def test_warm_start_result_and_bad_input():
     for bad, match in [(dict(autoencoder_steps=-1), "autoencoder_steps"), (dict(batch_size=0), "batch_size"), (dict(frames_per_step=0), "frames_per_step")]:
         with pytest.raises(ValueError, match=match):
             WarmStartConfig(**bad)
+
+
+def test_warm_start_for_takes_the_runs_batch_lr_and_seed():
+    run = TrainConfig(batch_size=7, lr=0.003, seed=5)
+    assert warm_start_for(run, 0, 300) is None  # 0 autoencoder steps: the original recipe
+    assert warm_start_for(run, 40, 20) == WarmStartConfig(autoencoder_steps=40, dynamics_steps=20, batch_size=7, lr=0.003, seed=5)

@@ -62,6 +62,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
+from pyro.distributions.util import scale_and_mask
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
@@ -851,16 +852,14 @@ def segmentation_elbo(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, starts: 
             for t in range(1, steps + 1):
                 if t < steps:
                     site = model_trace.nodes[f"m_{t}"]
-                    totals[1] += _masked(dist.Bernoulli(logits=site["fn"].logits).log_prob(site["value"]), site)
+                    log_p = dist.Bernoulli(logits=site["fn"].logits).log_prob(site["value"])
+                    totals[1] += scale_and_mask(log_p, site["scale"], site["mask"])
                 for row, name in ((2, f"z_{t}"), (3, f"s_{t}")):
                     q_site, p_site = guide_trace.nodes[name], model_trace.nodes[name]
-                    totals[row] += _masked(torch.distributions.kl_divergence(q_site["fn"], p_site["fn"]), q_site)
+                    kl = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
+                    totals[row] += scale_and_mask(kl, q_site["scale"], q_site["mask"])  # as TraceMeanField_ELBO
     loglik, log_prior, kl_z, kl_s = totals / num_samples
     return SegmentationELBO(loglik + log_prior - kl_z - kl_s, loglik, log_prior, kl_z, kl_s)
-
-
-def _masked(value: torch.Tensor, site: Dict[str, Any]) -> torch.Tensor:
-    return value if site["mask"] is None else value * site["mask"]
 
 
 class FrameImputation(NamedTuple):

@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, reset_peak_rss, rss_mib, write_json  # noqa: E402
+from common import RESULTS, reset_peak_rss, rss_mib, write_json
 
-from inference.hrssm_experiment import HRSSM_TRAIN_DEFAULTS  # noqa: E402
-from inference.trainer import Trainer  # noqa: E402
-from pyro_models.datasets import color_balls  # noqa: E402
-from pyro_models.hrssm import HRSSMConfig, TemperatureAnnealing, build_hrssm  # noqa: E402
+from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
+from inference.trainer import Trainer
+from pyro_models.datasets import color_balls
+from pyro_models.hrssm import HRSSMConfig, build_hrssm
 
 
 def main(argv=None):

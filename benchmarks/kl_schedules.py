@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, write_json
 
-from svi_overhead import DEFAULT_MNIST  # noqa: E402
+from svi_overhead import DEFAULT_MNIST
 
-from inference.schedules import KL_SCHEDULES  # noqa: E402
-from inference.trainer import TrainConfig  # noqa: E402
-from inference.vae_experiment import train_vae  # noqa: E402
-from pyro_models.datasets import load_image_data  # noqa: E402
-from pyro_models.vae import VAEConfig  # noqa: E402
+from inference.schedules import KL_SCHEDULES
+from inference.trainer import TrainConfig
+from inference.experiment import RunSpec, train
+from inference.recipes.vae import VAEOptions
+from pyro_models.datasets import load_image_data
+from pyro_models.vae import VAEConfig
 
 
 def main(argv=None):
@@ -40,8 +38,9 @@ def main(argv=None):
     results = {"epochs": args.epochs, "z_dim": args.z_dim, "seed": args.seed}
     for schedule in args.schedules:
         out = os.path.join(args.runs, f"{schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
-        history = train_vae("vae", data, VAEConfig(z_dim=args.z_dim), TrainConfig(epochs=args.epochs, seed=args.seed, progress=False),
-                            out, kl_schedule=schedule)
+        spec = RunSpec("vae", VAEConfig(z_dim=args.z_dim), TrainConfig(epochs=args.epochs, seed=args.seed, progress=False),
+                       options=VAEOptions(kl_schedule=schedule))
+        history = train(spec, out, data=data)
         last = history[-1]
         results[schedule] = {k: last[k] for k in ("test_elbo", "kl", "active_units", "kl_per_dim", "impute_mse", "impute_baseline_mse")}
         results[schedule]["run"] = out

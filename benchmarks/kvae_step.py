@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, write_json
 
-from inference.kvae_experiment import KVAE_TRAIN_DEFAULTS  # noqa: E402
-from inference.trainer import Trainer  # noqa: E402
-from pyro_models.datasets import bouncing_balls  # noqa: E402
-from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae  # noqa: E402
+from inference.recipes.kvae import KVAE_TRAIN_DEFAULTS
+from inference.trainer import Trainer
+from pyro_models.datasets import bouncing_balls
+from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae
 
 
 def main(argv=None):

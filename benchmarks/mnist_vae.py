@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, write_json
 
-from svi_overhead import DEFAULT_MNIST, HandWrittenVAE  # noqa: E402
+from svi_overhead import DEFAULT_MNIST, HandWrittenVAE
 
-from inference.trainer import TrainConfig  # noqa: E402
-from inference.vae_experiment import train_vae  # noqa: E402
-from pyro_models.datasets import load_image_data  # noqa: E402
-from pyro_models.vae import VAEConfig, build_vae  # noqa: E402
+from inference.trainer import TrainConfig
+from inference.experiment import RunSpec, train
+from pyro_models.datasets import load_image_data
+from pyro_models.vae import VAEConfig, build_vae
 
 
 @torch.no_grad()
@@ -85,7 +82,7 @@ def main(argv=None):
         for guide in args.guides:
             start = time.perf_counter()
             out = os.path.join(args.runs, f"{guide}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-            history = train_vae("vae", data, VAEConfig(guide=guide), config, out)
+            history = train(RunSpec("vae", VAEConfig(guide=guide), config), out, data=data)
             finals[f"pyro_{guide}"].append(history[-1]["test_elbo"])
             print(f"seed {seed}, pyro {guide} guide: test ELBO {history[-1]['test_elbo']:.2f} ({time.perf_counter() - start:.0f}s; run {out})")
         finals["hand_written"].append(train_hand_written(data, config)[-1]["test_elbo"])

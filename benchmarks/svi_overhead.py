@@ -21,22 +21,19 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, reset_peak_rss, rss_mib, write_json  # noqa: E402
+from common import RESULTS, reset_peak_rss, rss_mib, write_json
 
-import pyro  # noqa: E402
+import pyro
 
-from inference.trainer import TrainConfig, Trainer  # noqa: E402
-from pyro_models.datasets import load_image_data  # noqa: E402
-from pyro_models.vae import VAEConfig, build_vae  # noqa: E402
+from inference.trainer import TrainConfig, Trainer
+from pyro_models.datasets import load_image_data
+from pyro_models.vae import VAEConfig, build_vae
 
 DEFAULT_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 

@@ -11,8 +11,63 @@ from typing import NamedTuple
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.util import warn_if_nan
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+class _TensorValued:
+    """``differentiable_loss`` whose value is a tensor computed from the traces, also under
+    ``torch.jit.trace``.
+
+    Pyro's ``Trace_ELBO.differentiable_loss`` returns ``loss + (surrogate - torch_item(surrogate))``,
+    where ``torch_item`` is a Python float. A trace records that float as a constant, so a compiled loss
+    returns 2 L(theta) - L(theta at trace time): the gradient is right but the value drifts from step 1 on.
+    Here the value is ``surrogate + (loss - surrogate).detach()``, every part a traced tensor: the same
+    value and gradient as Pyro's ELBO in eager mode, and the right value when compiled.
+    """
+
+    def _tensor_loss_particle(self, model_trace, guide_trace):
+        """``(loss, surrogate_loss)`` of one particle, both tensors (``loss`` detached)."""
+        raise NotImplementedError
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = surrogate = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss_particle, surrogate_particle = self._tensor_loss_particle(model_trace, guide_trace)
+            loss = loss + loss_particle / self.num_particles
+            surrogate = surrogate + surrogate_particle / self.num_particles
+        if is_validation_enabled():
+            warn_if_nan(surrogate, "loss")
+        return surrogate + (loss - surrogate).detach()
+
+
+def _log_prob_sum(trace) -> torch.Tensor:
+    total = 0.0
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            total = total + site["log_prob_sum"]
+    return total
+
+
+class TensorTrace_ELBO(_TensorValued, Trace_ELBO):
+    """Pyro's ``Trace_ELBO`` (Monte Carlo KL) with a tensor-valued loss (see :class:`_TensorValued`)."""
+
+    def _tensor_loss_particle(self, model_trace, guide_trace):
+        _, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+        loss = -(_log_prob_sum(model_trace) - _log_prob_sum(guide_trace))
+        return torch.as_tensor(loss).detach(), surrogate
+
+
+class TensorTraceMeanField_ELBO(_TensorValued, TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO`` (analytic KL where known) with a tensor-valued loss; its surrogate
+    equals its loss, so the value is the surrogate's own (see :class:`_TensorValued`)."""
+
+    def _tensor_loss_particle(self, model_trace, guide_trace):
+        _, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+        return surrogate.detach(), surrogate
+
+
+ELBOS = {"trace": TensorTrace_ELBO, "meanfield": TensorTraceMeanField_ELBO}
 
 
 def make_elbo(name: str, num_particles: int = 1) -> ELBO:

@@ -51,15 +51,22 @@ class RunDir:
     def __init__(self, path: str, config: Dict[str, Any], resume: bool = False):
         self.path = path
         self.figures = os.path.join(path, "figures")
-        exists = os.path.exists(os.path.join(path, CONFIG))
-        if exists and not resume:
-            raise FileExistsError(f"--out {path} already holds a run; pass --resume to continue it or choose another folder")
-        if resume and not os.path.exists(self.checkpoint_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path} to continue from")
+        self.preflight(path, resume)
         os.makedirs(self.figures, exist_ok=True)
         if resume:
             self._check_same_config(config)
         self.write_json(CONFIG, config)
+
+    @staticmethod
+    def preflight(path: str, resume: bool = False) -> None:
+        """Raise what creating the run directory ``path`` would raise, before any work starts: a new run
+        in a folder holding one, or a resume without a checkpoint."""
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"path: {path} exists and is not a folder")
+        if os.path.exists(os.path.join(path, CONFIG)) and not resume:
+            raise FileExistsError(f"path: {path} already holds a run; pass resume=True to continue it or choose another folder")
+        if resume and not os.path.exists(os.path.join(path, CHECKPOINT)):
+            raise FileNotFoundError(f"resume: no checkpoint at {os.path.join(path, CHECKPOINT)} to continue from")
 
     @property
     def checkpoint_path(self) -> str:
@@ -77,7 +84,7 @@ class RunDir:
         changed = {k for k in changed if k.split(".")[-1] not in RESUMABLE_CHANGES}
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
-            raise ValueError(f"--resume: the config differs from the stored run ({details})")
+            raise ValueError(f"resume: the config differs from the stored run ({details})")
 
     def write_json(self, name: str, payload: Dict[str, Any]) -> None:
         text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
@@ -105,28 +112,3 @@ class RunDir:
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
         return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
-
-
-def read_run_config(path: str, model: str) -> Dict[str, Any]:
-    """The stored ``config.json`` of the run directory ``path``, which must hold a ``model`` run written
-    by ``scripts/train.py`` (with the ``data_args`` that rebuild its data)."""
-    with open(os.path.join(path, CONFIG)) as f:
-        stored = json.load(f)
-    if stored.get("model") != model:
-        raise ValueError(f"--run: {path} holds a {stored.get('model')!r} run, not a {model} run")
-    if "data_args" not in stored:
-        raise ValueError(f"--run: {path}/config.json has no data_args; it was not written by scripts/train.py {model}")
-    return stored
-
-
-def config_from_json(cls, stored: Dict[str, Any]):
-    """A config dataclass ``cls`` from its JSON form (lists back to tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-
-
-def load_trained_modules(path: str, *modules: torch.nn.Module) -> None:
-    """Load the checkpoint of the run directory ``path`` into ``modules`` (model, guide), in eval mode."""
-    state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=False)
-    for module, module_state in zip(modules, state["modules"]):
-        module.load_state_dict(module_state)
-        module.eval()

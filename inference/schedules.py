@@ -21,17 +21,20 @@ KL_SCHEDULES = ("none", "linear", "free-bits")
 
 
 class LinearKLAnnealing(Callback):
-    """beta = min(1, epoch / epochs), set at the start of each epoch (epochs count from 1, so epoch
-    ``epochs`` and later train the full ELBO). With ``epochs`` the run's length this is seed 002's
-    schedule; shorter, a KL warm-up."""
+    """beta = start + (1 - start) * min(1, epoch / epochs), set at the start of each epoch (epochs count
+    from 1, so epoch ``epochs`` and later train the full ELBO). With ``start = 0`` and ``epochs`` the
+    run's length this is seed 002's schedule; shorter, a KL warm-up; ``start > 0`` is the minimum
+    annealing factor of Krishnan et al. (2017) and Pyro's DMM example."""
 
-    def __init__(self, kl_weights, epochs: int):
+    def __init__(self, kl_weights, epochs: int, start: float = 0.0):
         if epochs < 1:
             raise ValueError(f"epochs: expected >= 1, got {epochs}")
-        self.kl_weights, self.epochs = kl_weights, epochs
+        if not 0.0 <= start <= 1.0:
+            raise ValueError(f"start: expected in [0, 1], got {start}")
+        self.kl_weights, self.epochs, self.start = kl_weights, epochs, start
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self.kl_weights.beta = min(1.0, epoch / self.epochs)
+        self.kl_weights.beta = self.start + (1.0 - self.start) * min(1.0, epoch / self.epochs)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"beta": self.kl_weights.beta}

@@ -15,7 +15,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -26,7 +26,7 @@ from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as MODULE_DIVIDER
 from tqdm.auto import tqdm
 
 from . import plots
-from .elbo import elbo_terms, make_elbo
+from .elbo import ELBOS, elbo_terms, make_elbo
 from .rundir import RunDir
 
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
@@ -36,30 +36,40 @@ BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tenso
 class TrainConfig:
     """Optimisation settings shared by every model."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_decay: float = 1.0  # the learning rate is multiplied by this ...
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 128  # examples per SVI step
+    lr: float = 1e-3  # Adam's learning rate
+    lr_decay: float = 1.0  # the learning rate is multiplied by this, in (0, 1] ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
-    clip_norm: Optional[float] = None  # global gradient-norm clip; None: no clipping
+    clip_norm: Optional[float] = None  # global gradient-norm clip; none: no clipping
     mean_loss: bool = False  # step on the loss per example and unit (e.g. per frame), not the batch sum
-    elbo: str = "meanfield"  # "meanfield" (analytic KL where known, else Monte Carlo) or "trace" (Monte Carlo KL)
-    num_particles: int = 1
-    jit: bool = False  # compile the training loss with torch.jit.trace (static models only)
-    device: str = "cpu"
-    seed: int = 0
-    eval_batch_size: int = 500
+    elbo: str = field(default="meanfield", metadata={"choices": tuple(ELBOS)})  # meanfield: analytic KL where known, else Monte Carlo; trace: Monte Carlo KL
+    num_particles: int = 1  # samples per ELBO estimate (vectorised)
+    jit: bool = False  # compile the training loss with torch.jit.trace (models that declare themselves compilable)
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    seed: int = 0  # seeds initialisation, batch order and every draw
+    eval_batch_size: int = 500  # examples per batch when scoring held-out data
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars and one line per epoch
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm: expected > 0 or None, got {self.clip_norm}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay: expected in (0, 1], got {self.lr_decay}")
+        if self.clip_norm is not None and not 0 < self.clip_norm < math.inf:
+            raise ValueError(f"clip_norm: expected a finite number > 0 or None, got {self.clip_norm}")
+        if self.elbo not in ELBOS:
+            raise ValueError(f"elbo: expected one of {tuple(ELBOS)}, got {self.elbo!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected >= 0, got {self.seed}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available here")
 

@@ -83,14 +83,14 @@ def test_bad_images(array, message):
 
 
 def test_npz_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data-path"):
+    with pytest.raises(FileNotFoundError, match="data_path"):
         load_npz(str(tmp_path / "none.npz"))
     np.savez(tmp_path / "wrong.npz", pictures=np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="'images'"):
         load_npz(str(tmp_path / "wrong.npz"))
     with pytest.raises(ValueError, match="unknown data set"):
         load_image_data("cifar")
-    with pytest.raises(ValueError, match="--data-dir"):
+    with pytest.raises(ValueError, match="data_dir"):
         load_image_data("mnist")
 
 

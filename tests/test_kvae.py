@@ -4,17 +4,12 @@ import pyro
 import pytest
 import torch
 
-from inference.callbacks import FreezeParameters
+from inference.recipes.kvae import FreezeParameters
 from inference.elbo import make_elbo
-from inference.kvae_impute import (
-    consecutive_frame_mask,
-    hamming_error,
-    kalman_impute,
-    last_observed_floor,
-    posterior_predictive,
-    random_frame_mask,
-    static_floor,
-)
+from pyro_models.imputation import consecutive_frame_mask, hamming_error, random_frame_mask
+from pyro_models.imputation import last_observed_frame as last_observed_floor
+from pyro_models.imputation import majority_frame as static_floor
+from pyro_models.kvae.impute import kalman_impute, posterior_predictive
 from inference.trainer import TrainConfig, Trainer
 from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae, generate, generate_latents
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inference.kvae_warmstart import (
+from inference.recipes.kvae_warmstart import (
     WarmStartConfig,
     fit_dynamics,
     pretrain_autoencoder,

@@ -1,17 +1,22 @@
-"""Tests for inference/lgssm.py against an independent dense-Gaussian reference.
+"""Tests for the pyro_models/lgssm package against an independent dense-Gaussian reference.
 
 The reference builds the joint Gaussian over (z_1..z_T, a_1..a_T) by explicit linear
 algebra (z = F (m + eps) with F = (I - blocksubdiag(A))^{-1}), then obtains every
 quantity by selecting the observed sub-vector and Gaussian conditioning.  It shares no
-code with the module under test.
+code with the package under test.  ``lgssm_reference`` holds two further paths that only
+these tests use: the ``pyro.ops.gaussian`` log marginal (any-order derivatives) and the
+smoothed moments of the parallel tree.
 """
 
 import zlib
 
+import pyro
 import pytest
 import torch
 
-from inference.lgssm import LGSSM, filter, log_marginal, sample_posterior, smooth
+from lgssm_reference import HostSync, forbid_host_sync, pyro_log_marginal, tree_smooth
+from pyro_models import lgssm
+from pyro_models.lgssm import LGSSM, condition_on, filter, log_marginal, predict, sample_posterior, smooth
 
 F64 = torch.float64
 
@@ -201,8 +206,8 @@ def test_against_dense_reference(batch, T, Z, D, mask_kind):
     close(f.log_marginal, ref["ll"])
     assert f.log_increments.shape == batch + (T,)
 
-    for method in ("rts", "scan"):
-        s = smooth(params, obs, mask, method=method)
+    for smoother in (smooth, tree_smooth):
+        s = smoother(params, obs, mask)
         close(s.means, ref["sm"])
         close(s.covs, ref["sc"])
         assert s.cross_covs.shape == batch + (T - 1, Z, Z)
@@ -223,7 +228,7 @@ def test_tree_shapes_against_sequential(T, Z, D):
     mask = make_mask("random", (2,), T, gen)
     f = filter(params, obs, mask)
     close(log_marginal(params, obs, mask), f.log_marginal)
-    rts, tree = smooth(params, obs, mask), smooth(params, obs, mask, method="scan")
+    rts, tree = smooth(params, obs, mask), tree_smooth(params, obs, mask)
     for a, b in zip(rts, tree):
         close(a, b)
     g1 = _grads(lambda p, a: log_marginal(p, a, mask), params, obs)
@@ -406,9 +411,9 @@ def test_scan_and_pyro_methods_agree(batch, T, mask_kind):
     """The lean scan and the pyro.ops.gaussian pipeline: same value and gradient."""
     params, obs, gen = random_model(batch, T, 3, 2, seed=21 + T)
     mask = make_mask(mask_kind, batch, T, gen)
-    g1 = _grads(lambda p, a: log_marginal(p, a, mask, method="scan"), params, obs)
-    g0 = _grads(lambda p, a: log_marginal(p, a, mask, method="pyro"), params, obs)
-    close(log_marginal(params, obs, mask, method="scan"), log_marginal(params, obs, mask, method="pyro"), 1e-9)
+    g1 = _grads(lambda p, a: log_marginal(p, a, mask), params, obs)
+    g0 = _grads(lambda p, a: pyro_log_marginal(p, a, mask), params, obs)
+    close(log_marginal(params, obs, mask), pyro_log_marginal(params, obs, mask), 1e-9)
     for a, b, x in zip(g1, g0, list(params) + [obs]):
         # unused inputs (trans_matrix, trans_cov when T = 1): None or zeros
         close(torch.zeros_like(x) if a is None else a, torch.zeros_like(x) if b is None else b, 1e-9)
@@ -423,10 +428,11 @@ def _hessian_vector(fn, params, obs):
 
 
 def test_second_derivatives_pyro_method_match_dense_reference():
-    """method="pyro" centres at a constant point, so higher derivatives are exact."""
+    """The pyro.ops.gaussian reference centres at a constant point, so higher derivatives
+    are exact."""
     params, obs, gen = random_model((2,), 5, 2, 2, seed=4)
     mask = torch.tensor([[True, False, True, True, False], [True, True, False, True, True]])
-    got = _hessian_vector(lambda p, a: log_marginal(p, a, mask, method="pyro"), params, obs)
+    got = _hessian_vector(lambda p, a: pyro_log_marginal(p, a, mask), params, obs)
     want = _hessian_vector(lambda p, a: dense_reference(p, a, mask)["ll"], params, obs)
     for x, y in zip(got, want):
         close(0.5 * (x + x.transpose(-1, -2)) if x.dim() == 2 else x,
@@ -537,6 +543,129 @@ def test_sample_posterior_bad_num_samples():
     params, obs = _good()
     with pytest.raises(ValueError, match="num_samples"):
         sample_posterior(params, obs, None, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# step functions
+# ----------------------------------------------------------------------------------------
+
+
+def _step_filter(params, obs, mask):
+    """A filter built by looping the public step functions (no validation, no casting)."""
+    T = obs.shape[-2]
+    mean, cov = params.init_loc, params.init_cov
+    out = {k: [] for k in ("means", "covs", "pred_means", "pred_covs", "log_increments")}
+    for t in range(T):
+        if t > 0:
+            mean, cov = predict(mean, cov, params.trans_matrix[..., t, :, :], params.trans_cov)
+        out["pred_means"].append(mean)
+        out["pred_covs"].append(cov)
+        step_mask = None if mask is None else mask[..., t]
+        C_t, a_t = params.obs_matrix[..., t, :, :], obs[..., t, :]
+        mean, cov, inc = condition_on(mean, cov, C_t, params.obs_cov, a_t, step_mask)
+        out["means"].append(mean)
+        out["covs"].append(cov)
+        out["log_increments"].append(inc)
+    stacked = {k: torch.stack(v, -2 if k.endswith("means") else -3) for k, v in out.items() if k != "log_increments"}
+    stacked["log_increments"] = torch.stack(out["log_increments"], -1)
+    return stacked
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all_missing"])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_step_loop_matches_filter(batch, mask_kind):
+    """predict / condition_on in a loop give filter(...)'s moments and log-likelihood, with
+    missing steps (NaN observations there) skipped exactly; both match the dense reference."""
+    T, Z, D = 7, 3, 2
+    params, obs, gen = random_model(batch, T, Z, D, seed=31 + len(batch))
+    mask = make_mask(mask_kind, batch, T, gen)
+    if mask is not None:
+        mask[..., 1] = False  # at least one missing step
+        obs = torch.where(mask.unsqueeze(-1), obs, torch.full_like(obs, float("nan")))
+    loop = _step_filter(params, obs, mask)
+    f = filter(params, obs, mask)
+    for name in ("means", "covs", "pred_means", "pred_covs", "log_increments"):
+        close(loop[name], getattr(f, name), 1e-12)
+    close(loop["log_increments"].sum(-1), f.log_marginal, 1e-12)
+    ref = dense_reference(params, obs, mask)
+    close(loop["means"], ref["fm"])
+    close(loop["covs"], ref["fc"])
+    close(loop["log_increments"].sum(-1), ref["ll"])
+    if mask is not None:
+        close(loop["means"][~mask], loop["pred_means"][~mask], tol=0)
+        close(loop["covs"][~mask], loop["pred_covs"][~mask], tol=0)
+        assert bool((loop["log_increments"][~mask] == 0).all())
+
+
+def test_condition_on_mask_none_equals_all_observed():
+    params, obs, gen = random_model((3,), 1, 2, 2, seed=12)
+    args = (params.init_loc, params.init_cov, params.obs_matrix[:, 0], params.obs_cov, obs[:, 0])
+    for a, b in zip(condition_on(*args), condition_on(*args, torch.ones(3, dtype=torch.bool))):
+        close(a, b, 0)
+
+
+def test_rts_smooth_of_a_step_filter_equals_smooth():
+    params, obs, gen = random_model((2,), 6, 2, 2, seed=13)
+    mask = make_mask("random", (2,), 6, gen)
+    f = filter(params, obs, mask)
+    s = lgssm.rts_smooth(f, params.trans_matrix, params.trans_cov)
+    for a, b in zip(s, smooth(params, obs, mask)):
+        close(a, b, 1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# opt-in validation
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+def test_log_marginal_validation_off_same_value_and_gradient(mask_kind):
+    params, obs, gen = random_model((3,), 9, 3, 2, seed=14)
+    mask = make_mask(mask_kind, (3,), 9, gen)
+    on = _grads(lambda p, a: log_marginal(p, a, mask, validate_args=True), params, obs)
+    off = _grads(lambda p, a: log_marginal(p, a, mask, validate_args=False), params, obs)
+    close(log_marginal(params, obs, mask, validate_args=False), log_marginal(params, obs, mask, validate_args=True), 0)
+    for a, b in zip(off, on):
+        close(a, b, 0)
+
+
+def test_log_marginal_validation_off_does_no_host_sync(monkeypatch):
+    """The training hot path: forward and backward without a tensor read back to the host
+    and without the raising Cholesky; with validation on the same guard trips."""
+    params, obs, gen = random_model((3,), 9, 3, 2, seed=15)
+    mask = make_mask("random", (3,), 9, gen)
+    leaves = [x.clone().requires_grad_(True) for x in params]
+    forbid_host_sync(monkeypatch)
+    value = log_marginal(LGSSM(*leaves), obs, mask, validate_args=False)
+    torch.autograd.grad(value.sum(), leaves)
+    with pytest.raises(HostSync):
+        log_marginal(LGSSM(*leaves), obs, mask, validate_args=True)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [log_marginal, filter, smooth, lambda p, o, m, **kw: sample_posterior(p, o, m, 2, **kw)],
+)
+def test_validate_args_none_follows_pyro_switch(fn):
+    params, obs = _good()
+    bump = torch.zeros(2, 2, dtype=F64)
+    bump[0, 1] = 0.1
+    params = params._replace(init_cov=params.init_cov + bump)  # not symmetric
+    with pyro.validation_enabled(False):
+        fn(params, obs, None)  # no check: the symmetric part is used
+        with pytest.raises(ValueError, match="init_cov"):
+            fn(params, obs, None, validate_args=True)
+    with pytest.raises(ValueError, match="init_cov"):
+        fn(params, obs, None)  # conftest enables Pyro validation
+    fn(params, obs, None, validate_args=False)
+
+
+def test_shapes_are_checked_with_validation_off():
+    params, obs = _good()
+    with pytest.raises(ValueError, match="obs"):
+        log_marginal(params, obs[..., :1], validate_args=False)
+    with pytest.raises(ValueError, match="mask"):
+        log_marginal(params, obs, torch.ones(3, 4), validate_args=False)
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,6 +44,25 @@ def test_train_script_npz_and_errors(tmp_path):
     assert unknown.returncode == 2 and "--guide" in unknown.stderr
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["kvae", "--z-dim", "3"], "--z-dim does not apply to kvae"),
+    (["kvae", "--guide", "iaf"], "--guide"),
+    (["kvae", "--kl-schedule", "free-bits"], "--kl-schedule does not apply to kvae"),
+    (["hrssm", "--jit"], "--jit: hrssm cannot be compiled"),
+    (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
+    (["vae", "--lr", "inf"], "--lr"),
+    (["vae", "--lr-decay", "-1"], "--lr-decay: expected in (0, 1]"),
+    (["vae", "--hidden-dims", ""], "--hidden-dims"),
+    (["vae", "--seed", "-1"], "--seed: expected >= 0"),
+    (["vae", "--device", "nonsense"], "--device"),
+])
+def test_train_script_bad_flags_are_one_line_errors(tmp_path, argv, words):
+    result = run("scripts/train.py", *argv, "--out", str(tmp_path / "run"), ok=False)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "run")  # refused before any work
+
+
 def test_kvae_demo_train_and_impute_scripts(tmp_path):
     # The demo trains a KVAE and runs scripts/impute.py (random masks) on its run directory.
     result = run("scripts/demo.py", "--out", str(tmp_path / "demo"), "--epochs", "1", "--num-sequences", "12",
@@ -54,7 +73,7 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
     run_dir = tmp_path / "demo" / run_dir
     rows = json.load(open(run_dir / "imputation_random.json"))["rows"]
     assert [r["setting"] for r in rows] == [round(0.1 * i, 1) for i in range(1, 11)]
-    assert all(0 <= r["smoothing"] <= 1 and 0 <= r["floor_walls_only"] <= 1 for r in rows)
+    assert all(0 <= r["smoothing"] <= 1 and 0 <= r["floor_majority_frame"] <= 1 for r in rows)
     for name in ("imputation_random.png", "imputation_random_strip.png", "alpha_epoch001.png", "a_trajectories_epoch001.png"):
         assert (run_dir / "figures" / name).exists()
     result = run("scripts/impute.py", "--run", str(run_dir), "--mask", "consecutive", "--num-test", "2")
@@ -64,11 +83,12 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
         "--batch-size", "5", "--warm-start-steps", "2", "--dynamics-fit-steps", "2", "--cache-dir", str(tmp_path / "cache"),
         "--no-progress", "--out", out)
     warm = json.load(open(os.path.join(out, "warm_start.json")))
-    assert len(warm["code_std"]) == 2 and json.load(open(os.path.join(out, "config.json")))["warm_start"]["autoencoder_steps"] == 2
+    assert len(warm["code_std"]) == 2 and warm["config"]["autoencoder_steps"] == 2
+    assert json.load(open(os.path.join(out, "config.json")))["options"]["warm_start_steps"] == 2
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert 0 <= metrics["recon_error"] <= 1 and 0 <= metrics["impute_smooth"] <= 1
     bad = run("scripts/train.py", "kvae", "--data", "shapes", "--out", str(tmp_path / "bad"), ok=False)
-    assert bad.returncode == 2 and "not available for kvae" in bad.stderr
+    assert bad.returncode == 2 and "--data" in bad.stderr and "shapes" in bad.stderr
 
 
 def test_demo_script(tmp_path):
@@ -101,7 +121,7 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
         "--epochs", "1", "--batch-size", "8", "--temperature-decay-steps", "2", "--update-kl-gradient", "0.5",
         "--cache-dir", str(tmp_path / "cache"),
         "--no-progress", "--out", out, *extra)
-    stored = json.load(open(os.path.join(out, "config.json")))["hrssm"]
+    stored = json.load(open(os.path.join(out, "config.json")))["config"]
     assert stored["temperature_decay_steps"] == 2 and stored["update_kl_gradient"] == 0.5
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"boundary_f1", "boundary_f1_one_to_one", "mean_segments", "temperature", "test_elbo"} <= set(metrics)

@@ -245,7 +245,7 @@ def test_npz_round_trip(tmp_path):
 
 
 def test_npz_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data-path"):
+    with pytest.raises(FileNotFoundError, match="data_path"):
         load_sequence_npz(str(tmp_path / "none.npz"))
     np.savez(tmp_path / "wrong.npz", images=np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="'sequences'"):
@@ -264,9 +264,9 @@ def test_npz_errors(tmp_path):
 def test_loader_errors():
     with pytest.raises(ValueError, match="unknown sequence data set 'moving-mnist'.*bouncing-balls"):
         load_sequence_data("moving-mnist")
-    with pytest.raises(ValueError, match="--data-dir"):
+    with pytest.raises(ValueError, match="data_dir"):
         load_sequence_data("mnist-rows")
-    with pytest.raises(ValueError, match="--data-path"):
+    with pytest.raises(ValueError, match="data_path"):
         load_sequence_data("npz")
     assert SEQUENCE_DATASETS == ("bouncing-balls", "color-balls", "mnist-rows", "npz")
 

@@ -6,7 +6,8 @@ from pyro.infer import Predictive
 
 from inference.analysis import batch_kl_per_dim, latent_stats
 from inference.elbo import make_elbo
-from inference.impute import bottom_half_mask, impute_images, random_pixel_mask
+from pyro_models.imputation import missing_mse
+from pyro_models.vae.impute import bottom_half_mask, impute, random_pixel_mask
 from inference.schedules import FreeBitsConfig, SoftFreeBits, free_bits_update, make_kl_schedule
 from pyro_models.vae import VAEConfig, build_vae
 
@@ -129,12 +130,13 @@ def test_imputation_keeps_observed_pixels(mask_kind):
     model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
     x = torch.rand(4, 1, 8, 8)
     mask = bottom_half_mask(x.shape) if mask_kind == "bottom" else random_pixel_mask(x.shape, 0.5, torch.Generator().manual_seed(0))
-    result = impute_images(model, guide, x, mask, fill=x.mean(0), num_samples=5, num_rounds=2)
+    result = impute(model, guide, x, mask, num_samples=5, fill=x.mean(0), num_rounds=2)
     assert torch.equal(result.imputed[mask], x[mask])
     assert torch.equal(result.samples[:, mask], x[mask].expand(5, -1))
     assert result.samples.shape == (5, 4, 1, 8, 8)
     assert not torch.equal(result.imputed[~mask], x.mean(0).expand_as(x)[~mask])  # something was imputed
-    assert result.error >= 0 and result.baseline_error > 0
+    assert missing_mse(x, result.imputed, mask) >= 0 and missing_mse(x, result.estimates["fill"], mask) > 0
+    assert torch.equal(result.estimates["posterior_mean"], result.imputed) and torch.equal(result.mask, mask)
 
 
 def test_predictive_samples_missing_pixels_only():
@@ -150,7 +152,7 @@ def test_imputation_bad_mask():
     model, guide = build_vae("vae", (1, 6, 6), VAEConfig(**SMALL))
     x = torch.rand(2, 1, 6, 6)
     with pytest.raises(ValueError, match="mask"):
-        impute_images(model, guide, x, torch.ones(2, 6, 6, dtype=torch.bool), x.mean(0))
+        impute(model, guide, x, torch.ones(2, 6, 6, dtype=torch.bool), fill=x.mean(0))
     with pytest.raises(ValueError, match="drop_prob"):
         random_pixel_mask(x.shape, 1.5)
 

@@ -65,7 +65,7 @@ def load_npz(path: str, test_fraction: float = 0.1) -> ImageData:
     The last ``test_fraction`` of the images (at least one) are held out.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data-path: no such file {os.path.abspath(path)}")
+        raise FileNotFoundError(f"data_path: no such file {os.path.abspath(path)}")
     with np.load(path) as archive:
         if "images" not in archive:
             raise ValueError(f"{path}: expected an array named 'images', found {sorted(archive.files)}")
@@ -89,7 +89,7 @@ def load_image_data(
     ``data_path``."""
     if name == "mnist":
         if data_dir is None:
-            raise ValueError("--data mnist needs --data-dir (a folder holding the IDX files)")
+            raise ValueError("data_dir: data 'mnist' needs a folder holding the IDX files, got None")
         train, test = load_mnist(data_dir, download=download)
         return ImageData(train, test, name)
     if name == "shapes":
@@ -98,7 +98,7 @@ def load_image_data(
         return ImageData(images[:-num_test], images[-num_test:], name)
     if name == "npz":
         if data_path is None:
-            raise ValueError("--data npz needs --data-path (an .npz file with an 'images' array)")
+            raise ValueError("data_path: data 'npz' needs an .npz file with an 'images' array, got None")
         return load_npz(data_path)
     raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
 

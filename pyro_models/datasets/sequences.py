@@ -202,7 +202,7 @@ def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> Sequen
     """A user's sequences: ``np.load(path)['sequences']`` in any layout of :func:`check_sequences`,
     with optional 0/1 ``events (N, T)``. The last ``test_fraction`` (at least one) are held out."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data-path: no such file {os.path.abspath(path)}")
+        raise FileNotFoundError(f"data_path: no such file {os.path.abspath(path)}")
     with np.load(path) as archive:
         if "sequences" not in archive:
             raise ValueError(f"{path}: expected an array named 'sequences', found {sorted(archive.files)}")
@@ -244,18 +244,18 @@ def load_sequence_data(
     """
     if name in GENERATORS:
         if num_train < 1 or num_test < 1:
-            raise ValueError(f"--data {name}: num_train and num_test must be >= 1, got {num_train}, {num_test}")
+            raise ValueError(f"num_train, num_test: expected >= 1 for data {name!r}, got {num_train}, {num_test}")
         common = dict(num_steps=num_steps, cache_dir=cache_dir)
         train, train_events = generate_sequences(name, num_sequences=num_train, seed=seed, **common)
         test, test_events = generate_sequences(name, num_sequences=num_test, seed=seed + TEST_SEED_OFFSET, **common)
         return SequenceData(train, test, name, train_events, test_events)
     if name == "mnist-rows":
         if data_dir is None:
-            raise ValueError("--data mnist-rows needs --data-dir (a folder holding the MNIST IDX files)")
+            raise ValueError("data_dir: data 'mnist-rows' needs a folder holding the MNIST IDX files, got None")
         return load_mnist_rows(data_dir, download=download)
     if name == "npz":
         if data_path is None:
-            raise ValueError("--data npz needs --data-path (an .npz file with a 'sequences' array)")
+            raise ValueError("data_path: data 'npz' needs an .npz file with a 'sequences' array, got None")
         return load_sequence_npz(data_path)
     raise ValueError(f"unknown sequence data set {name!r}; choose one of {SEQUENCE_DATASETS}")
 

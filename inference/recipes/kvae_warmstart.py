@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
-from .trainer import TrainConfig
+from ..trainer import TrainConfig
 
 
 @dataclass

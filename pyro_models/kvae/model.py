@@ -5,12 +5,12 @@ Generative process (eqs. 1-5; no control input, so B is unused)::
 
     alpha_t = softmax(W LSTM(a_0, a_1, ..., a_{t-1}))        (batch, T, K); a_0 is learned
     A_t = sum_k alpha_t^(k) A^(k),  C_t = sum_k alpha_t^(k) C^(k)
-    z_1 ~ N(0, init_cov);  z_t = A_t z_{t-1} + w_t,  w_t ~ N(0, Q)        (batch, T, z_dim)
+    z_1 ~ N(0, init_cov);  z_t = A_t z_{t-1} + w_t,  w_t ~ N(0, Q)        (batch, T, state_dim)
     a_t = C_t z_t + v_t,  v_t ~ N(0, R)                                    (batch, T, a_dim)
     x_t | a_t ~ Bernoulli(decoder(a_t))                                    (batch, T, *frame_shape)
 
 The model marginalises z exactly: the site ``a`` has the distribution :class:`KalmanPrior`, whose
-``log_prob`` is log p(a) from the Kalman filter's parallel scan (:func:`inference.lgssm.log_marginal`,
+``log_prob`` is log p(a) from the Kalman filter's parallel scan (:func:`pyro_models.lgssm.log_marginal`,
 float64), so with the guide q(a | x) = prod_t N(a_t; mu(x_t), sigma^2(x_t)) the ELBO is eq. 7 with the
 exact posterior of z. The reconstruction term is weighted by ``recon_weight`` in training mode only
 (0.3 in the original recipe); evaluation always scores the true ELBO.
@@ -19,148 +19,26 @@ Model and guide share the signature ``(x, mask=None)`` with ``x (batch, T, *fram
 ``mask (batch, T)`` (bool, True = frame observed; used for imputation).
 """
 from __future__ import annotations
+from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from inference.lgssm import LGSSM, log_marginal
-
-from .distributions import GreyBernoulli, observe
-from .networks import mlp, per_frame
-from .vae import KLWeights, sample_latent
-
-
-@dataclass
-class KVAEConfig:
-    """Sizes and fixed quantities of the KVAE; defaults follow the original code (simonkamronn/kvae)."""
-
-    a_dim: int = 2
-    z_dim: int = 4
-    num_bases: int = 3  # K
-    lstm_hidden: int = 50
-    obs_noise: float = 0.03  # R = obs_noise * I (fixed)
-    trans_noise: float = 0.08  # Q = trans_noise * I (fixed)
-    init_cov: float = 20.0  # Cov(z_1) = init_cov * I (fixed)
-    init_obs_scale: float = 0.05  # C^(k) ~ init_obs_scale * N(0, 1); A^(k) start at I
-    encoder_var_cap: float = 0.03  # Var q(a_t | x_t) = cap * sigmoid(.): never above R
-    recon_weight: float = 0.3  # weight of log p(x | a) in training (1 in evaluation)
-    encoder_filters: int = 32  # images: conv layers of 3x3, stride 2
-    encoder_layers: int = 3
-    decoder_start_channels: int = 32  # images: dense to (channels, H / 2^blocks, W / 2^blocks)
-    decoder_channels: int = 128  # each block: 3x3 conv to this many channels, then sub-pixel x2
-    decoder_blocks: int = 3
-    mlp_hidden: Tuple[int, ...] = (128, 128)  # vector frames: encoder and decoder widths
-
-    def __post_init__(self):
-        for name in ("a_dim", "z_dim", "num_bases", "lstm_hidden", "encoder_layers", "decoder_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("obs_noise", "trans_noise", "init_cov", "encoder_var_cap"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+from ..distributions import GreyBernoulli, observe
+from ..kl_weights import KLWeights, sample_latent
+from ..lgssm import LGSSM, log_marginal
+from ..networks import per_frame
+from .config import KVAEConfig
+from .networks import ConvFrameDecoder, MLPFrameDecoder
 
 
-# ------------------------------------------------------------------------------------------ networks
-class CappedGaussianHead(nn.Module):
-    """Mean and standard deviation of q(a_t | x_t) from frame features ``(frames, features)``: dense
-    layers to the mean and to the variance ``cap * sigmoid(.)`` (never above R)."""
-
-    def __init__(self, features: int, config: KVAEConfig):
-        super().__init__()
-        self.loc = nn.Linear(features, config.a_dim)
-        self.var = nn.Linear(features, config.a_dim)
-        self.cap = config.encoder_var_cap
-
-    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(h), (self.cap * torch.sigmoid(self.var(h))).sqrt()
-
-
-class ConvFrameEncoder(nn.Module):
-    """Network of q(a_t | x_t) for image frames: ``layers`` 3x3 stride-2 convs with ReLU, then dense to
-    the mean and the variance ``cap * sigmoid(.)`` of a_t."""
-
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
-        super().__init__()
-        c, h, w = frame_shape
-        layers, channels = [], c
-        for _ in range(config.encoder_layers):
-            layers += [nn.Conv2d(channels, config.encoder_filters, 3, stride=2, padding=1), nn.ReLU()]
-            channels = config.encoder_filters
-            h, w = (h + 1) // 2, (w + 1) // 2
-        self.body = nn.Sequential(*layers, nn.Flatten())
-        self.head = CappedGaussianHead(channels * h * w, config)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.body(x))  # (frames, C, H, W) -> (frames, features) -> loc, scale
-
-
-class ConvFrameDecoder(nn.Module):
-    """Network of p(x_t | a_t) for image frames: dense to ``(start_channels, H/2^B, W/2^B)``, then B
-    blocks of [3x3 conv to ``channels``, ReLU, sub-pixel x2 upsampling], then a 1x1 conv to logits."""
-
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
-        super().__init__()
-        c, h, w = frame_shape
-        factor = 2**config.decoder_blocks
-        if h % factor or w % factor:
-            raise ValueError(f"frame_shape: height and width must be multiples of 2^decoder_blocks = {factor}, got {h}x{w}")
-        self.start = (config.decoder_start_channels, h // factor, w // factor)
-        self.dense = nn.Linear(config.a_dim, int(torch.Size(self.start).numel()))
-        blocks, channels = [], config.decoder_start_channels
-        for _ in range(config.decoder_blocks):
-            blocks += [nn.Conv2d(channels, config.decoder_channels, 3, padding=1), nn.ReLU(), nn.PixelShuffle(2)]
-            channels = config.decoder_channels // 4
-        self.body = nn.Sequential(*blocks)
-        self.out = nn.Conv2d(channels, c, 1)
-
-    @property
-    def input_layer(self) -> nn.Linear:
-        """The dense layer that reads a."""
-        return self.dense
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.dense(a)).reshape((-1,) + self.start)  # (frames, start_channels, h, w)
-        return self.out(self.body(h))  # (frames, C, H, W) logits
-
-
-class MLPFrameEncoder(nn.Module):
-    """Network of q(a_t | x_t) for vector frames ``(frames, D)``: MLP, then mean and capped variance."""
-
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
-        super().__init__()
-        self.body = nn.Sequential(mlp([frame_shape[0], *config.mlp_hidden]), nn.ReLU())
-        self.head = CappedGaussianHead(config.mlp_hidden[-1], config)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.body(x))
-
-
-class MLPFrameDecoder(nn.Module):
-    """Network of p(x_t | a_t) for vector frames: MLP to ``D`` logits."""
-
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig):
-        super().__init__()
-        self.net = mlp([config.a_dim, *config.mlp_hidden[::-1], frame_shape[0]])
-
-    @property
-    def input_layer(self) -> nn.Linear:
-        """The dense layer that reads a."""
-        return self.net[0]
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.net(a)
-
-
-# ------------------------------------------------------------------------------------------ dynamics
 class KalmanDynamics(nn.Module):
     """The linear-Gaussian state-space model over a, with the dynamics parameter network:
     p(z_t | z_{t-1}) = N(A_t z_{t-1}, Q), p(a_t | z_t) = N(C_t z_t, R), (A_t, C_t) mixed from K bases
@@ -168,7 +46,7 @@ class KalmanDynamics(nn.Module):
 
     def __init__(self, config: KVAEConfig):
         super().__init__()
-        k, z, a = config.num_bases, config.z_dim, config.a_dim
+        k, z, a = config.num_bases, config.state_dim, config.a_dim
         self.a0 = nn.Parameter(torch.zeros(a))
         self.lstm = nn.LSTM(a, config.lstm_hidden, batch_first=True)
         self.alpha_head = nn.Linear(config.lstm_hidden, k)
@@ -221,7 +99,7 @@ class KalmanPrior(TorchDistribution):
 
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
         flat = a.reshape((-1,) + a.shape[-2:])  # (n, T, a_dim)
-        value = log_marginal(self.dynamics.lgssm(self.dynamics.alpha(flat)), flat)
+        value = log_marginal(self.dynamics.lgssm(self.dynamics.alpha(flat)), flat, validate_args=False)
         return value.to(a.dtype).reshape(a.shape[:-2])
 
     @torch.no_grad()
@@ -232,7 +110,7 @@ class KalmanPrior(TorchDistribution):
 
 
 class Latents(NamedTuple):
-    """A draw from the prior: ``a (batch, T, a_dim)``, ``z (batch, T, z_dim)``, ``alpha (batch, T, K)``."""
+    """A draw from the prior: ``a (batch, T, a_dim)``, ``z (batch, T, state_dim)``, ``alpha (batch, T, K)``."""
 
     a: torch.Tensor
     z: torch.Tensor
@@ -292,26 +170,6 @@ class KVAE(nn.Module):
                                len(self.frame_shape) + 1, "frames")
 
 
-class KVAEGuide(nn.Module):
-    """The guide q(a | x) = prod_t N(a_t; mu(x_t), diag sigma^2(x_t)) (the recognition model, eq. 6)."""
-
-    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig, kl_weights: Optional[KLWeights] = None):
-        super().__init__()
-        self.frame_dims = len(frame_shape)
-        self.encoder = (ConvFrameEncoder if len(frame_shape) == 3 else MLPFrameEncoder)(frame_shape, config)
-        self.kl_weights = kl_weights if kl_weights is not None else KLWeights(config.a_dim)
-
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
-        loc, scale = per_frame(self.encoder, x, self.frame_dims)
-        return dist.Normal(loc, scale).to_event(2)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module("kvae_guide", self)
-        with pyro.plate("sequences", x.shape[0]):
-            return sample_latent("a", self.posterior(x), self.kl_weights)
-
-
 def generate(model: KVAE, batch_size: int, num_steps: int) -> torch.Tensor:
     """A Pyro program sampling sequences from the prior, one step at a time under ``pyro.markov``:
     z_t | z_{t-1}, a_t | z_t and x_t | a_t are sample sites ``z_t``, ``a_t``, ``x_t`` (t from 1).
@@ -330,11 +188,3 @@ def generate(model: KVAE, batch_size: int, num_steps: int) -> torch.Tensor:
             means.append(torch.sigmoid(logits))
             pyro.sample(f"x_{t + 1}", dist.Bernoulli(logits=logits).to_event(len(model.frame_shape)))
     return torch.stack(means, dim=1)
-
-
-def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KVAEGuide]:
-    """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)`` vectors."""
-    if len(frame_shape) not in (1, 3):
-        raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
-    model = KVAE(frame_shape, config)
-    return model, KVAEGuide(frame_shape, config, model.kl_weights)

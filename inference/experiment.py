@@ -1,0 +1,149 @@
+"""One path from data to a trained run for every registered model, and back: :func:`train` assembles
+a run from a recipe (data, model and guide, preparation, callbacks, trainer); :func:`load_run` returns
+the model, guide, configs and data of any run directory."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import pyro
+import torch
+
+from .recipe import Context, Recipe
+from .registry import get_recipe
+from .rundir import CHECKPOINT, CONFIG, RunDir
+from .trainer import TrainConfig, Trainer
+
+RUN_FORMAT = 2  # config.json layout: model, format, config, options, train, data
+
+
+def dataclass_from_json(cls, stored: Dict[str, Any]):
+    """A config dataclass ``cls`` from its JSON form (lists back to tuples); unknown keys are an error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown} (expected some of {sorted(known)})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a training run; stored as the run's ``config.json``."""
+
+    model: str
+    config: Any  # the model's config dataclass
+    train: TrainConfig
+    data: Any = None  # the data config (None: data handed in directly)
+    options: Any = None  # the recipe's options (None: their defaults)
+
+    def __post_init__(self):
+        recipe = get_recipe(self.model)
+        for name, cls in (("config", recipe.config), ("options", recipe.options), ("data", type(recipe.data_config))):
+            value = getattr(self, name)
+            if value is None and name != "data":
+                setattr(self, name, cls())
+            elif value is not None and not isinstance(value, cls):
+                raise ValueError(f"{name}: expected a {cls.__name__} for model {self.model!r}, got {type(value).__name__}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train: expected a TrainConfig, got {type(self.train).__name__}")
+
+    @property
+    def recipe(self) -> Recipe:
+        return get_recipe(self.model)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"model": self.model, "format": RUN_FORMAT, "config": asdict(self.config), "train": asdict(self.train),
+                "options": asdict(self.options), "data": asdict(self.data) if self.data is not None else None}
+
+    @classmethod
+    def from_json(cls, stored: Dict[str, Any]) -> "RunSpec":
+        if stored.get("format") != RUN_FORMAT:
+            raise ValueError(f"config.json: format {stored.get('format')!r} is not this library's run format {RUN_FORMAT}")
+        recipe = get_recipe(stored["model"])
+        data = stored.get("data")
+        return cls(stored["model"], dataclass_from_json(recipe.config, stored["config"]),
+                   dataclass_from_json(TrainConfig, stored["train"]),
+                   dataclass_from_json(type(recipe.data_config), data) if data is not None else None,
+                   dataclass_from_json(recipe.options, stored.get("options") or {}))
+
+
+def build(spec: RunSpec, data) -> Context:
+    """Model and guide of ``spec`` for ``data`` (seeded by ``spec.train.seed``), in a :class:`Context`."""
+    recipe = spec.recipe
+    pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
+    torch.manual_seed(spec.train.seed)  # network initialisation
+    if recipe.prepare_data is not None:
+        data = recipe.prepare_data(data, spec.data, spec.train.seed)
+    model, guide = recipe.build(tuple(data.train.shape[1:]), spec.config)
+    return Context(model, guide, data, spec.data, spec.config, spec.options, spec.train, None)
+
+
+def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=None) -> List[Dict[str, Any]]:
+    """Train the run ``spec`` on ``data`` (default: loaded from ``spec.data``); returns the metrics of
+    every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it."""
+    recipe = spec.recipe
+    recipe.check_compilable(spec.config, spec.options, spec.train)
+    if out is not None:
+        RunDir.preflight(out, resume)
+    if data is None:
+        if spec.data is None:
+            raise ValueError("data: pass the data or a data config in spec.data")
+        data = spec.data.load(seed=spec.train.seed)
+    context = build(spec, data)
+    run = RunDir(out, spec.to_json(), resume=resume) if out is not None else None
+    context = context._replace(run=run)
+    if recipe.prepare is not None and not resume:
+        context.model.to(spec.train.device), context.guide.to(spec.train.device)
+        recipe.prepare(context)
+    transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
+    trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
+                      units_per_example=recipe.units_per_example(context.data))
+    return trainer.fit(context.data.train, context.data.test, resume=resume)
+
+
+class Run(NamedTuple):
+    """A trained run: ``model`` and ``guide`` (eval mode), its :class:`RunSpec`, its data, its path."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    spec: RunSpec
+    data: Any
+    path: str
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.spec.recipe
+
+
+def read_spec(path: str) -> RunSpec:
+    """The :class:`RunSpec` stored in the run directory ``path``."""
+    config_path = os.path.join(path, CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"path: {os.path.abspath(path)} holds no run ({CONFIG} not found)")
+    with open(config_path) as f:
+        return RunSpec.from_json(json.load(f))
+
+
+def load_run(path: str, data_dir: Optional[str] = None, data=None) -> Run:
+    """Model, guide (eval mode, trained weights), spec and data of the run directory ``path`` of any
+    registered model. ``data_dir`` overrides where the stored data config finds MNIST; ``data``
+    replaces the stored data altogether (required when the run was trained on data handed in)."""
+    spec = read_spec(path)
+    if data is None:
+        if spec.data is None:
+            raise ValueError(f"data: the run in {path} was trained on data handed in directly; pass them as data")
+        data_config = spec.data if data_dir is None else type(spec.data)(**{**asdict(spec.data), "data_dir": data_dir})
+        data = data_config.load(seed=spec.train.seed)
+    context = build(spec, data)
+    checkpoint = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"path: {os.path.abspath(path)} has no {CHECKPOINT} yet (no epoch finished)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for module, module_state in zip((context.model, context.guide), state["modules"]):
+        module.load_state_dict(module_state)
+        module.eval()
+    return Run(context.model, context.guide, spec, context.data, path)
+
+

@@ -1,0 +1,134 @@
+"""Imputation experiments for any registered model, through its recipe's imputer: masks of a kind and
+strength, errors on the missing parts of held-out data for every estimate the imputer returns, next to
+trivial floors, and figures (the KVAE paper's Figure 3 protocol for sequences).
+
+Sequence models get frame masks: ``random`` (each frame after the first ``num_given`` missing with a
+drop probability) or ``consecutive`` (k frames missing right after the first ``num_given``); floors:
+the training set's majority frame (for bouncing balls, the walls only) and the last observed frame.
+Image models get pixel masks: ``random`` (each pixel missing with a drop probability) or
+``bottom-half``; floor: the mean training image.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, NamedTuple, Sequence
+
+import torch
+
+from pyro_models.imputation import (NUM_GIVEN, Imputation, consecutive_frame_mask, expand_mask, hamming_error, last_observed_frame,
+                                    majority_frame, missing_mse, random_frame_mask)
+from pyro_models.vae.impute import bottom_half_mask, random_pixel_mask
+
+from . import plots
+from .experiment import Run
+
+DROP_PROBS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+CONSECUTIVE_STRIDE = 2  # k = 1, 3, 5, ...
+FRAME_MASKS, PIXEL_MASKS = ("random", "consecutive"), ("random", "bottom-half")
+METRICS = {"hamming": hamming_error, "mse": missing_mse}
+
+
+class Setting(NamedTuple):
+    kind: str
+    value: float
+
+
+def mask_kinds(run: Run) -> Sequence[str]:
+    return FRAME_MASKS if run.recipe.frame_mask else PIXEL_MASKS
+
+
+def settings(run: Run, kind: str) -> List[float]:
+    """The strengths of mask ``kind`` for the run's held-out data."""
+    if kind not in mask_kinds(run):
+        raise ValueError(f"kind: expected one of {tuple(mask_kinds(run))} for a {run.spec.model} run, got {kind!r}")
+    if kind == "random":
+        return list(DROP_PROBS)
+    if kind == "bottom-half":
+        return [0.5]
+    return list(range(1, run.data.test.shape[1] - NUM_GIVEN + 1, CONSECUTIVE_STRIDE))
+
+
+def make_mask(run: Run, kind: str, value, shape: torch.Size, seed: int) -> torch.Tensor:
+    """The boolean mask (True = observed) of ``kind`` at strength ``value`` for data of ``shape``."""
+    generator = torch.Generator().manual_seed(seed)
+    if run.recipe.frame_mask:
+        if kind == "random":
+            return random_frame_mask(shape[0], shape[1], value, NUM_GIVEN, generator)
+        return consecutive_frame_mask(shape[0], shape[1], int(value), NUM_GIVEN)
+    if kind == "random":
+        return random_pixel_mask(shape, value, generator)
+    return bottom_half_mask(shape)
+
+
+def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Trivial predictions of ``x`` to compare with."""
+    if run.recipe.frame_mask:
+        return {"floor_majority_frame": majority_frame(run.data.train, x), "floor_last_observed": last_observed_frame(x, mask)}
+    return {"floor_mean_image": run.data.train.mean(0).expand_as(x)}
+
+
+def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int) -> Imputation:
+    if run.recipe.impute is None:
+        raise ValueError(f"model: {run.spec.model} has no imputer")
+    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples)
+
+
+def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samples: int = 1,
+             metric: str = "hamming", num_test: int = 0) -> List[Dict[str, float]]:
+    """One row per strength of mask ``kind``: the error (``metric``) on the missing parts of the held-out
+    data (the first ``num_test``; 0: all), averaged over missing parts, for every estimate and floor."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {tuple(METRICS)}, got {metric!r}")
+    if batch_size < 1 or num_samples < 1 or num_test < 0:
+        raise ValueError(f"batch_size, num_samples, num_test: expected >= 1, >= 1, >= 0, got {batch_size}, {num_samples}, {num_test}")
+    test = run.data.test if num_test == 0 else run.data.test[:num_test]
+    score, rows = METRICS[metric], []
+    for value in settings(run, kind):
+        mask = make_mask(run, kind, value, test.shape, seed)
+        totals: Dict[str, List] = {}
+        for start in range(0, test.shape[0], batch_size):
+            x, m = test[start : start + batch_size], mask[start : start + batch_size]
+            weight = int((~expand_mask(m, x)).sum())  # average over missing parts, not batches
+            if weight == 0:
+                continue
+            estimates = {**impute_batch(run, x, m, num_samples).estimates, **floors(run, x, m)}
+            for name, estimate in estimates.items():
+                totals.setdefault(name, []).append((score(x, estimate, m), weight))
+        row = {"setting": value}
+        row.update({name: sum(e * w for e, w in parts) / sum(w for _, w in parts) for name, parts in totals.items()})
+        rows.append(row)
+    return rows
+
+
+def figures(run: Run, kind: str, rows: List[Dict[str, float]], seed: int = 0) -> List[str]:
+    """The error curves of ``rows`` and, for image frames, a strip of one held-out example at the middle
+    strength (truth / observed / each estimate / a posterior-predictive draw). Returns the paths."""
+    folder = os.path.join(run.path, "figures")
+    xs = [r["setting"] for r in rows]
+    names = [k for k in rows[0] if k != "setting"] if rows else []
+    label = {"random": "drop probability", "consecutive": "consecutive missing frames k"}.get(kind, kind)
+    paths = [plots.error_curves(xs, {k: [r.get(k, float("nan")) for r in rows] for k in names},
+                                os.path.join(folder, f"imputation_{kind}.png"), label,
+                                f"{run.spec.model} imputation, {kind} masks")]
+    x = run.data.test[:1]
+    middle = xs[len(xs) // 2]
+    mask = make_mask(run, kind, middle, x.shape, seed)
+    result = impute_batch(run, x, mask, num_samples=1)
+    images = x[0] if run.recipe.frame_mask else x
+    if images.dim() == 4:  # (T, C, H, W) frames or (batch, C, H, W) images
+        pick = (lambda t: t[0]) if run.recipe.frame_mask else (lambda t: t)
+        rows_shown = [pick(x), pick(x)] + [pick(e) for e in result.estimates.values()] + [pick(result.samples[0])]
+        labels = ["truth", "observed", *result.estimates, "sampled"]
+        observed = [None, pick(expand_mask(mask, x))] + [None] * (len(rows_shown) - 2)
+        paths.append(plots.image_rows(rows_shown, labels, os.path.join(folder, f"imputation_{kind}_strip.png"),
+                                      f"{kind} mask, setting {middle}: missing parts in blue", observed=observed))
+    return paths
+
+
+def save(run: Run, kind: str, rows: List[Dict[str, float]], **details) -> str:
+    """Write ``rows`` (and ``details``: metric, seed, ...) to ``RUN/imputation_KIND.json``; returns the path."""
+    path = os.path.join(run.path, f"imputation_{kind}.json")
+    with open(path, "w") as f:
+        json.dump({"mask": kind, **details, "rows": rows}, f, indent=2)
+    return path

@@ -1,0 +1,101 @@
+"""What the trainer, the scripts and the benchmarks need of a model, declared once per model.
+
+A :class:`Recipe` names a model's config dataclass, its guides, the data it trains on, its training
+defaults and options, its callbacks (schedules, reports), an optional preparation before training
+(e.g. the KVAE's warm start), whether it can be compiled, and its imputer. The registry
+(:mod:`inference.registry`) maps model names to recipes; nothing else in the library branches on a
+model's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .rundir import RunDir
+from .trainer import BatchTransform, Callback, TrainConfig
+
+
+@dataclass
+class NoOptions:
+    """A recipe without options of its own."""
+
+
+class Context(NamedTuple):
+    """Everything one training run is made of, handed to a recipe's hooks."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    data: Any  # ImageData or SequenceData, as trained on
+    data_config: Any  # how the data were loaded (None for data handed in directly)
+    config: Any  # the model's config dataclass
+    options: Any  # the recipe's options dataclass
+    train: TrainConfig
+    run: Optional[RunDir]
+
+
+def _no_callbacks(context: Context) -> List[Callback]:
+    return []
+
+
+def _one_unit(data) -> int:
+    return 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model's description (see the module docstring).
+
+    ``build(shape, config) -> (model, guide)``: ``shape`` is an example's shape, ``data.train.shape[1:]``.
+    ``data_config``: the default data configuration (its class decides the kind of data).
+    ``options``: the options dataclass of the recipe (flags like the config's); ``NoOptions`` if none.
+    ``callbacks(context)``: training callbacks in order. ``prepare(context)``: runs once before the first
+    epoch of a new run (not on resume), e.g. a warm start; it may write its record into ``context.run``.
+    ``compilable``: whether the training loss can be compiled (``TrainConfig.jit``) at all;
+    ``jit_refusal(config, options, train)``: why it cannot be for these settings (e.g. a KL schedule
+    whose weights a trace would freeze), or None.
+    ``units_per_example(data)``: the divisor of ``TrainConfig.mean_loss`` (frames per sequence).
+    ``batch_transform(context)``: applied to each training batch, or None.
+    ``prepare_data(data, data_config, seed)``: data as trained on (e.g. static binarisation).
+    ``impute(model, guide, x, mask, num_samples, generator)``: the model's imputer, returning
+    :class:`pyro_models.imputation.Imputation`; ``frame_mask``: masks are ``(batch, T)``, not pixels.
+    ``evaluations``: the model's own evaluations by name, ``{name: (options_class, fn)}`` with
+    ``fn(run, options) -> dict`` (JSON-able; it may write figures into the run); ``scripts/evaluate.py``
+    generates its flags from ``options_class``.
+    ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
+    benchmarks (the registry-wide tests train every model on it).
+    ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
+    """
+
+    name: str
+    summary: str
+    config: type
+    build: Callable[[Tuple[int, ...], Any], Tuple[torch.nn.Module, torch.nn.Module]]
+    data_config: Any
+    train_defaults: TrainConfig = field(default_factory=TrainConfig)
+    guides: Sequence[str] = ()
+    options: type = NoOptions
+    callbacks: Callable[[Context], List[Callback]] = _no_callbacks
+    prepare: Optional[Callable[[Context], None]] = None
+    compilable: bool = False
+    jit_refusal: Optional[Callable[[Any, Any, TrainConfig], Optional[str]]] = None
+    not_compilable_because: str = "its ELBO reads Python values that a trace would freeze"
+    units_per_example: Callable[[Any], int] = _one_unit
+    batch_transform: Optional[Callable[[Context], Optional[BatchTransform]]] = None
+    prepare_data: Optional[Callable[[Any, Any, int], Any]] = None
+    impute: Optional[Callable[..., Any]] = None
+    frame_mask: bool = True
+    evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
+    example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
+    shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
+
+    def check_compilable(self, config, options, train: TrainConfig) -> None:
+        """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""
+        if not train.jit:
+            return
+        reason = self.not_compilable_because if not self.compilable else None
+        if reason is None and self.jit_refusal is not None:
+            reason = self.jit_refusal(config, options, train)
+        if reason:
+            raise ValueError(f"jit: {self.name} cannot be compiled here: {reason}")

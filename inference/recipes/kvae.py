@@ -1,0 +1,152 @@
+"""The Kalman VAE recipe: the original code's optimisation (simonkamronn/kvae), the LSTM freeze, an
+optional KL warm-up, the warm start against posterior collapse, the per-epoch report, the imputer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List
+
+import torch
+
+from pyro_models.datasets.configs import SequenceDataConfig
+from pyro_models.imputation import expand_mask, hamming_error, random_frame_mask
+from pyro_models.kvae import GUIDES, KVAEConfig, build_kvae
+from pyro_models.kvae.impute import impute
+from pyro_models.modes import eval_mode
+
+from .. import plots
+from ..recipe import Context, Recipe
+from ..schedules import LinearKLAnnealing
+from ..trainer import Callback, TrainConfig, Trainer
+from .kvae_warmstart import WarmStartConfig, warm_start, warm_start_for
+
+# The optimisation recipe of the original code (simonkamronn/kvae).
+# Its loss is the mean per frame, which its gradient clip of 150 assumes (mean_loss).
+KVAE_TRAIN_DEFAULTS = TrainConfig(epochs=80, batch_size=32, lr=0.007, lr_decay=0.85, lr_decay_every=20, clip_norm=150.0,
+                                  mean_loss=True)
+LSTM_FROZEN_EPOCHS = 10
+WARM_START_FILE = "warm_start.json"
+
+
+@dataclass
+class KVAEOptions:
+    """Training options of the KVAE beyond the optimiser."""
+
+    lstm_frozen_epochs: int = LSTM_FROZEN_EPOCHS  # epochs during which the dynamics LSTM is not trained (the recipe)
+    kl_warmup_epochs: int = 0  # scale the KL by min(1, epoch / N) (0: off, the recipe)
+    warm_start_steps: int = WarmStartConfig.autoencoder_steps  # autoencoder steps of the warm start against collapse (0: no warm start, the original recipe)
+    dynamics_fit_steps: int = WarmStartConfig.dynamics_steps  # warm start: steps fitting the LGSSM to the codes
+
+    def __post_init__(self):
+        for name in ("lstm_frozen_epochs", "kl_warmup_epochs", "warm_start_steps", "dynamics_fit_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+
+class FreezeParameters(Callback):
+    """Leaves ``parameters`` untouched for the first ``epochs`` epochs: their gradients are dropped after
+    every backward pass (gradients still flow through them to everything else), so Adam neither moves
+    them nor accumulates their moments. The KVAE recipe freezes the dynamics LSTM for 10 epochs."""
+
+    def __init__(self, parameters, epochs: int):
+        self.parameters, self.epochs, self.frozen = list(parameters), epochs, epochs > 0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.frozen = epoch <= self.epochs
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if self.frozen:
+            for p in self.parameters:
+                p.grad = None
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        return {"frozen": self.frozen}
+
+
+class KVAEReport(Callback):
+    """Each epoch, on the first held-out sequences: reconstructions, the mixture weights alpha over time,
+    the a-trajectories (figures), the imputation error at drop probability ``drop_prob``
+    (``impute_smooth``, ``impute_filter``: fraction of wrong pixels on missing frames) and the
+    reconstruction error from E_q[a | x] on all frames (``recon_error``; at the walls-only floor, the
+    decoder ignores a: posterior collapse)."""
+
+    def __init__(self, num_sequences: int = 64, num_shown: int = 4, drop_prob: float = 0.5, seed: int = 0,
+                 num_samples: int = 1):
+        self.num_sequences, self.num_shown, self.drop_prob, self.seed = num_sequences, num_shown, drop_prob, seed
+        self.num_samples = num_samples
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        model, guide, run = trainer.model, trainer.guide, trainer.run
+        x = trainer.test_data[: self.num_sequences].to(trainer.device)
+        generator = torch.Generator().manual_seed(self.seed)
+        mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=generator).to(x.device)
+        with eval_mode(model, guide):
+            imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator)
+            a = guide.posterior(x).mean  # (n, T, a_dim)
+            reconstruction = torch.sigmoid(model.frame_logits(a))
+            metrics = {"impute_smooth": hamming_error(x, imputation.estimates["smoothing"], mask),
+                       "impute_filter": hamming_error(x, imputation.estimates["filtering"], mask),
+                       "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
+            if run is not None and x.dim() == 5:
+                self._figures(trainer, epoch, x, mask, imputation, a, reconstruction)
+        return metrics
+
+    def _figures(self, trainer, epoch, x, mask, imputation, a, reconstruction) -> None:
+        model, run = trainer.model, trainer.run
+        shown, a = x[: self.num_shown], a[: self.num_shown]
+        pairs = min(2, shown.shape[0])
+        rows = [r for n in range(pairs) for r in (shown[n], reconstruction[n])]
+        plots.image_rows(rows, ["data", "reconstruction"] * pairs, run.figure_path("reconstructions", epoch),
+                         f"epoch {epoch}: held-out sequences and their reconstructions from E_q[a|x]")
+        plots.weight_panels(model.dynamics.alpha(a), run.figure_path("alpha", epoch), f"epoch {epoch}: mixture weights alpha_t")
+        plots.trajectories(a, run.figure_path("a_trajectories", epoch), f"epoch {epoch}: E_q[a_t | x_t] of {shown.shape[0]} sequences, colour = time")
+        smoothed, filtered = imputation.estimates["smoothing"], imputation.estimates["filtering"]
+        plots.image_rows([x[0], x[0], smoothed[0], filtered[0]], ["truth", "observed", "smoothed", "filtered"],
+                         run.figure_path("imputation", epoch), f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)",
+                         observed=[None, expand_mask(mask, x)[0], None, None])
+
+
+def _callbacks(context: Context) -> List[Callback]:
+    options = context.options
+    callbacks: List[Callback] = [FreezeParameters(context.model.dynamics.lstm.parameters(), options.lstm_frozen_epochs),
+                                 KVAEReport(seed=context.train.seed)]
+    if options.kl_warmup_epochs > 0:
+        callbacks.insert(0, LinearKLAnnealing(context.model.kl_weights, options.kl_warmup_epochs))
+    return callbacks
+
+
+def _warm_start(context: Context) -> None:
+    """The warm start (``warm_start.py``), its losses written to ``RUN/warm_start.json``."""
+    warm = warm_start_for(context.train, context.options.warm_start_steps, context.options.dynamics_fit_steps)
+    if warm is None:
+        return
+    result = warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,
+                        progress=context.train.progress)
+    if context.run is not None:
+        record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}
+        context.run.write_json(WARM_START_FILE, {**record, "config": asdict(warm)})
+
+
+def _frames_per_sequence(data) -> int:
+    return data.train.shape[1]
+
+
+def _build(shape, config: KVAEConfig):
+    return build_kvae(shape[1:], config)  # (T, *frame_shape) -> frame_shape
+
+
+def _example():
+    config = KVAEConfig(a_dim=2, state_dim=3, num_bases=2, lstm_hidden=8, encoder_filters=4, encoder_layers=2,
+                        decoder_start_channels=4, decoder_channels=8, decoder_blocks=2)
+    return config, (5, 1, 16, 16)
+
+
+RECIPES = (
+    Recipe(
+        name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=_build,
+        data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=KVAE_TRAIN_DEFAULTS, guides=GUIDES,
+        options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=_frames_per_sequence,
+        compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",
+        impute=impute, example=_example,
+    ),
+)

@@ -1,0 +1,70 @@
+"""Data configurations: which data set a run trains on, as dataclasses the command line is generated
+from and a run directory stores (``config.json``), so that a run's data can be rebuilt exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from . import BINARIZE_MODES, DATASETS, ImageData, load_image_data
+from .sequences import SEQUENCE_DATASETS, SequenceData, load_sequence_data
+
+TEST_SHARE = 5  # generated sequence sets hold out 1 / TEST_SHARE as many sequences as they train on
+
+
+@dataclass
+class ImageDataConfig:
+    """Images ``(N, C, H, W)`` in [0, 1] for the VAE family."""
+
+    data: str = field(default="shapes", metadata={"choices": DATASETS})  # the data set
+    data_dir: Optional[str] = None  # folder of the MNIST IDX files (torchvision layout or flat), for data mnist
+    data_path: Optional[str] = None  # an .npz file with an 'images' array, for data npz
+    num_shapes: int = 6000  # size of the generated shapes set (data shapes)
+    binarize: str = field(default="none", metadata={"choices": BINARIZE_MODES})  # none keeps grey values; static thresholds once; dynamic redraws every batch
+    download: bool = True  # try to download MNIST when its files are missing
+
+    def __post_init__(self):
+        if self.data not in DATASETS:
+            raise ValueError(f"data: expected one of {DATASETS}, got {self.data!r}")
+        if self.binarize not in BINARIZE_MODES:
+            raise ValueError(f"binarize: expected one of {BINARIZE_MODES}, got {self.binarize!r}")
+        if self.num_shapes < 2:
+            raise ValueError(f"num_shapes: expected >= 2 (one held out), got {self.num_shapes}")
+
+    def load(self, seed: int = 0) -> ImageData:
+        """The train and held-out images (generated ones drawn from ``seed``)."""
+        return load_image_data(self.data, self.data_dir, self.data_path, num_shapes=self.num_shapes, seed=seed,
+                               download=self.download)
+
+
+@dataclass
+class SequenceDataConfig:
+    """Sequences ``(N, T, *frame_shape)`` in [0, 1] for the sequence models."""
+
+    data: str = field(default="bouncing-balls", metadata={"choices": SEQUENCE_DATASETS})  # the data set
+    data_dir: Optional[str] = None  # folder of the MNIST IDX files, for data mnist-rows
+    data_path: Optional[str] = None  # an .npz file with a 'sequences' array (and optional 'events'), for data npz
+    num_sequences: int = 5000  # generated training sequences (1/5 as many held out)
+    num_steps: int = 20  # frames per generated sequence
+    cache_dir: str = "data/cache"  # where generated sequence sets are cached
+    download: bool = True  # try to download MNIST when its files are missing
+
+    def __post_init__(self):
+        if self.data not in SEQUENCE_DATASETS:
+            raise ValueError(f"data: expected one of {SEQUENCE_DATASETS}, got {self.data!r}")
+        if self.num_sequences < 1:
+            raise ValueError(f"num_sequences: expected >= 1, got {self.num_sequences}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps: expected >= 1, got {self.num_steps}")
+
+    @property
+    def num_test(self) -> int:
+        return max(1, self.num_sequences // TEST_SHARE)
+
+    def load(self, seed: int = 0) -> SequenceData:
+        """The train and held-out sequences (generated sets use their own fixed seeds, not ``seed``)."""
+        return load_sequence_data(self.data, self.data_dir, self.data_path, num_train=self.num_sequences,
+                                  num_test=self.num_test, num_steps=self.num_steps, cache_dir=self.cache_dir,
+                                  download=self.download)
+
+
+DataConfig = Union[ImageDataConfig, SequenceDataConfig]

@@ -1,0 +1,52 @@
+"""The HRSSM of Variational Temporal Abstraction (Kim, Ahn, Bengio 2019): the model (:mod:`.model`), its
+guides (:mod:`.guides`), networks (:mod:`.networks`), boundary constraints (:mod:`.boundaries`) and
+evaluation (:mod:`.evaluation`)."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, sample_boundary,
+                         update_site)
+from .config import GUIDES, IMAGE_DIMS, VECTOR_DIMS, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
+from .evaluation import (SegmentationELBO, impute, impute_frames, jumpy_rollout, posterior_boundaries,
+                         segmentation_elbo, start_probabilities)
+from .guides import HRSSMGuide
+from .model import HRSSM, HRSSMStates, generate
+
+
+def build_hrssm(frame_shape: Sequence[int], config: HRSSMConfig) -> Tuple[HRSSM, HRSSMGuide]:
+    """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images (H, W multiples of
+    2^conv_layers) or ``(D,)`` vectors. They share one :class:`BoundaryTemperature` (``model.temperature``),
+    starting at ``config.temperature_max``; the training recipe anneals it."""
+    frame_shape = tuple(int(n) for n in frame_shape)
+    if len(frame_shape) not in (IMAGE_DIMS, VECTOR_DIMS) or min(frame_shape) < 1:
+        raise ValueError(f"frame_shape: expected (C, H, W) or (D,) with positive sizes, got {frame_shape}")
+    temperature = BoundaryTemperature(config.temperature_max)
+    return HRSSM(frame_shape, config, temperature), HRSSMGuide(frame_shape, config, temperature)
+
+
+__all__ = [
+    "GUIDES",
+    "HRSSM",
+    "HRSSMConfig",
+    "HRSSMGuide",
+    "HRSSMStates",
+    "impute",
+    "BoundaryTemperature",
+    "Segmentation",
+    "SegmentationELBO",
+    "SegmentCounter",
+    "annealed_temperature",
+    "apply_constraints",
+    "boundaries_from_trace",
+    "build_hrssm",
+    "check_input",
+    "generate",
+    "impute_frames",
+    "jumpy_rollout",
+    "posterior_boundaries",
+    "sample_boundary",
+    "segmentation_elbo",
+    "start_probabilities",
+    "update_site",
+]

@@ -1,0 +1,138 @@
+"""Configuration of the HRSSM, the boundary temperature and its schedule, and input validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+# Convolutions of the frame encoder and decoder (official: 4x4, stride 2, padding 1, which halves or
+# doubles an even size exactly).
+CONV_KERNEL, CONV_STRIDE, CONV_PADDING = 4, 2, 1
+IMAGE_DIMS, VECTOR_DIMS = 3, 1  # frame_shape (C, H, W) or (D,)
+GUIDES = ("relaxed",)  # q(M | X) by relaxed straight-through boundaries (the paper's), then q(Z | M, X) q(S | Z, M, X)
+BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as booleans with "> 0.5"
+
+
+@dataclass
+class HRSSMConfig:
+    """Sizes and constants of the HRSSM. Defaults are the official code's (taesupkim/vta, ``train.py``
+    and ``hssm.py``) unless marked otherwise; see ``docs/hrssm.md`` for the sources."""
+
+    abstract_belief_size: int = 128  # c_t (official belief_size)
+    abstract_state_size: int = 8  # z_t (official state_size)
+    observation_belief_size: int = 128  # h_t, and the abstract feature a_t = W_a [c_t, z_t]
+    observation_state_size: int = 8  # s_t
+    feature_size: int = 128  # frame features e_t and state features f_t (official: = belief_size)
+    conv_channels: int = 128  # image frames: channels of every conv layer (official: = belief_size)
+    conv_layers: int = 3  # image frames: stride-2 layers (32 -> 4), then a valid conv to 1x1
+    mlp_hidden: Tuple[int, ...] = (128,)  # vector frames: encoder widths (decoder reversed); not official
+    batch_norm: bool = True  # in the frame encoder/decoder and q(M|X) (official)
+    boundary_layers: int = 3  # hidden Conv1d layers of q(M | X) (official num_layers)
+    boundary_kernel: int = 3  # their kernel size over time (odd: centred, non-causal)
+    boundaries: bool = True  # False: the RSSM baseline (every step UPDATE)
+    max_segments: int = 5  # N_max (official seg_num)
+    max_length: int = 8  # l_max (official seg_len)
+    temperature_max: float = 1.0  # boundary temperature at step 0 (official max_beta)
+    temperature_min: float = 0.1  # its floor (official min_beta)
+    temperature_decay: float = 0.999  # multiplied in ...
+    temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
+    obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
+    kl_weight_abstract: float = 1.0  # training weight of the z-KL terms (official: all three KL weights 1)
+    kl_weight_observation: float = 1.0  # training weight of the s-KL terms
+    kl_weight_boundary: float = 1.0  # training weight of the boundary (m) KL terms
+    # Weight in [0, 1] of the straight-through gradient of an UPDATE step's z-KL: the KL is scaled by
+    # w * gate + (1 - w) * detached gate (= 1 forward, so the ELBO's value is unchanged); backward,
+    # q(M | X) sees w times what the UPDATE costs. 0: detached (official).
+    update_kl_gradient: float = 0.0
+    min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
+    guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # the guide, by name
+
+    def __post_init__(self):
+        positive_ints = ("abstract_belief_size", "abstract_state_size", "observation_belief_size",
+                         "observation_state_size", "feature_size", "conv_channels", "conv_layers",
+                         "boundary_kernel", "max_segments", "max_length")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.boundary_layers < 0:
+            raise ValueError(f"boundary_layers: expected >= 0, got {self.boundary_layers}")
+        if self.boundary_kernel % 2 == 0:
+            raise ValueError(f"boundary_kernel: expected an odd size (centred over time), got {self.boundary_kernel}")
+        if not self.mlp_hidden or min(self.mlp_hidden) < 1:
+            raise ValueError(f"mlp_hidden: expected one or more widths >= 1, got {self.mlp_hidden}")
+        if not 0 < self.temperature_min <= self.temperature_max:
+            raise ValueError(
+                f"temperature_min, temperature_max: expected 0 < min <= max, "
+                f"got {self.temperature_min}, {self.temperature_max}"
+            )
+        if not 0 < self.temperature_decay <= 1 or not self.temperature_decay_steps > 0:
+            raise ValueError(
+                f"temperature_decay: expected in (0, 1] and temperature_decay_steps > 0, "
+                f"got {self.temperature_decay}, {self.temperature_decay_steps}"
+            )
+        for name in ("obs_scale", "min_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.update_kl_gradient <= 1.0:
+            raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide: expected one of {GUIDES}, got {self.guide!r}")
+        for name in ("kl_weight_abstract", "kl_weight_observation", "kl_weight_boundary"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+    @property
+    def max_steps(self) -> Optional[int]:
+        """The longest sequence the constraints can segment (N_max * l_max); None without boundaries."""
+        return self.max_segments * self.max_length if self.boundaries else None
+
+
+def annealed_temperature(step: int, config: HRSSMConfig) -> float:
+    """The official schedule: ``(max - min) * decay^(step / decay_steps) + min``."""
+    decay = config.temperature_decay ** (step / config.temperature_decay_steps)
+    return (config.temperature_max - config.temperature_min) * decay + config.temperature_min
+
+
+class BoundaryTemperature(nn.Module):
+    """The temperature of the relaxed boundaries, shared by model and guide (q and p of a boundary are
+    scored at the same temperature). ``value`` is a Python float, saved with the modules' state."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = float(value)
+
+    def tensor(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.value, dtype=like.dtype, device=like.device)
+
+    def get_extra_state(self) -> Any:
+        return {"value": self.value}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.value = float(state["value"])
+
+
+def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...],
+                config: HRSSMConfig) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float ``(batch, T, *frame_shape)`` with batch, T >= 1 and T
+    within what the constraints can segment, and ``mask`` (if given) a bool ``(batch, T)``."""
+    expected = f"(batch, T, {', '.join(map(str, frame_shape))})"
+    if not torch.is_tensor(x):
+        raise ValueError(f"x: expected a tensor of shape {expected}, got {type(x).__name__}")
+    if x.dim() != len(frame_shape) + 2 or tuple(x.shape[2:]) != frame_shape or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape {expected} with batch, T >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+    steps = x.shape[1]
+    if config.boundaries and steps > config.max_steps:
+        raise ValueError(
+            f"x: T = {steps} frames cannot be split into at most max_segments = {config.max_segments} segments "
+            f"of at most max_length = {config.max_length} frames (T <= {config.max_steps}); raise either"
+        )
+    if mask is not None:
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(x.shape[:2]):
+            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {shape}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected a bool tensor (True: frame observed), got {mask.dtype}")

@@ -1,0 +1,72 @@
+"""Guides of the HRSSM, each with the model's signature ``(x, mask=None)``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from ..networks import per_frame
+from .boundaries import SegmentCounter, sample_boundary, update_site
+from .config import BoundaryTemperature, HRSSMConfig, check_input
+from .model import _KLScaled
+from .networks import AbstractPosterior, BoundaryPosterior, ObservationPosterior, _frame_network
+
+
+class HRSSMGuide(_KLScaled, nn.Module):
+    """The guide q(M, Z, S | X) = q(M | X) q(Z | M, X) q(S | Z, M, X) (paper: "Learning and inference";
+    see the module docstring). ``forward(x, mask=None)`` returns the segment starts ``(batch, T)`` it drew."""
+
+    def __init__(self, frame_shape: Sequence[int], config: HRSSMConfig, temperature: BoundaryTemperature):
+        super().__init__()
+        self.frame_shape, self.config, self.temperature = tuple(frame_shape), config, temperature
+        self.encoder = _frame_network("encoder", self.frame_shape, config)
+        self.boundary_posterior = BoundaryPosterior(config) if config.boundaries else None
+        self.abstract_posterior = AbstractPosterior(config)
+        self.observation_posterior = ObservationPosterior(config)
+
+    def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)``; 0 at frames where
+        ``mask (batch, T)`` is False (missing)."""
+        e = per_frame(self.encoder, x, len(self.frame_shape))
+        return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
+
+    def boundary_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(batch, T)`` of q(frame t starts a segment | X) before the constraints (column 0 unused)."""
+        if self.boundary_posterior is None:
+            raise ValueError("boundary_logits: this guide was built with boundaries=False")
+        return self.boundary_posterior(self.features(x, mask))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_input(x, mask, self.frame_shape, self.config)
+        pyro.module("hrssm_guide", self)
+        cfg = self.config
+        batch, steps = x.shape[:2]
+        e = self.features(x, mask)
+        with pyro.plate("sequences", batch):
+            starts = [x.new_ones(batch)]
+            if self.boundary_posterior is not None and steps > 1:
+                logits = self.boundary_posterior(e)
+                counter, temperature = SegmentCounter(batch, steps, cfg, x.device), self.temperature.tensor(x)
+                for t in pyro.markov(range(steps - 1)):
+                    with self._kl_scale(cfg.kl_weight_boundary):
+                        starts.append(sample_boundary(f"m_{t + 1}", logits[:, t + 1], temperature, counter, t))
+            else:
+                starts = starts * steps
+            starts = torch.stack(starts, dim=1)  # (batch, T), the gates, not the site values
+            psi = self.abstract_posterior.features(e, starts)
+            phi = self.observation_posterior.features(e, starts)
+            z = None
+            for t in pyro.markov(range(steps)):
+                read = starts[:, t]
+                gate = read.unsqueeze(-1)
+                loc, scale = self.abstract_posterior(psi[:, t])
+                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient):
+                    z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
+                z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z
+                loc, scale = self.observation_posterior(phi[:, t], z)
+                with self._kl_scale(cfg.kl_weight_observation):
+                    pyro.sample(f"s_{t + 1}", dist.Normal(loc, scale).to_event(1))
+        return starts

@@ -1,0 +1,107 @@
+"""One result type for imputation with every model of the library, images and sequences alike.
+
+An imputer is a function ``impute(model, guide, x, mask, num_samples=..., generator=None)`` of a trained
+model and guide, data ``x`` and a boolean ``mask`` (True = observed): a pixel mask of ``x``'s shape for
+images, a frame mask ``(batch, T)`` for sequences. It never reads the content of a missing part, leaves
+the observed parts untouched, runs in eval mode and restores the modules' modes afterwards
+(:func:`pyro_models.modes.eval_mode`). Each model's imputer lives with the model
+(``pyro_models.<model>.impute``).
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+
+class Imputation(NamedTuple):
+    """Imputed data; every tensor has the observed parts of ``x`` exactly.
+
+    ``mask``: the mask the imputation was given (``x.shape`` for images, ``(batch, T)`` for sequences).
+    ``imputed``: ``x.shape``, missing parts replaced by the primary estimate (the posterior-predictive
+    mean; for the KVAE, Kalman smoothing).
+    ``samples``: ``(num_samples, *x.shape)``, posterior-predictive draws of the missing parts.
+    ``estimates``: named estimates, each ``x.shape``, ``imputed`` among them under its own name (e.g.
+    the KVAE's ``"smoothing"`` and ``"filtering"``).
+    """
+
+    mask: torch.Tensor
+    imputed: torch.Tensor
+    samples: torch.Tensor
+    estimates: Dict[str, torch.Tensor]
+
+
+def expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A frame mask ``(batch, T)`` (or an element mask of ``x``'s shape) broadcast to ``x.shape``."""
+    return mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())).expand_as(x)
+
+
+def check_mask(x: torch.Tensor, mask: torch.Tensor, frames: bool) -> None:
+    """Raise ``ValueError`` unless ``mask`` is bool of shape ``x.shape[:2]`` (``frames``) or ``x.shape``."""
+    shape = tuple(x.shape[:2]) if frames else tuple(x.shape)
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+        what = "(batch, T)" if frames else "that of x"
+        got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"mask: expected a bool tensor of shape {shape} {what}, got {got}")
+
+
+def missing_mse(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean squared error of ``estimate`` on the missing parts (``mask`` False; frame or element mask);
+    ``nan`` when nothing is missing."""
+    missing = ~expand_mask(mask, truth)
+    if not missing.any():
+        return float("nan")
+    return float(((estimate - truth)[missing] ** 2).mean())
+
+
+def hamming_error(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of wrongly predicted binary pixels, ``(truth > 0.5) != (estimate > 0.5)``, over the
+    missing parts; ``nan`` when nothing is missing."""
+    missing = ~expand_mask(mask, truth)
+    if not missing.any():
+        return float("nan")
+    return float(((truth > 0.5) != (estimate > 0.5))[missing].float().mean())
+
+
+NUM_GIVEN = 4  # frames always observed at the start of a sequence in the KVAE paper's protocol
+
+
+def random_frame_mask(batch: int, num_steps: int, drop_prob: float, num_given: int = NUM_GIVEN,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``(batch, num_steps)`` bool: the first ``num_given`` frames observed, each later frame missing with
+    probability ``drop_prob``."""
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob: expected a probability in [0, 1], got {drop_prob}")
+    if not 0 <= num_given <= num_steps:
+        raise ValueError(f"num_given: expected 0 <= num_given <= num_steps = {num_steps}, got {num_given}")
+    mask = torch.rand(batch, num_steps, generator=generator) >= drop_prob
+    mask[:, :num_given] = True
+    return mask
+
+
+def consecutive_frame_mask(batch: int, num_steps: int, num_missing: int, num_given: int = NUM_GIVEN) -> torch.Tensor:
+    """``(batch, num_steps)`` bool: ``num_missing`` frames missing right after the first ``num_given``
+    (the KVAE paper's planning masks)."""
+    if num_given + num_missing > num_steps or num_missing < 0 or num_given < 0:
+        raise ValueError(f"num_missing: expected 0 <= k <= T - {num_given} = {num_steps - num_given}, got {num_missing}")
+    mask = torch.ones(batch, num_steps, dtype=torch.bool)
+    mask[:, num_given : num_given + num_missing] = False
+    return mask
+
+
+def majority_frame(train: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The pixel-wise majority frame of the training sequences ``train (N, T, *frame)`` (for bouncing
+    balls: the walls only), as a prediction for every frame of ``like (batch, T, *frame)``."""
+    mode = (train.float().mean(dim=(0, 1)) > 0.5).to(like.dtype)
+    return mode.expand_as(like)
+
+
+def last_observed_frame(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every missing frame of ``x (batch, T, *frame)`` predicted by the last observed frame before it
+    (``mask (batch, T)``; frame 0 must be observed)."""
+    if not mask[:, 0].all():
+        raise ValueError("mask: the first frame of every sequence must be observed for the last-frame floor")
+    out = x.clone()
+    for t in range(1, x.shape[1]):
+        out[:, t] = torch.where(expand_mask(mask[:, t], x[:, t]), x[:, t], out[:, t - 1])
+    return out

@@ -1,0 +1,23 @@
+"""The Kalman VAE (Fraccaro et al. 2017): the model (:mod:`.model`), its guides (:mod:`.guides`), its
+networks (:mod:`.networks`) and missing-frame imputation (:mod:`.impute`)."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+from .config import GUIDES, KVAEConfig
+from .guides import KVAEGuide
+from .model import KVAE, KalmanDynamics, KalmanPrior, Latents, generate, generate_latents
+from .networks import CappedGaussianHead, ConvFrameDecoder, ConvFrameEncoder, MLPFrameDecoder, MLPFrameEncoder
+
+
+def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KVAEGuide]:
+    """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)`` vectors."""
+    if len(frame_shape) not in (1, 3):
+        raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
+    model = KVAE(frame_shape, config)
+    return model, KVAEGuide(frame_shape, config, model.kl_weights)
+
+
+__all__ = ["GUIDES", "KVAE", "KVAEConfig", "KVAEGuide", "KalmanDynamics", "KalmanPrior", "Latents", "build_kvae", "generate",
+           "generate_latents", "CappedGaussianHead", "ConvFrameDecoder", "ConvFrameEncoder", "MLPFrameDecoder",
+           "MLPFrameEncoder"]

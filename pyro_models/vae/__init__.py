@@ -1,0 +1,36 @@
+"""The VAE family: the model (:mod:`.model`), its guides by name (:mod:`.guides`), bottom-half and
+random-pixel imputation (:mod:`.impute`)."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+from torch import nn
+
+from ..kl_weights import KLWeights, sample_latent
+from ..networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from .guides import IAFGuide, NormalGuide
+from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig
+
+
+def build_vae(name: str, x_shape: Sequence[int], config: VAEConfig) -> Tuple[VAE, nn.Module]:
+    """The model and guide for ``name`` in ``ARCHITECTURES`` (``vae``: MLP, ``conv-vae``: conv) on
+    images of shape ``x_shape = (C, H, W)``."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {tuple(ARCHITECTURES)}")
+    if len(x_shape) != 3:
+        raise ValueError(f"x_shape: expected (C, H, W), got {tuple(x_shape)}")
+    if ARCHITECTURES[name] == "mlp":
+        encoder = MLPEncoder(x_shape, config.hidden_dims, config.z_dim, config.min_scale)
+        decoder = MLPDecoder(config.z_dim, config.hidden_dims[::-1], x_shape)
+    else:
+        encoder = ConvEncoder(x_shape, config.channels, config.z_dim, config.min_scale)
+        decoder = ConvDecoder(config.z_dim, config.channels, x_shape)
+    model = VAE(decoder, config.z_dim, x_shape, config.likelihood)
+    if config.guide == "normal":
+        guide: nn.Module = NormalGuide(encoder, model.kl_weights)
+    else:
+        guide = IAFGuide(encoder, config.z_dim, config.num_flows, config.flow_hidden_dims, model.kl_weights)
+    return model, guide
+
+
+__all__ = ["ARCHITECTURES", "GUIDES", "VAE", "IAFGuide", "KLWeights", "NormalGuide", "VAEConfig", "build_vae", "sample_latent"]

@@ -12,6 +12,7 @@ RECIPE_MODULES = (
     "inference.recipes.vae",
     "inference.recipes.kvae",
     "inference.recipes.hrssm",
+    "inference.recipes.dmm",
 )
 
 _REGISTRY: Dict[str, Recipe] = {}

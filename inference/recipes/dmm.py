@@ -1,0 +1,95 @@
+"""The deep Markov model recipe (Krishnan, Shalit, Sontag 2017): KL annealing with a minimum factor,
+global gradient-norm clipping, a per-epoch imputation report, and the imputer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from pyro_models.datasets.configs import SequenceDataConfig
+from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
+from pyro_models.imputation import expand_mask, missing_mse, random_frame_mask
+
+from .. import plots
+from ..recipe import Context, Recipe
+from ..schedules import LinearKLAnnealing
+from ..trainer import Callback, TrainConfig, Trainer
+
+# Adam with a global gradient-norm clip of 10 on the loss per frame, as Pyro's DMM example clips.
+DMM_TRAIN_DEFAULTS = TrainConfig(epochs=20, batch_size=20, lr=8e-4, clip_norm=10.0, mean_loss=True)
+
+
+@dataclass
+class DMMOptions:
+    """Training options of the DMM beyond the optimiser."""
+
+    kl_annealing_epochs: int = 0  # anneal the KL weight linearly over this many epochs (0: off)
+    min_kl_weight: float = 0.2  # the KL weight at the start of the annealing (Krishnan et al.'s minimum factor)
+    report_drop_prob: float = 0.5  # each epoch, the imputation error with frames dropped with this probability
+
+    def __post_init__(self):
+        if self.kl_annealing_epochs < 0:
+            raise ValueError(f"kl_annealing_epochs: expected >= 0, got {self.kl_annealing_epochs}")
+        for name in ("min_kl_weight", "report_drop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected in [0, 1], got {getattr(self, name)}")
+
+
+class DMMReport(Callback):
+    """Each epoch, on the first held-out sequences: the mean squared error of the posterior-predictive
+    imputation of frames dropped with ``drop_prob`` (``impute_mse``) and, for image frames, a strip of
+    truth / observed / imputed frames (figure)."""
+
+    def __init__(self, drop_prob: float, num_sequences: int = 64, num_samples: int = 4, seed: int = 0):
+        self.drop_prob, self.num_sequences, self.num_samples, self.seed = drop_prob, num_sequences, num_samples, seed
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+        x = trainer.test_data[: self.num_sequences].to(trainer.device)
+        generator = torch.Generator().manual_seed(self.seed)
+        mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=generator).to(x.device)
+        result = impute(trainer.model, trainer.guide, x, mask, num_samples=self.num_samples, generator=generator)
+        if trainer.run is not None and x.dim() == 5:
+            plots.image_rows([x[0], x[0], result.imputed[0]], ["truth", "observed", "imputed"],
+                             trainer.run.figure_path("imputation", epoch),
+                             f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)",
+                             observed=[None, expand_mask(mask, x)[0], None])
+        return {"impute_mse": missing_mse(x, result.imputed, mask)}
+
+
+def _callbacks(context: Context) -> List[Callback]:
+    options = context.options
+    callbacks: List[Callback] = [DMMReport(options.report_drop_prob, seed=context.train.seed)]
+    if options.kl_annealing_epochs > 0:
+        callbacks.insert(0, LinearKLAnnealing(context.model.kl_weights, options.kl_annealing_epochs, options.min_kl_weight))
+    return callbacks
+
+
+def _jit_refusal(config: DMMConfig, options: DMMOptions, train: TrainConfig) -> Optional[str]:
+    if options.kl_annealing_epochs > 0:
+        return "a compiled ELBO freezes the KL weight read while tracing; use kl_annealing_epochs 0"
+    return None
+
+
+def _frames_per_sequence(data) -> int:
+    return data.train.shape[1]
+
+
+def _build(shape, config: DMMConfig):
+    return build_dmm(shape[1:], config)  # (T, *frame_shape) -> frame_shape
+
+
+def _example():
+    config = DMMConfig(z_dim=3, transition_dim=8, emission_hidden=(8,), rnn_dim=8, conv_channels=(4,), flow_hidden=(8,))
+    return config, (5, 6)
+
+
+RECIPES = (
+    Recipe(
+        name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=_build,
+        data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
+        options=DMMOptions, callbacks=_callbacks, units_per_example=_frames_per_sequence, compilable=True,
+        jit_refusal=_jit_refusal, impute=impute, example=_example,
+    ),
+)

@@ -1,0 +1,97 @@
+"""Guides of the DMM, each with the model's signature ``(x, mask=None)``: the paper's inference networks
+(Table 1) chosen by ``config.guide``, one of :data:`~.config.GUIDES`::
+
+    "st-r"   q(z | x) = prod_t q(z_t | z_{t-1}, x_{t:T})    backward RNN + combiner (the paper's DKS)
+    "st-lr"  q(z | x) = prod_t q(z_t | z_{t-1}, x_{1:T})    bidirectional RNN + combiner
+    "mf-lr"  q(z | x) = prod_t q(z_t | x_{1:T})             bidirectional RNN, no z_{t-1} (mean field)
+
+The structured guides read z_{t-1} from their own previous draw (z_0 of the guide is learned). With
+``num_flows > 0`` every q(z_t | ...) is an inverse autoregressive flow (Kingma et al. 2016) on top of
+the combiner's Normal, conditioned on the combiner's hidden state h_comb; each step starts as the
+identity (zero-initialised output layer), the steps are shared over time. Sites ``z_1`` .. ``z_T`` in
+time order, as in the model, so ``TraceMeanField_ELBO`` verifies its mean-field restriction and scores
+every KL analytically (flows: the base's analytic KL as a control variate,
+:class:`~pyro_models.distributions.FlowPosterior`).
+
+A missing frame (``mask`` False) is never read: the frame is zeroed before the frame encoder and its
+features are zeroed after, so the RNNs see e_t = 0 there.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import conditional_affine_autoregressive
+from torch import nn
+
+from ..distributions import FlowPosterior
+from ..imputation import expand_mask
+from ..kl_weights import KLWeights, sample_latent
+from ..networks import per_frame
+from .config import DMMConfig, check_input
+from .model import site_names
+from .networks import Combiner, FrameEncoder, MeanFieldCombiner, SequenceContext
+
+STRUCTURED = ("st-r", "st-lr")  # guides whose q(z_t | ...) reads z_{t-1}
+BIDIRECTIONAL = ("st-lr", "mf-lr")  # guides whose RNN also reads the past frames
+
+
+def _identity_flows(config: DMMConfig) -> nn.ModuleList:
+    """``num_flows`` conditional affine autoregressive steps on z, context h_comb, each the identity map."""
+    flows = nn.ModuleList(
+        conditional_affine_autoregressive(config.z_dim, config.rnn_dim, list(config.flow_hidden))
+        for _ in range(config.num_flows)
+    )
+    for flow in flows:  # shift 0, log-scale 0
+        nn.init.zeros_(flow.nn.layers[-1].weight)
+        nn.init.zeros_(flow.nn.layers[-1].bias)
+    return flows
+
+
+class DMMGuide(nn.Module):
+    """The guide q(z_{1:T} | x_{1:T}) of ``config.guide`` (see the module docstring). ``forward(x,
+    mask=None)`` returns its draw z ``(batch, T, z_dim)``."""
+
+    def __init__(self, frame_shape: Sequence[int], config: DMMConfig, kl_weights: Optional[KLWeights] = None):
+        super().__init__()
+        self.frame_shape, self.config = tuple(frame_shape), config
+        self.encoder = FrameEncoder(frame_shape, config)
+        self.context = SequenceContext(self.encoder.feature_dim, config, config.guide in BIDIRECTIONAL)
+        structured = config.guide in STRUCTURED
+        self.combiner = Combiner(config) if structured else MeanFieldCombiner(config)
+        self.z_0 = nn.Parameter(torch.zeros(config.z_dim)) if structured else None
+        self.flows = _identity_flows(config)
+        self.kl_weights = kl_weights if kl_weights is not None else KLWeights(config.z_dim)
+
+    def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Frame features e ``(batch, T, feature_dim)`` of ``x (batch, T, *frame_shape)``; exactly 0 at the
+        frames where ``mask (batch, T)`` is False, whose content is never read."""
+        if mask is not None:
+            x = torch.where(expand_mask(mask, x), x, torch.zeros_like(x))
+        e = per_frame(self.encoder, x, len(self.frame_shape))
+        return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
+
+    def posterior(self, z_prev: Optional[torch.Tensor], context: torch.Tensor) -> dist.Distribution:
+        """q(z_t | z_{t-1}, RNN states at t) for ``z_prev (..., batch, z_dim)`` and ``context (batch, n,
+        rnn_dim)``: batch ``(..., batch)``, event ``(z_dim,)``."""
+        h = self.combiner.hidden(z_prev, context)  # (..., batch, rnn_dim)
+        loc, scale = self.combiner.head(h)
+        base = dist.Normal(loc, scale).to_event(1)
+        if not len(self.flows):
+            return base
+        return FlowPosterior(base, [flow.condition(h) for flow in self.flows])
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_input(x, mask, self.frame_shape)
+        pyro.module("dmm_guide", self)
+        batch, steps = x.shape[:2]
+        context = self.context(self.features(x, mask))  # (batch, T, n, rnn_dim)
+        z = None if self.z_0 is None else self.z_0.expand(batch, -1)  # (batch, z_dim)
+        chain = []
+        with pyro.plate("sequences", batch):
+            for t, name in pyro.markov(list(enumerate(site_names(steps)))):
+                z = sample_latent(name, self.posterior(z, context[:, t]), self.kl_weights)
+                chain.append(z)
+        return torch.stack(chain, dim=-2)

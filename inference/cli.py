@@ -63,9 +63,8 @@ def field_help(cls) -> Dict[str, str]:
 
 
 def _int_tuple(text: str) -> Tuple[int, ...]:
+    """Comma-separated integers; an empty text is the empty tuple (the config says whether it may be)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected one or more comma-separated integers, got {text!r}")
     try:
         return tuple(int(p) for p in parts)
     except ValueError:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+
+import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -28,3 +31,9 @@ def reset_peak_rss() -> None:
     """Reset this process's peak RSS (VmHWM) to its current RSS (Linux 4.0+)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def machine_info() -> dict:
+    """Where a benchmark ran: torch version, threads, cores, platform, processor."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.processor()}

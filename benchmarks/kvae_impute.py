@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-from common import RESULTS, write_json  # benchmarks/common.py (the script's own folder)
+from common import RESULTS, machine_info, write_json  # benchmarks/common.py (the script's own folder)
 
 from pyro_models.kvae import KVAEConfig, build_kvae
 from pyro_models.kvae.impute import impute, kalman_impute, random_frame_mask
@@ -107,11 +106,7 @@ def main(argv=None):
         "config": {**{k: getattr(args, k) for k in ("T", "batch", "num_samples", "repeats", "seed", "threads")},
                    "frame_dim": FRAME_DIM, "mlp_hidden": list(MLP_HIDDEN), "drop_prob": DROP_PROB,
                    "num_given": NUM_GIVEN},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
+        **machine_info(),
         "results": rows,
     })
     return rows

@@ -19,16 +19,15 @@ both methods 10-40x slower and erratic).  ``--threads 0`` keeps torch's default.
 """
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 
+from common import RESULTS, machine_info, write_json  # benchmarks/common.py (the script's own folder)
 from pyro_models.lgssm import LGSSM, log_marginal
 
 F64 = torch.float64
@@ -99,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = leave torch's default)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lgssm.json"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "lgssm.json"))
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -159,17 +158,10 @@ def main(argv=None):
         "benchmark": "lgssm log_marginal forward+backward: parallel scan vs sequential Kalman filter",
         "config": {k: getattr(args, k) for k in ("T", "batch", "Z", "D", "repeats", "warmup", "seed", "threads")},
         "dtype": "float64",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
+        **machine_info(),
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, out)
     return out
 
 

@@ -92,7 +92,7 @@ def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.Argume
     try:
         return RunSpec(recipe.name, built["config"], built["train"], built["data"], built["options"])
     except ValueError as error:
-        _fail(parser, str(error))
+        _fail(parser, flag_error(error, all_field_names()))
 
 
 def parse_train_args(argv: Optional[Sequence[str]], doc: str) -> TrainArgs:

@@ -48,6 +48,9 @@ class RunSpec:
                 raise ValueError(f"{name}: expected a {cls.__name__} for model {self.model!r}, got {type(value).__name__}")
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"train: expected a TrainConfig, got {type(self.train).__name__}")
+        if recipe.validate is not None:
+            recipe.validate(self.config, self.options)
+        recipe.check_compilable(self.config, self.options, self.train)
 
     @property
     def recipe(self) -> Recipe:

@@ -63,6 +63,8 @@ class Recipe:
     ``evaluations``: the model's own evaluations by name, ``{name: (options_class, fn)}`` with
     ``fn(run, options) -> dict`` (JSON-able; it may write figures into the run); ``scripts/evaluate.py``
     generates its flags from ``options_class``.
+    ``validate(config, options)``: raise ``ValueError`` (naming the arguments) when the two do not fit
+    together; runs when a :class:`~inference.experiment.RunSpec` is made, before any work.
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
     ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
@@ -87,6 +89,7 @@ class Recipe:
     impute: Optional[Callable[..., Any]] = None
     frame_mask: bool = True
     evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
+    validate: Optional[Callable[[Any, Any], None]] = None
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
 

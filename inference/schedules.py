@@ -74,7 +74,7 @@ class SoftFreeBits(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         if not getattr(trainer.guide, "factorised", False):
-            raise ValueError("kl-schedule free-bits needs a factorised guide (e.g. 'normal'): per-dimension KL weights are undefined for flows")
+            raise ValueError("kl_schedule: 'free-bits' needs a factorised guide (e.g. 'normal'): per-dimension KL weights are undefined for flows")
         gamma = self.kl_weights.gamma
         if self.config.gamma_init is None:
             gamma.copy_(torch.rand(gamma.shape, generator=trainer.generator).to(gamma))
@@ -101,4 +101,4 @@ def make_kl_schedule(name: str, kl_weights, epochs: int, free_bits: Optional[Fre
         return LinearKLAnnealing(kl_weights, epochs)
     if name == "free-bits":
         return SoftFreeBits(kl_weights, free_bits or FreeBitsConfig())
-    raise ValueError(f"kl-schedule: expected one of {KL_SCHEDULES}, got {name!r}")
+    raise ValueError(f"kl_schedule: expected one of {KL_SCHEDULES}, got {name!r}")

@@ -128,7 +128,8 @@ def test_every_flag_reaches_its_config_field(name):
                 break
             else:
                 unchangeable.append(f.name)
-    assert set(unchangeable) <= {"guide"}, unchangeable  # a model with one guide cannot change it
+    # A model with one guide cannot change it; one that cannot be compiled refuses --jit.
+    assert set(unchangeable) <= {"guide"} | (set() if recipe.compilable else {"jit"}), unchangeable
     assert reached > 10
 
 

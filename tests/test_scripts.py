@@ -55,6 +55,8 @@ def test_train_script_npz_and_errors(tmp_path):
     (["vae", "--hidden-dims", ""], "--hidden-dims"),
     (["vae", "--seed", "-1"], "--seed: expected >= 0"),
     (["vae", "--device", "nonsense"], "--device"),
+    (["vae", "--guide", "iaf", "--kl-schedule", "free-bits"], "--kl-schedule, --guide: 'free-bits' needs"),
+    (["dmm", "--guide", "made-up"], "--guide"),
 ])
 def test_train_script_bad_flags_are_one_line_errors(tmp_path, argv, words):
     result = run("scripts/train.py", *argv, "--out", str(tmp_path / "run"), ok=False)

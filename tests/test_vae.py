@@ -102,7 +102,7 @@ def test_unknown_names():
         VAEConfig(likelihood="poisson")
     with pytest.raises(ValueError, match="unknown model"):
         build_vae("gan", (1, 8, 8), VAEConfig())
-    with pytest.raises(ValueError, match="kl-schedule"):
+    with pytest.raises(ValueError, match="kl_schedule"):
         make_kl_schedule("cyclic", None, 3)
 
 

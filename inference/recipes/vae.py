@@ -108,6 +108,12 @@ def _batch_transform(context: Context):
     return binarizer("dynamic") if dynamic else None
 
 
+def _validate(config: VAEConfig, options: VAEOptions) -> None:
+    if options.kl_schedule == "free-bits" and config.guide != "normal":
+        raise ValueError(f"kl_schedule, guide: 'free-bits' needs the factorised guide 'normal' (per-dimension KL "
+                         f"weights are undefined for flows), got guide {config.guide!r}")
+
+
 def _jit_refusal(config: VAEConfig, options: VAEOptions, train: TrainConfig) -> Optional[str]:
     if options.kl_schedule != "none":
         return f"a compiled ELBO freezes the KL weights read while tracing; use kl_schedule 'none' (got {options.kl_schedule!r})"
@@ -123,7 +129,7 @@ def _recipe(name: str, summary: str) -> Recipe:
         name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(name, shape, config),
         data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
         callbacks=_callbacks, compilable=True, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
-        prepare_data=prepare_images, impute=impute, frame_mask=False, example=_example,
+        prepare_data=prepare_images, impute=impute, frame_mask=False, example=_example, validate=_validate,
     )
 
 

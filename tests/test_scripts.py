@@ -155,3 +155,10 @@ def test_mnist_benchmarks(tmp_path, fake_mnist_dir):
     run("benchmarks/kl_schedules.py", "--data-dir", str(fake_mnist_dir), "--epochs", "1", "--z-dim", "4",
         "--runs", str(tmp_path / "kl_runs"), "--out", out)
     assert set(json.load(open(out))) >= {"none", "linear", "free-bits"}
+
+
+def test_revisions_benchmark(tmp_path):
+    out = str(tmp_path / "revisions.json")
+    result = run("benchmarks/revisions.py", "--base", "HEAD", "--key", "median_s.step", "--repeats", "1", "--out", out,
+                 "benchmarks/kvae_step.py", "--", "--steps", "1", "--decoder-channels", "8", "--batch-size", "2", "--num-steps", "4")
+    assert "current / base" in result.stdout and json.load(open(out))["ratio_current_over_base"] > 0

@@ -281,12 +281,14 @@ def test_segmentation_elbo_depends_on_the_segmentation_and_checks_input():
 
 
 # ------------------------------------------------------------------------------- missing frames
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("frame_shape", [IMAGE, VECTOR])
-def test_missing_frames_are_never_read(frame_shape):
+def test_missing_frames_are_never_read(frame_shape, training):
     """The ELBO of a draw does not depend on the content of missing frames (neither the likelihood nor
-    any posterior factor reads them), and does on that of observed ones."""
+    any posterior factor reads them), and does on that of observed ones; in training mode too, where
+    batch norm mixes the frames of a batch through its statistics."""
     model, guide = build_hrssm(frame_shape, tiny())
-    model.eval(), guide.eval()  # batch norm on running statistics: frames do not mix through batch stats
+    model.train(training), guide.train(training)
     x = torch.rand(3, 5, *frame_shape)
     mask = torch.tensor([[True, False, True, True, False], [True] * 5, [False, True, True, False, True]])
 

@@ -29,9 +29,13 @@ class HRSSMGuide(_KLScaled, nn.Module):
 
     def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)``; 0 at frames where
-        ``mask (batch, T)`` is False (missing)."""
-        e = per_frame(self.encoder, x, len(self.frame_shape))
-        return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
+        ``mask (batch, T)`` is False (missing). Missing frames are zeroed before the encoder too, so that in
+        training mode their content cannot reach the observed frames' features through batch statistics."""
+        if mask is None:
+            return per_frame(self.encoder, x, len(self.frame_shape))
+        keep = mask.reshape(mask.shape + (1,) * len(self.frame_shape))  # (batch, T, 1, ...)
+        e = per_frame(self.encoder, torch.where(keep, x, torch.zeros_like(x)), len(self.frame_shape))
+        return e * mask.unsqueeze(-1).to(e.dtype)
 
     def boundary_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``(batch, T)`` of q(frame t starts a segment | X) before the constraints (column 0 unused)."""

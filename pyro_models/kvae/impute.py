@@ -146,7 +146,9 @@ def posterior_predictive(model, imputation: KalmanImputation, x: torch.Tensor, m
     z ~ p(z | observed a), a_t = C_t z_t + v_t, through ``Predictive(model, posterior_samples={"a": ...})``."""
     params = imputation.params
     z = lgssm.sample_posterior(params, imputation.observed_a, mask, num_samples, generator=generator).to(x.dtype)
-    noise = torch.randn(z.shape[:-1] + (params.obs_cov.shape[-1],), generator=generator, dtype=x.dtype)
+    # Drawn where the generator lives (a torch.Generator is per device), then moved to the data's device.
+    noise = torch.randn(z.shape[:-1] + (params.obs_cov.shape[-1],), generator=generator, dtype=x.dtype,
+                        device=generator.device if generator is not None else z.device).to(z.device)
     a = _apply(params.obs_matrix, z) + noise @ torch.linalg.cholesky(params.obs_cov).T  # (S, batch, T, a_dim)
     draws = Predictive(model, posterior_samples={"a": a}, return_sites=["x_mean"])(x, mask)
     return draws["x_mean"].reshape((num_samples,) + x.shape)

@@ -48,7 +48,7 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None) -> argparse.Argumen
             group.add_argument(flag(name), dest="shortcut." + name, type=int, default=argparse.SUPPRESS, help=text)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="the run directory")
-    run.add_argument("--resume", action="store_true", help="continue the run stored in --out")
+    run.add_argument("--resume", action="store_true", help="continue the run stored in --out (lr, clip-norm, epochs may change)")
     run.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
     return p
 

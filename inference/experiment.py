@@ -89,7 +89,7 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
     recipe = spec.recipe
     recipe.check_compilable(spec.config, spec.options, spec.train)
     if out is not None:
-        RunDir.preflight(out, resume)
+        RunDir.preflight(out, spec.to_json(), resume)  # before any work: a wrong folder fails fast
     if data is None:
         if spec.data is None:
             raise ValueError("data: pass the data or a data config in spec.data")
@@ -97,13 +97,14 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
     context = build(spec, data)
     run = RunDir(out, spec.to_json(), resume=resume) if out is not None else None
     context = context._replace(run=run)
-    if recipe.prepare is not None and not resume:
+    resuming = run is not None and run.resuming
+    if recipe.prepare is not None and not resuming:
         context.model.to(spec.train.device), context.guide.to(spec.train.device)
         recipe.prepare(context)
     transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
     trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
                       units_per_example=recipe.units_per_example(context.data))
-    return trainer.fit(context.data.train, context.data.test, resume=resume)
+    return trainer.fit(context.data.train, context.data.test, resume=resuming)
 
 
 class Run(NamedTuple):

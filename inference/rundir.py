@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import failpoints
+
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
-# Settings that may differ when a run is resumed (e.g. training it for more epochs).
-RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "device"})
+PREVIOUS_CHECKPOINT, STATE = "checkpoint.prev.pt", "state.json"  # the checkpoint before; {"epoch": N} of the newest
+HISTORY_KEY = "resumes"  # config.json: the changes made at each resume
+# Training settings that may change when a run is resumed: they change neither the model nor the data,
+# and the trainer applies the new values from the resumed epoch on (the learning rate as the base of
+# the staircase decay). Every change is recorded in config.json under HISTORY_KEY.
+RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "train.progress", "train.device",
+                               "train.eval_batch_size"})
+NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
+TMP_PREFIX = ".tmp-"
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
 
 
 def atomic_write_bytes(path: str, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``: readers
     see the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -44,30 +56,117 @@ def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 class RunDir:
     """The folder of one training run.
 
-    A new run refuses a folder that already holds a run (pass ``resume=True`` to continue it). On
-    resume the stored config must match the new one except for :data:`RESUMABLE_CHANGES`.
+    Creating it decides the run's mode (:meth:`preflight`): a ``new`` run; a ``restart`` of a run that
+    failed before its first checkpoint (its folder is reused, its metrics and figures cleared); a
+    ``resume`` from the newest readable checkpoint, when asked for or when the folder holds the same run
+    (the same config); or ``complete`` when that run has done its epochs already. On resume the config
+    may differ from the stored one only in :data:`RESUMABLE_CHANGES`, and each change is recorded.
     """
 
     def __init__(self, path: str, config: Dict[str, Any], resume: bool = False):
         self.path = path
         self.figures = os.path.join(path, "figures")
-        self.preflight(path, resume)
+        self.mode = self.preflight(path, config, resume)
         os.makedirs(self.figures, exist_ok=True)
-        if resume:
-            self._check_same_config(config)
+        for name in os.listdir(path):  # temporary files of writes a kill interrupted
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+        if self.mode == RESTART:
+            self._clear()
+        if self.mode in (RESUME, COMPLETE):
+            config = self._with_history(config)
         self.write_json(CONFIG, config)
 
-    @staticmethod
-    def preflight(path: str, resume: bool = False) -> None:
-        """Raise what creating the run directory ``path`` would raise, before any work starts: a new run
-        in a folder holding one, or a resume without a checkpoint."""
+    @property
+    def resuming(self) -> bool:
+        return self.mode in (RESUME, COMPLETE)
+
+    # ----------------------------------------------------------------------------------- the mode
+    @classmethod
+    def preflight(cls, path: str, config: Dict[str, Any], resume: bool = False) -> str:
+        """The mode a run of ``config`` in ``path`` would start in (see the class docstring); raises,
+        before any work, what creating the run directory would raise: a folder that is a file, a new run
+        in a folder holding another run, or a resume with a config changed beyond
+        :data:`RESUMABLE_CHANGES` or with fewer epochs than done."""
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"path: {path} exists and is not a folder")
-        if os.path.exists(os.path.join(path, CONFIG)) and not resume:
-            raise FileExistsError(f"path: {path} already holds a run; pass resume=True to continue it or choose another folder")
-        if resume and not os.path.exists(os.path.join(path, CHECKPOINT)):
-            raise FileNotFoundError(f"resume: no checkpoint at {os.path.join(path, CHECKPOINT)} to continue from")
+        stored = cls._stored_config(path)
+        done = cls.epochs_done(path)
+        if stored is None and done == 0:
+            if resume and os.path.isdir(path) and os.listdir(path):
+                raise FileNotFoundError(f"resume: {path} holds no run to continue")
+            return NEW
+        if done == 0:
+            return RESTART  # config.json without a checkpoint: the run failed before its first epoch ended
+        changes = cls._changes(stored or {}, config)
+        if not resume and changes:
+            raise FileExistsError(f"path: {path} already holds a different run ({done} epochs done); pass resume=True "
+                                  "to continue it (only training settings may change) or choose another folder")
+        unsafe = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        if unsafe:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(unsafe.items()))
+            raise ValueError(f"resume: only {sorted(k.split('.')[-1] for k in RESUMABLE_CHANGES)} may change, "
+                             f"but {details}")
+        epochs = _flatten(config).get("train.epochs")
+        if epochs is not None and epochs < done:
+            raise ValueError(f"epochs: the run in {path} has done {done} epochs; pass epochs > {done} to extend it "
+                             f"(got {epochs}); nothing was changed")
+        return COMPLETE if epochs is not None and epochs == done else RESUME
 
+    @staticmethod
+    def _stored_config(path: str) -> Optional[Dict[str, Any]]:
+        config_path = os.path.join(path, CONFIG)
+        if not os.path.isfile(config_path):
+            return None
+        try:
+            with open(config_path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"path: {config_path} is unreadable ({error}); remove the folder or choose another") from None
+
+    @staticmethod
+    def _changes(stored: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, tuple]:
+        """``{key: (stored, new)}`` for every flattened key that differs (the resume history ignored)."""
+        old = _flatten({k: v for k, v in stored.items() if k != HISTORY_KEY})
+        new = _flatten(json.loads(json.dumps({k: v for k, v in config.items() if k != HISTORY_KEY}, default=str)))
+        return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+
+    @staticmethod
+    def epochs_done(path: str) -> int:
+        """Epochs of the newest checkpoint (0 when there is none)."""
+        state = os.path.join(path, STATE)
+        if os.path.isfile(state):
+            try:
+                with open(state) as f:
+                    return int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: fall back on the checkpoints themselves
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            if os.path.isfile(os.path.join(path, name)):
+                try:
+                    return int(torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)["epoch"])
+                except UNREADABLE + (TypeError,):
+                    continue
+        return 0
+
+    def _with_history(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        stored = self._stored_config(self.path) or {}
+        history = list(stored.get(HISTORY_KEY, []))
+        changes = self._changes(stored, config)
+        if changes:
+            history.append({"after_epoch": self.epochs_done(self.path),
+                            "changes": {k: list(v) for k, v in sorted(changes.items())}})
+        return {**config, HISTORY_KEY: history} if history else config
+
+    def _clear(self) -> None:
+        """Remove what a run that never finished an epoch left: metrics and figures."""
+        for name in (METRICS,):
+            if os.path.exists(os.path.join(self.path, name)):
+                os.remove(os.path.join(self.path, name))
+        for name in os.listdir(self.figures):
+            os.remove(os.path.join(self.figures, name))
+
+    # ----------------------------------------------------------------------------------- the files
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.path, CHECKPOINT)
@@ -75,16 +174,6 @@ class RunDir:
     def figure_path(self, name: str, epoch: Optional[int] = None) -> str:
         suffix = "" if epoch is None else f"_epoch{epoch:03d}"
         return os.path.join(self.figures, f"{name}{suffix}.png")
-
-    def _check_same_config(self, config: Dict[str, Any]) -> None:
-        with open(os.path.join(self.path, CONFIG)) as f:
-            stored = json.load(f)
-        stored, config = _flatten(stored), _flatten(json.loads(json.dumps(config, default=str)))
-        changed = {k for k in set(stored) | set(config) if stored.get(k) != config.get(k)}
-        changed = {k for k in changed if k.split(".")[-1] not in RESUMABLE_CHANGES}
-        if changed:
-            details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
-            raise ValueError(f"resume: the config differs from the stored run ({details})")
 
     def write_json(self, name: str, payload: Dict[str, Any]) -> None:
         text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
@@ -108,7 +197,44 @@ class RunDir:
         atomic_write_bytes(os.path.join(self.path, METRICS), lambda f: f.write(text))
 
     def save_checkpoint(self, state: Dict[str, Any]) -> None:
-        atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
+        """Write ``state`` as the newest checkpoint, keeping the one before as ``checkpoint.prev.pt``: the new
+        file is complete on disk before the old one is moved, so a kill at any moment leaves at least one
+        readable checkpoint."""
+        folder = os.path.abspath(self.path)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=CHECKPOINT)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            failpoints.reach("checkpoint")
+            if os.path.exists(self.checkpoint_path):
+                os.replace(self.checkpoint_path, os.path.join(self.path, PREVIOUS_CHECKPOINT))
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        self.write_json(STATE, {"epoch": state.get("epoch", 0)})
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
-        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+        """The newest readable checkpoint: ``checkpoint.pt``, or, when it is missing or corrupt (a warning
+        says so), ``checkpoint.prev.pt``; ``ValueError`` when neither can be read."""
+        problems = []
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = os.path.join(self.path, name)
+            if not os.path.isfile(path):
+                problems.append(f"{name} is missing")
+                continue
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=False)
+                if not isinstance(state, dict) or "epoch" not in state:
+                    raise ValueError("not a checkpoint of this library")
+            except UNREADABLE as error:
+                problems.append(f"{name} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+                continue
+            if problems:
+                warnings.warn(f"{'; '.join(problems)}: resuming from {name} (epoch {state['epoch']})")
+            return state
+        raise ValueError(f"resume: no readable checkpoint in {self.path} ({'; '.join(problems)}); "
+                         "remove the folder or choose another to start again")

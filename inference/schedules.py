@@ -39,6 +39,13 @@ class LinearKLAnnealing(Callback):
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"beta": self.kl_weights.beta}
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epochs": self.epochs, "start": self.start}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """The schedule's length stays the stored run's, so a resumed (or extended) run continues it."""
+        self.epochs, self.start = state.get("epochs", self.epochs), state.get("start", self.start)
+
 
 @dataclass
 class FreeBitsConfig:

@@ -25,7 +25,7 @@ from pyro import poutine
 from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as MODULE_DIVIDER
 from tqdm.auto import tqdm
 
-from . import plots
+from . import failpoints, plots
 from .elbo import ELBOS, elbo_terms, make_elbo
 from .rundir import RunDir
 
@@ -219,17 +219,16 @@ class Trainer:
             if not torch.isfinite(norm):
                 self._diverged(f"gradient norm is {norm.item()}")
         self.optimizer.step()
+        failpoints.reach("step")
         return value / batch.shape[0]
 
     def _diverged(self, what: str) -> None:
         if self.run is not None and self.epoch > 0:
-            where = f"the last good checkpoint is {self.run.checkpoint_path} (epoch {self.epoch})"
+            where = (f"the last good checkpoint is {self.run.checkpoint_path} (epoch {self.epoch}). Lower lr or set "
+                     "clip_norm, then resume=True (both may change on resume)")
         else:
-            where = "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"{what} in epoch {self.epoch + 1}: training stopped; {where}. "
-            "Lower the learning rate or set a gradient-norm clip, then resume."
-        )
+            where = "no checkpoint was written yet. Lower lr or set clip_norm, then start the run again (the folder is reused)"
+        raise TrainingDiverged(f"{what} in epoch {self.epoch + 1}: training stopped; {where}")
 
     @torch.no_grad()
     def evaluate(self, data: torch.Tensor) -> Dict[str, float]:
@@ -288,6 +287,7 @@ class Trainer:
         pyro.get_param_store().set_state(state["param_store"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_learning_rate(state["epoch"])
         for callback, callback_state in zip(self.callbacks, state["callbacks"]):
             callback.load_state_dict(callback_state)
         self.generator.set_state(state["generator"])
@@ -295,6 +295,14 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         self.epoch = state["epoch"]
+
+    def _apply_learning_rate(self, epoch: int) -> None:
+        """The staircase rate of ``epoch`` from this config's ``lr`` (which may differ from the stored run's):
+        ``lr * lr_decay ** (epoch // lr_decay_every)``, as an uninterrupted run with this ``lr`` has it."""
+        rate = self.config.lr * self.config.lr_decay ** (epoch // self.config.lr_decay_every)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = self.config.lr, rate
+        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------------------------- the loop
     def fit(self, train: torch.Tensor, test: torch.Tensor, resume: bool = False) -> List[Dict[str, Any]]:

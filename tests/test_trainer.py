@@ -80,16 +80,85 @@ def test_run_directory_contents(tiny_images, tmp_path):
     assert (run / "checkpoint.pt").exists()
 
 
-def test_refuses_existing_run_and_changed_config(tiny_images, tmp_path):
+def test_a_folder_holding_a_run_continues_it_or_refuses_another(tiny_images, tmp_path):
     data = ImageData(*tiny_images, "tiny")
     out = str(tmp_path / "run")
-    train_vae("vae", data, SMALL, config(epochs=1), out)
-    with pytest.raises(FileExistsError, match="resume"):
-        train_vae("vae", data, SMALL, config(epochs=1), out)
-    with pytest.raises(ValueError, match="lr"):
-        train_vae("vae", data, SMALL, config(epochs=2, lr=0.5), out, resume=True)
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
-        RunDir(str(tmp_path / "empty"), {}, resume=True)
+    first = train_vae("vae", data, SMALL, config(epochs=1), out)
+    before = open(os.path.join(out, "config.json")).read()
+    assert train_vae("vae", data, SMALL, config(epochs=1), out) == []  # the same run, done: nothing to do
+    with pytest.raises(ValueError, match="epochs: the run in .* has done 1 epochs"):
+        RunDir(out, json.loads(before), resume=True).__class__.preflight(out, {**json.loads(before), "train": {
+            **json.loads(before)["train"], "epochs": 0}}, resume=True)
+    with pytest.raises(FileExistsError, match="different run .* resume=True"):
+        train_vae("vae", data, VAEConfig(z_dim=3, hidden_dims=(48,)), config(epochs=1), out)
+    with pytest.raises(ValueError, match="resume: only .* may change, but config.z_dim: 4 -> 3"):
+        train_vae("vae", data, VAEConfig(z_dim=3, hidden_dims=(48,)), config(epochs=2), out, resume=True)
+    assert [m["epoch"] for m in RunDir(out, json.loads(before), resume=True).read_metrics()] == [1]  # nothing changed
+    assert first[0]["epoch"] == 1
+    with pytest.raises(FileNotFoundError, match="no run to continue"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("mine")
+        RunDir(str(tmp_path / "other"), {}, resume=True)
+
+
+def test_fewer_epochs_than_done_changes_nothing(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    out = str(tmp_path / "run")
+    train_vae("vae", data, SMALL, config(epochs=2), out)
+    files = {name: open(os.path.join(out, name), "rb").read() for name in ("config.json", "metrics.jsonl", "checkpoint.pt")}
+    with pytest.raises(ValueError, match="epochs: the run in .* has done 2 epochs; pass epochs > 2"):
+        train_vae("vae", data, SMALL, config(epochs=1), out, resume=True)
+    assert files == {name: open(os.path.join(out, name), "rb").read() for name in files}
+
+
+def test_resume_with_a_new_learning_rate_is_recorded_and_applied(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    out = str(tmp_path / "run")
+    train_vae("vae", data, SMALL, config(epochs=2, lr_decay=0.5), out)
+    resumed = train_vae("vae", data, SMALL, config(epochs=3, lr=1e-3, lr_decay=0.5, clip_norm=5.0), out, resume=True)
+    assert resumed[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)  # the staircase of the new base rate at epoch 3
+    stored = json.load(open(os.path.join(out, "config.json")))
+    assert stored["train"]["lr"] == 1e-3 and stored["train"]["clip_norm"] == 5.0
+    (record,) = stored["resumes"]
+    assert record["after_epoch"] == 2 and record["changes"]["train.lr"] == [3e-3, 1e-3]
+    assert set(record["changes"]) == {"train.lr", "train.clip_norm", "train.epochs"}
+
+
+def test_linear_kl_schedule_continues_across_a_resume(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    out = str(tmp_path / "run")
+    first = train_vae("vae", data, SMALL, config(epochs=2), out, kl_schedule="linear")
+    extended = train_vae("vae", data, SMALL, config(epochs=4), out, kl_schedule="linear", resume=True)
+    assert [m["beta"] for m in first + extended] == [0.5, 1.0, 1.0, 1.0]  # the stored schedule goes on, unbent
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(tiny_images, tmp_path):
+    train, test = tiny_images
+    out = str(tmp_path / "run")
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    with pytest.raises(TrainingDiverged, match="start the run again"):
+        Trainer(model, guide, config(epochs=1), RunDir(out, {"what": "x"}), callbacks=[PoisonAtEpoch(1)]).fit(train, test)
+    for resume in (False, True):  # the same folder, with or without resume: a fresh start
+        run = RunDir(out, {"what": "x"}, resume=resume)
+        assert run.mode == "restart" and not run.resuming and run.read_metrics() == []
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_on_the_one_before(tiny_images, tmp_path):
+    data = ImageData(*tiny_images, "tiny")
+    straight = train_vae("vae", data, SMALL, config(epochs=3), str(tmp_path / "a"))
+    out = str(tmp_path / "b")
+    train_vae("vae", data, SMALL, config(epochs=2), out)
+    with open(os.path.join(out, "checkpoint.pt"), "wb") as f:
+        f.write(b"truncated")
+    with pytest.warns(UserWarning, match="checkpoint.pt is unreadable.*resuming from checkpoint.prev.pt \\(epoch 1\\)"):
+        resumed = train_vae("vae", data, SMALL, config(epochs=3), out, resume=True)
+    assert [m["epoch"] for m in resumed] == [2, 3] and without_time(resumed) == without_time(straight[1:])
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(b"")
+    stored = json.load(open(os.path.join(out, "config.json")))
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        RunDir(out, stored, resume=True).load_checkpoint()
 
 
 class PoisonAtEpoch(Callback):

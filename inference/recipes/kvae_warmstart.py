@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
+from .. import failpoints
 from ..trainer import TrainConfig
 
 
@@ -79,6 +80,7 @@ def _batches(num: int, size: int, steps: int, seed: int, desc: str, progress: bo
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         yield torch.randint(num, (min(size, num),), generator=generator)
+        failpoints.reach("warm_start")
 
 
 def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,

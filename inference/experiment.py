@@ -11,9 +11,11 @@ from typing import Any, Dict, List, NamedTuple, Optional
 import pyro
 import torch
 
+from pyro_models.datasets import SequenceData
+
 from .recipe import Context, Recipe
 from .registry import get_recipe
-from .rundir import CHECKPOINT, CONFIG, RunDir
+from .rundir import CONFIG, RunDir, read_checkpoint
 from .trainer import TrainConfig, Trainer
 
 RUN_FORMAT = 2  # config.json layout: model, format, config, options, train, data
@@ -72,9 +74,26 @@ class RunSpec:
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
 
 
+MIN_STEPS = 2  # a sequence model needs at least two frames per sequence
+
+
+def check_data(recipe: Recipe, data) -> None:
+    """Raise ``ValueError`` naming ``data`` when ``data`` does not suit ``recipe``'s model: images for an
+    image model, sequences of at least two frames for a sequence model, examples in both splits."""
+    sequences = isinstance(data, SequenceData)
+    if sequences != recipe.frame_mask:
+        want = "sequences (N, T, *frame)" if recipe.frame_mask else "images (N, C, H, W)"
+        raise ValueError(f"data: {recipe.name} trains on {want}, got {type(data).__name__} of shape {tuple(data.train.shape)}")
+    if data.train.shape[0] < 1 or data.test.shape[0] < 1:
+        raise ValueError(f"data: expected >= 1 training and held-out examples, got {data.train.shape[0]} and {data.test.shape[0]}")
+    if sequences and data.train.shape[1] < MIN_STEPS:
+        raise ValueError(f"data: {recipe.name} needs sequences of >= {MIN_STEPS} frames, got T = {data.train.shape[1]}")
+
+
 def build(spec: RunSpec, data) -> Context:
     """Model and guide of ``spec`` for ``data`` (seeded by ``spec.train.seed``), in a :class:`Context`."""
     recipe = spec.recipe
+    check_data(recipe, data)
     pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
     torch.manual_seed(spec.train.seed)  # network initialisation
     if recipe.prepare_data is not None:
@@ -135,16 +154,13 @@ def load_run(path: str, data_dir: Optional[str] = None, data=None) -> Run:
     registered model. ``data_dir`` overrides where the stored data config finds MNIST; ``data``
     replaces the stored data altogether (required when the run was trained on data handed in)."""
     spec = read_spec(path)
+    state = read_checkpoint(path, map_location="cpu")  # before the data: a run without weights fails fast
     if data is None:
         if spec.data is None:
             raise ValueError(f"data: the run in {path} was trained on data handed in directly; pass them as data")
         data_config = spec.data if data_dir is None else type(spec.data)(**{**asdict(spec.data), "data_dir": data_dir})
         data = data_config.load(seed=spec.train.seed)
     context = build(spec, data)
-    checkpoint = os.path.join(path, CHECKPOINT)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"path: {os.path.abspath(path)} has no {CHECKPOINT} yet (no epoch finished)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     for module, module_state in zip((context.model, context.guide), state["modules"]):
         module.load_state_dict(module_state)
         module.eval()

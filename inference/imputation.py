@@ -22,6 +22,7 @@ from pyro_models.vae.impute import bottom_half_mask, random_pixel_mask
 
 from . import plots
 from .experiment import Run
+from .recipe import Recipe
 
 DROP_PROBS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 CONSECUTIVE_STRIDE = 2  # k = 1, 3, 5, ...
@@ -34,14 +35,28 @@ class Setting(NamedTuple):
     value: float
 
 
-def mask_kinds(run: Run) -> Sequence[str]:
-    return FRAME_MASKS if run.recipe.frame_mask else PIXEL_MASKS
+def mask_kinds(recipe: Recipe) -> Sequence[str]:
+    return FRAME_MASKS if recipe.frame_mask else PIXEL_MASKS
+
+
+def check_request(recipe: Recipe, kind: str, batch_size: int = 1, num_samples: int = 1, metric: str = "hamming",
+                  num_test: int = 0) -> None:
+    """Raise ``ValueError`` naming the argument unless an imputation experiment with these arguments
+    can run for ``recipe``'s model (checked before any work)."""
+    if recipe.impute is None:
+        raise ValueError(f"model: {recipe.name} has no imputer")
+    if kind not in mask_kinds(recipe):
+        raise ValueError(f"kind: expected one of {tuple(mask_kinds(recipe))} for a {recipe.name} run, got {kind!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {tuple(METRICS)}, got {metric!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("num_samples", num_samples, 1), ("num_test", num_test, 0)):
+        if value < low:
+            raise ValueError(f"{name}: expected >= {low}, got {value}")
 
 
 def settings(run: Run, kind: str) -> List[float]:
     """The strengths of mask ``kind`` for the run's held-out data."""
-    if kind not in mask_kinds(run):
-        raise ValueError(f"kind: expected one of {tuple(mask_kinds(run))} for a {run.spec.model} run, got {kind!r}")
+    check_request(run.recipe, kind)
     if kind == "random":
         return list(DROP_PROBS)
     if kind == "bottom-half":
@@ -69,8 +84,6 @@ def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Ten
 
 
 def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int) -> Imputation:
-    if run.recipe.impute is None:
-        raise ValueError(f"model: {run.spec.model} has no imputer")
     return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples)
 
 
@@ -78,10 +91,7 @@ def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samp
              metric: str = "hamming", num_test: int = 0) -> List[Dict[str, float]]:
     """One row per strength of mask ``kind``: the error (``metric``) on the missing parts of the held-out
     data (the first ``num_test``; 0: all), averaged over missing parts, for every estimate and floor."""
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {tuple(METRICS)}, got {metric!r}")
-    if batch_size < 1 or num_samples < 1 or num_test < 0:
-        raise ValueError(f"batch_size, num_samples, num_test: expected >= 1, >= 1, >= 0, got {batch_size}, {num_samples}, {num_test}")
+    check_request(run.recipe, kind, batch_size, num_samples, metric, num_test)
     test = run.data.test if num_test == 0 else run.data.test[:num_test]
     score, rows = METRICS[metric], []
     for value in settings(run, kind):

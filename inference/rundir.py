@@ -96,9 +96,13 @@ class RunDir:
             if resume and os.path.isdir(path) and os.listdir(path):
                 raise FileNotFoundError(f"resume: {path} holds no run to continue")
             return NEW
-        if done == 0:
-            return RESTART  # config.json without a checkpoint: the run failed before its first epoch ended
         changes = cls._changes(stored or {}, config)
+        if done == 0:  # config.json without a readable checkpoint: the run failed before its first epoch ended
+            leftovers = any(os.path.isfile(os.path.join(path, n)) for n in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+            if leftovers and changes:
+                raise FileExistsError(f"path: {path} holds another run whose checkpoints are unreadable; remove the "
+                                      "folder or choose another")
+            return RESTART
         if not resume and changes:
             raise FileExistsError(f"path: {path} already holds a different run ({done} epochs done); pass resume=True "
                                   "to continue it (only training settings may change) or choose another folder")
@@ -218,23 +222,29 @@ class RunDir:
         self.write_json(STATE, {"epoch": state.get("epoch", 0)})
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
-        """The newest readable checkpoint: ``checkpoint.pt``, or, when it is missing or corrupt (a warning
-        says so), ``checkpoint.prev.pt``; ``ValueError`` when neither can be read."""
-        problems = []
-        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-            path = os.path.join(self.path, name)
-            if not os.path.isfile(path):
-                problems.append(f"{name} is missing")
-                continue
-            try:
-                state = torch.load(path, map_location=map_location, weights_only=False)
-                if not isinstance(state, dict) or "epoch" not in state:
-                    raise ValueError("not a checkpoint of this library")
-            except UNREADABLE as error:
-                problems.append(f"{name} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
-                continue
-            if problems:
-                warnings.warn(f"{'; '.join(problems)}: resuming from {name} (epoch {state['epoch']})")
-            return state
-        raise ValueError(f"resume: no readable checkpoint in {self.path} ({'; '.join(problems)}); "
-                         "remove the folder or choose another to start again")
+        """The newest readable checkpoint (see :func:`read_checkpoint`)."""
+        return read_checkpoint(self.path, map_location)
+
+
+def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:
+    """The newest readable checkpoint of the run directory ``path``: ``checkpoint.pt``, or, when it is
+    missing or corrupt (a warning says so), ``checkpoint.prev.pt``; ``ValueError`` when neither can be
+    read."""
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            state = torch.load(file, map_location=map_location, weights_only=False)
+            if not isinstance(state, dict) or "epoch" not in state:
+                raise ValueError("not a checkpoint of this library")
+        except UNREADABLE as error:
+            problems.append(f"{name} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}: resuming from {name} (epoch {state['epoch']})")
+        return state
+    raise ValueError(f"path: no readable checkpoint in {path} ({'; '.join(problems)}); "
+                     "remove the folder or choose another to start again")

@@ -21,7 +21,7 @@ import sys
 from inference import imputation
 from inference.cli import OneLineParser
 from inference.command_line import main_guard
-from inference.experiment import load_run
+from inference.experiment import load_run, read_spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    imputation.check_request(read_spec(args.run).recipe, args.mask, args.batch_size, args.num_samples, args.metric,
+                             args.num_test)  # before any work
     run = load_run(args.run, data_dir=args.data_dir)
     rows = imputation.evaluate(run, args.mask, args.batch_size, args.seed, args.num_samples, args.metric, args.num_test)
     for row in rows:
@@ -54,4 +56,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main, renames={"path": "--run"}))
+    sys.exit(main_guard(main, renames={"path": "--run", "kind": "--mask", "num_test": "--num-test",
+                                       "num_samples": "--num-samples", "batch_size": "--batch-size"}))

@@ -8,8 +8,10 @@
     python scripts/train.py kvae --data bouncing-balls --out runs/kvae      # the original recipe's defaults
     python scripts/train.py hrssm --data color-balls --out runs/hrssm       # --no-boundaries: the RSSM
 
-Writes a run directory (--out): config.json, metrics.jsonl, checkpoint.pt, figures/. --resume continues
-it. Errors are one line; --debug (or PYRO_MODELS_DEBUG=1) shows the traceback.
+Writes a run directory (--out): config.json, metrics.jsonl, checkpoint.pt (and the one before),
+figures/. --resume continues it (the learning rate, clip and epochs may change); the same command again
+continues an interrupted run, and restarts one that failed before its first checkpoint. Errors are one
+line; --debug (or PYRO_MODELS_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     if history:
         last = history[-1]
         print(f"done: epoch {last['epoch']}, test ELBO {last['test_elbo']:.2f} nats/example; run in {args.out}")
+    else:
+        print(f"nothing to do: the run in {args.out} has done its {args.spec.train.epochs} epochs")
     return 0
 
 

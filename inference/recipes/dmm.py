@@ -2,6 +2,7 @@
 global gradient-norm clipping, a per-epoch imputation report, and the imputer."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -55,7 +56,8 @@ class DMMReport(Callback):
                              trainer.run.figure_path("imputation", epoch),
                              f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)",
                              observed=[None, expand_mask(mask, x)[0], None])
-        return {"impute_mse": missing_mse(x, result.imputed, mask)}
+        error = missing_mse(x, result.imputed, mask)
+        return {"impute_mse": error if math.isfinite(error) else None}  # None: no frame was missing
 
 
 def _callbacks(context: Context) -> List[Callback]:

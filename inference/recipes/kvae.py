@@ -2,8 +2,9 @@
 optional KL warm-up, the warm start against posterior collapse, the per-epoch report, the imputer."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -62,6 +63,11 @@ class FreezeParameters(Callback):
         return {"frozen": self.frozen}
 
 
+def _finite_or_none(value: float) -> Optional[float]:
+    """A metric, or None (JSON null) when it is undefined (no frame was missing)."""
+    return value if math.isfinite(value) else None
+
+
 class KVAEReport(Callback):
     """Each epoch, on the first held-out sequences: reconstructions, the mixture weights alpha over time,
     the a-trajectories (figures), the imputation error at drop probability ``drop_prob``
@@ -84,8 +90,8 @@ class KVAEReport(Callback):
             imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator)
             a = guide.posterior(x).mean  # (n, T, a_dim)
             reconstruction = torch.sigmoid(model.frame_logits(a))
-            metrics = {"impute_smooth": hamming_error(x, imputation.estimates["smoothing"], mask),
-                       "impute_filter": hamming_error(x, imputation.estimates["filtering"], mask),
+            metrics = {"impute_smooth": _finite_or_none(hamming_error(x, imputation.estimates["smoothing"], mask)),
+                       "impute_filter": _finite_or_none(hamming_error(x, imputation.estimates["filtering"], mask)),
                        "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
             if run is not None and x.dim() == 5:
                 self._figures(trainer, epoch, x, mask, imputation, a, reconstruction)

@@ -8,7 +8,6 @@ Bernoulli pixels afresh for every training batch) is applied by :func:`binarizer
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -26,12 +25,14 @@ from .sequences import (
     load_mnist_rows,
     load_sequence_data,
     load_sequence_npz,
+    open_npz,
 )
 from .shapes import make_shapes
 
 DATASETS = ("mnist", "shapes", "npz")
 BINARIZE_MODES = ("none", "static", "dynamic")
 STATIC_THRESHOLD = 0.5
+IMAGE_CHANNELS = (1, 3)  # grey or RGB
 
 
 class ImageData(NamedTuple):
@@ -45,12 +46,18 @@ class ImageData(NamedTuple):
 def check_images(images, argument: str = "images") -> torch.Tensor:
     """Validate an image array and return it as float32 ``(N, C, H, W)``.
 
-    Accepts ``(N, H, W)`` (a channel axis is added) or ``(N, C, H, W)``; values must be finite and in
-    [0, 1]. Raises ``ValueError`` naming ``argument`` otherwise.
+    Accepts ``(N, H, W)`` (a channel axis is added), ``(N, C, H, W)`` with C in {1, 3}, or channels-last
+    ``(N, H, W, C)`` with C in {1, 3} when axis 1 is not a channel count (moved to ``(N, C, H, W)``);
+    values must be finite and in [0, 1]. Raises ``ValueError`` naming ``argument`` otherwise.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     if images.dim() == 3:
         images = images.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    elif images.dim() == 4 and images.shape[1] not in IMAGE_CHANNELS:
+        if images.shape[-1] not in IMAGE_CHANNELS:
+            raise ValueError(f"{argument}: a 4-d array needs 1 or 3 channels on axis 1 (N, C, H, W) or on the last "
+                             f"axis (N, H, W, C), got {tuple(images.shape)}")
+        images = images.movedim(-1, 1).contiguous()  # (N, H, W, C) -> (N, C, H, W)
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(
             f"{argument}: expected shape (N, H, W) or (N, C, H, W) with N > 0, got {tuple(images.shape)}"
@@ -64,9 +71,7 @@ def load_npz(path: str, test_fraction: float = 0.1) -> ImageData:
 
     The last ``test_fraction`` of the images (at least one) are held out.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data_path: no such file {os.path.abspath(path)}")
-    with np.load(path) as archive:
+    with open_npz(path) as archive:
         if "images" not in archive:
             raise ValueError(f"{path}: expected an array named 'images', found {sorted(archive.files)}")
         images = check_images(archive["images"], f"{path}['images']")

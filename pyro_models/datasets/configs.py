@@ -2,6 +2,7 @@
 from and a run directory stores (``config.json``), so that a run's data can be rebuilt exactly."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -9,6 +10,15 @@ from . import BINARIZE_MODES, DATASETS, ImageData, load_image_data
 from .sequences import SEQUENCE_DATASETS, SequenceData, load_sequence_data
 
 TEST_SHARE = 5  # generated sequence sets hold out 1 / TEST_SHARE as many sequences as they train on
+
+
+def _absolute_paths(config) -> None:
+    """Store ``data_dir`` and ``data_path`` as absolute paths, so that a run's data are found again from
+    any working directory."""
+    for name in ("data_dir", "data_path"):
+        value = getattr(config, name)
+        if value is not None:
+            setattr(config, name, os.path.abspath(value))
 
 
 @dataclass
@@ -23,6 +33,7 @@ class ImageDataConfig:
     download: bool = True  # try to download MNIST when its files are missing
 
     def __post_init__(self):
+        _absolute_paths(self)
         if self.data not in DATASETS:
             raise ValueError(f"data: expected one of {DATASETS}, got {self.data!r}")
         if self.binarize not in BINARIZE_MODES:
@@ -49,6 +60,7 @@ class SequenceDataConfig:
     download: bool = True  # try to download MNIST when its files are missing
 
     def __post_init__(self):
+        _absolute_paths(self)
         if self.data not in SEQUENCE_DATASETS:
             raise ValueError(f"data: expected one of {SEQUENCE_DATASETS}, got {self.data!r}")
         if self.num_sequences < 1:

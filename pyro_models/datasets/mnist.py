@@ -14,6 +14,7 @@ official files are downloaded into ``root/MNIST/raw/`` where a network exists; o
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 import struct
 import urllib.request
@@ -36,8 +37,11 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str) -> np.ndarray:
     """Read one IDX file (gzipped when the name ends in ``.gz``) into an array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as error:  # a truncated or corrupt gzip file
+        raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error}); download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
     dtype_code, ndim = data[2], data[3]

@@ -31,6 +31,7 @@ VECTOR_NDIM, GREY_NDIM, COLOR_NDIM = 3, 4, 5  # (N, T, D), (N, T, H, W), (N, T, 
 RGB_CHANNELS = 3
 CACHE_VERSION = 1  # bump when a generator's output changes, so stale cache files are not read
 CACHE_HASH_CHARS = 16
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of an .npy file
 _LAYOUTS = "(N, T, D), (N, T, H, W), (N, T, C, H, W) with C in {1, 3} or (N, T, H, W, 3)"
 
 
@@ -198,12 +199,29 @@ def generate_sequences(
 # Loaders
 
 
+def open_npz(path: str):
+    """``np.load(path)`` of a user's ``.npz`` file, with one clear error for a file that is missing, not an
+    ``.npz`` archive, or holds pickled objects."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data_path: no such file {os.path.abspath(path)}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            single = f.read(len(NPY_MAGIC)) == NPY_MAGIC
+        what = "holds a single array (np.save)" if single else "is not a zip file"
+        raise ValueError(f"data_path: {path} {what}, not an .npz archive of named arrays (np.savez)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"data_path: {path} is not a readable .npz archive ({str(error).splitlines()[0][:100]})") from None
+    if not hasattr(archive, "files"):
+        raise ValueError(f"data_path: {path} holds a single array, not an .npz archive of named arrays (np.savez)")
+    return archive
+
+
 def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> SequenceData:
     """A user's sequences: ``np.load(path)['sequences']`` in any layout of :func:`check_sequences`,
     with optional 0/1 ``events (N, T)``. The last ``test_fraction`` (at least one) are held out."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data_path: no such file {os.path.abspath(path)}")
-    with np.load(path) as archive:
+    with open_npz(path) as archive:
         if "sequences" not in archive:
             raise ValueError(f"{path}: expected an array named 'sequences', found {sorted(archive.files)}")
         sequences = check_sequences(archive["sequences"], f"{path}['sequences']")

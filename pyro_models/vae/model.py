@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
+from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
@@ -54,6 +55,8 @@ class VAEConfig:
             raise ValueError(f"z_dim: expected >= 1, got {self.z_dim}")
         if self.num_flows < 0:
             raise ValueError(f"num_flows: expected >= 0, got {self.num_flows}")
+        if self.guide == "iaf" and self.num_flows < 1:
+            raise ValueError(f"num_flows: the 'iaf' guide needs >= 1 flow steps (0 is the 'normal' guide), got {self.num_flows}")
         for name in ("hidden_dims", "channels", "flow_hidden_dims"):
             widths = getattr(self, name)
             if not widths or min(widths) < 1:
@@ -77,6 +80,10 @@ class VAE(nn.Module):
             raise ValueError(f"x: expected shape (batch, {', '.join(map(str, self.x_shape))}), got {tuple(x.shape)}")
         if mask is not None and mask.shape != x.shape:
             raise ValueError(f"mask: expected shape {tuple(x.shape)} (that of x), got {tuple(mask.shape)}")
+        if is_validation_enabled() and self.likelihood == "bernoulli":  # a host sync: only when validating
+            low, high = float(x.min()), float(x.max())
+            if low < 0 or high > 1:
+                raise ValueError(f"x: the Bernoulli likelihood needs values in [0, 1], got min {low:.4g}, max {high:.4g}")
 
     def prior(self, batch_size: int, like: torch.Tensor) -> dist.Distribution:
         """p(z) = N(0, I), batch ``(batch_size,)``, event ``(z_dim,)``."""

@@ -1,0 +1,192 @@
+"""The catalogue of bad inputs: each one, tried as a new user would, ends with a non-zero exit and one
+line naming the argument (no traceback, no run folder left behind), or with a clear exception from the
+library naming the Python argument."""
+import gzip
+import os
+import runpy
+import sys
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from inference.experiment import RunSpec, train
+from inference.trainer import TrainConfig
+from pyro_models.datasets import check_images
+from pyro_models.datasets.configs import ImageDataConfig
+from pyro_models.vae import VAEConfig, build_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VAE = ["--z-dim", "2", "--hidden-dims", "8", "--epochs", "1", "--no-progress"]
+
+
+def run_script(script, argv, capsys):
+    """``scripts/SCRIPT argv`` in this process: (exit code, stderr)."""
+    old = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(os.path.join(ROOT, "scripts", script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad files a user might hand in, and one finished VAE run."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "junk.npz").write_text("not an archive")
+    np.save(root / "single.npy", np.zeros(3))
+    os.rename(root / "single.npy", root / "single.npz")
+    np.savez(root / "no_images.npz", pictures=np.zeros((4, 5, 5)))
+    np.savez(root / "big_values.npz", images=np.full((6, 5, 5), 255.0))
+    np.savez(root / "one_frame.npz", sequences=np.random.default_rng(0).random((10, 1, 6)))
+    (root / "mnist").mkdir()
+    with gzip.open(root / "mnist" / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    truncated = (root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()[:-8]
+    (root / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(truncated)
+    (root / "a_file").write_text("x")
+    pyro.clear_param_store()
+    train(RunSpec("vae", VAEConfig(z_dim=2, hidden_dims=(8,)), TrainConfig(epochs=1, progress=False, batch_size=10),
+                  ImageDataConfig(data="shapes", num_shapes=40)), str(root / "vae_run"))
+    corrupt = root / "corrupt_run"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((root / "vae_run" / "config.json").read_text())
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (corrupt / name).write_bytes(b"garbage")
+    return root
+
+
+TRAIN_CASES = [
+    (["kvae", "--z-dim", "3"], "--z-dim does not apply to kvae"),
+    (["kvae", "--guide", "iaf"], "--guide"),
+    (["kvae", "--kl-schedule", "free-bits"], "--kl-schedule does not apply to kvae"),
+    (["hrssm", "--update-kl-gradient", "2"], "--update-kl-gradient: expected in [0, 1]"),
+    (["hrssm", "--max-length", "0"], "--max-length: expected >= 1"),
+    (["hrssm", "--boundary-kernel", "2"], "--boundary-kernel: expected an odd size"),
+    (["hrssm", "--jit"], "--jit: hrssm cannot be compiled"),
+    (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
+    (["dmm", "--guide", "made-up"], "--guide"),
+    (["dmm", "--kl-annealing-epochs", "3", "--jit"], "--jit: dmm cannot be compiled"),
+    (["vae", "--lr", "inf"], "--lr"),
+    (["vae", "--lr", "-1"], "--lr: expected a finite number > 0"),
+    (["vae", "--lr-decay", "0"], "--lr-decay: expected in (0, 1]"),
+    (["vae", "--lr-decay", "-1"], "--lr-decay: expected in (0, 1]"),
+    (["vae", "--clip-norm", "0"], "--clip-norm"),
+    (["vae", "--seed", "-1"], "--seed: expected >= 0"),
+    (["vae", "--device", "nonsense"], "--device"),
+    (["vae", "--device", "cuda"], "--device"),
+    (["vae", "--epochs", "0"], "--epochs: expected >= 1"),
+    (["vae", "--batch-size", "0"], "--batch-size: expected >= 1"),
+    (["vae", "--num-particles", "0"], "--num-particles: expected >= 1"),
+    (["vae", "--elbo", "exact"], "--elbo"),
+    (["vae", "--hidden-dims", ""], "--hidden-dims: expected one or more widths"),
+    (["vae", "--hidden-dims", "a,b"], "--hidden-dims"),
+    (["vae", "--z-dim", "0"], "--z-dim: expected >= 1"),
+    (["vae", "--guide", "iaf", "--num-flows", "0"], "--num-flows: the 'iaf' guide needs"),
+    (["vae", "--guide", "iaf", "--kl-schedule", "free-bits"], "--kl-schedule, --guide"),
+    (["vae", "--free-bits-target", "0"], "--free-bits-target: expected > 0"),
+    (["vae", "--num-shapes", "1"], "--num-shapes: expected >= 2"),
+    (["vae", "--data", "npz"], "--data-path"),
+    (["vae", "--data", "mnist", "--no-download"], "--data-dir"),
+    (["kvae", "--data", "shapes"], "--data"),
+    (["kvae", "--num-sequences", "0"], "--num-sequences: expected >= 1"),
+    (["kvae", "--warm-start-steps", "-1"], "--warm-start-steps: expected >= 0"),
+    (["nonsense"], "model: expected one of"),
+    (["vae", "--epochs"], "--epochs"),
+    (["vae", "extra"], "unexpected argument"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_train_refuses_bad_flags_before_any_work(argv, fragment, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_script("train.py", [*argv, "--out", str(out)], capsys)
+    assert code == 2 and fragment in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+FILE_CASES = [
+    (["vae", "--data", "npz", "--data-path", "{root}/missing.npz"], "--data-path: no such file"),
+    (["vae", "--data", "npz", "--data-path", "{root}/junk.npz"], "is not a zip file"),
+    (["vae", "--data", "npz", "--data-path", "{root}/single.npz"], "holds a single array"),
+    (["vae", "--data", "npz", "--data-path", "{root}/no_images.npz"], "expected an array named 'images'"),
+    (["vae", "--data", "npz", "--data-path", "{root}/big_values.npz"], "values must lie in [0, 1]"),
+    (["kvae", "--data", "npz", "--data-path", "{root}/one_frame.npz"], "--data: kvae needs sequences of >= 2 frames"),
+    (["vae", "--data", "mnist", "--data-dir", "{root}/mnist", "--no-download"], "unreadable"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", FILE_CASES, ids=[c[0][-1].split("/")[-1] for c in FILE_CASES])
+def test_train_refuses_bad_files_in_one_line(argv, fragment, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_script("train.py", [a.format(root=files) for a in argv] + TINY_VAE[4:] + ["--out", str(out)], capsys)
+    assert code == 2 and fragment in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()  # checked before the folder is made
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("{root}/a_file", "--out: {root}/a_file exists and is not a folder"),
+    ("{root}/corrupt_run", "holds another run whose checkpoints are unreadable"),
+])
+def test_train_refuses_bad_out(out, fragment, files, capsys):
+    code, err = run_script("train.py", ["vae", *TINY_VAE, "--out", out.format(root=files)], capsys)
+    assert code == 2 and fragment.format(root=files) in err and err.count("\n") == 1, err
+
+
+def test_resume_from_corrupt_checkpoints_is_one_line(files, capsys):
+    code, err = run_script("train.py", ["vae", *TINY_VAE, "--batch-size", "10", "--data", "shapes", "--out",
+                                        str(files / "corrupt_run"), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1, err  # the config differs (data), or the checkpoints are unreadable
+
+
+@pytest.mark.parametrize("script, argv, fragment", [
+    ("impute.py", ["--run", "{root}/nowhere"], "--run: {root}/nowhere holds no run"),
+    ("impute.py", ["--run", "{root}/vae_run", "--mask", "consecutive"], "--mask: expected one of ('random', 'bottom-half')"),
+    ("impute.py", ["--run", "{root}/vae_run", "--num-test", "-7"], "--num-test: expected >= 0, got -7"),
+    ("impute.py", ["--run", "{root}/vae_run", "--batch-size", "0"], "--batch-size: expected >= 1"),
+    ("impute.py", ["--run", "{root}/corrupt_run"], "no readable checkpoint"),
+    ("evaluate.py", ["boundaries", "--run", "{root}/vae_run"], "holds a vae run; boundaries evaluates hrssm runs"),
+    ("evaluate.py", ["boundaries", "--run", "{root}/vae_run", "--num-test", "0"], "--num-test: expected >= 1"),
+    ("evaluate.py", ["nonsense", "--run", "{root}/vae_run"], "invalid choice"),
+])
+def test_evaluation_scripts_refuse_bad_input_in_one_line(script, argv, fragment, files, capsys):
+    code, err = run_script(script, [a.format(root=files) for a in argv], capsys)
+    assert code == 2 and fragment.format(root=files) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_library_errors_name_python_arguments():
+    model, guide = build_vae("vae", (1, 4, 4), VAEConfig(z_dim=2, hidden_dims=(8,)))
+    with pytest.raises(ValueError, match=r"x: the Bernoulli likelihood needs values in \[0, 1\], got min 0, max 255"):
+        model(torch.full((2, 1, 4, 4), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
+    with pytest.raises(ValueError, match="lr: expected a finite number > 0, got nan"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model(torch.rand(2, 1, 5, 5))
+
+
+def test_channels_last_images_are_read_as_channels():
+    images = np.random.default_rng(0).random((4, 10, 8, 3))
+    assert check_images(images).shape == (4, 3, 10, 8)
+    assert check_images(np.random.default_rng(0).random((4, 3, 10, 8))).shape == (4, 3, 10, 8)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        check_images(np.zeros((4, 10, 8, 5)))
+
+
+def test_one_training_sequence_trains_and_reports(tmp_path, capsys):
+    # A degenerate but valid request ends with a correct result, not a crash after the work is done.
+    out = tmp_path / "run"
+    code, err = run_script("train.py", ["kvae", "--num-sequences", "1", "--num-steps", "6", "--decoder-channels", "8",
+                                        "--epochs", "1", "--warm-start-steps", "2", "--dynamics-fit-steps", "2",
+                                        "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in metrics and "impute_smooth" in metrics  # no frame missing at T = 6: null, not NaN

@@ -77,7 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dynamics-fit-steps", type=int, default=kvae.options.dynamics_fit_steps, help="kvae: warm start, LGSSM fitting steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the run")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("epochs", "num_sequences", "decoder_channels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    for name in ("num_impute", "warm_start_steps", "dynamics_fit_steps", "seed"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -156,6 +156,9 @@ def test_resume_from_corrupt_checkpoints_is_one_line(files, capsys):
     ("evaluate.py", ["boundaries", "--run", "{root}/vae_run"], "holds a vae run; boundaries evaluates hrssm runs"),
     ("evaluate.py", ["boundaries", "--run", "{root}/vae_run", "--num-test", "0"], "--num-test: expected >= 1"),
     ("evaluate.py", ["nonsense", "--run", "{root}/vae_run"], "invalid choice"),
+    ("demo.py", ["--num-impute", "-1", "--out", "{root}/demo"], "--num-impute: expected >= 0, got -1"),
+    ("demo.py", ["--epochs", "0", "--out", "{root}/demo"], "--epochs: expected >= 1, got 0"),
+    ("demo.py", ["--model", "hrssm", "--out", "{root}/demo"], "--model"),
 ])
 def test_evaluation_scripts_refuse_bad_input_in_one_line(script, argv, fragment, files, capsys):
     code, err = run_script(script, [a.format(root=files) for a in argv], capsys)

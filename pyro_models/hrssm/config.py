@@ -20,10 +20,10 @@ class HRSSMConfig:
     """Sizes and constants of the HRSSM. Defaults are the official code's (taesupkim/vta, ``train.py``
     and ``hssm.py``) unless marked otherwise; see ``docs/hrssm.md`` for the sources."""
 
-    abstract_belief_size: int = 128  # c_t (official belief_size)
-    abstract_state_size: int = 8  # z_t (official state_size)
-    observation_belief_size: int = 128  # h_t, and the abstract feature a_t = W_a [c_t, z_t]
-    observation_state_size: int = 8  # s_t
+    abstract_belief_size: int = 128  # size of the abstract belief c_t (official belief_size)
+    abstract_state_size: int = 8  # size of the abstract state z_t (official state_size)
+    observation_belief_size: int = 128  # size of the observation belief h_t and of the abstract feature a_t = W_a [c_t, z_t]
+    observation_state_size: int = 8  # size of the observation state s_t
     feature_size: int = 128  # frame features e_t and state features f_t (official: = belief_size)
     conv_channels: int = 128  # image frames: channels of every conv layer (official: = belief_size)
     conv_layers: int = 3  # image frames: stride-2 layers (32 -> 4), then a valid conv to 1x1
@@ -36,7 +36,7 @@ class HRSSMConfig:
     max_length: int = 8  # l_max (official seg_len)
     temperature_max: float = 1.0  # boundary temperature at step 0 (official max_beta)
     temperature_min: float = 0.1  # its floor (official min_beta)
-    temperature_decay: float = 0.999  # multiplied in ...
+    temperature_decay: float = 0.999  # the boundary temperature is multiplied by this ...
     temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     kl_weight_abstract: float = 1.0  # training weight of the z-KL terms (official: all three KL weights 1)

@@ -12,6 +12,7 @@ import pyro
 import torch
 
 from pyro_models.datasets import SequenceData
+from pyro_models.datasets.configs import MIN_STEPS
 
 from .recipe import Context, Recipe
 from .registry import get_recipe
@@ -74,10 +75,7 @@ class RunSpec:
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
 
 
-MIN_STEPS = 2  # a sequence model needs at least two frames per sequence
-
-
-def check_data(recipe: Recipe, data) -> None:
+def check_data(recipe: Recipe, data, config=None) -> None:
     """Raise ``ValueError`` naming ``data`` when ``data`` does not suit ``recipe``'s model: images for an
     image model, sequences of at least two frames for a sequence model, examples in both splits."""
     sequences = isinstance(data, SequenceData)
@@ -88,12 +86,14 @@ def check_data(recipe: Recipe, data) -> None:
         raise ValueError(f"data: expected >= 1 training and held-out examples, got {data.train.shape[0]} and {data.test.shape[0]}")
     if sequences and data.train.shape[1] < MIN_STEPS:
         raise ValueError(f"data: {recipe.name} needs sequences of >= {MIN_STEPS} frames, got T = {data.train.shape[1]}")
+    if recipe.validate_data is not None and config is not None:
+        recipe.validate_data(config, data)
 
 
 def build(spec: RunSpec, data) -> Context:
     """Model and guide of ``spec`` for ``data`` (seeded by ``spec.train.seed``), in a :class:`Context`."""
     recipe = spec.recipe
-    check_data(recipe, data)
+    check_data(recipe, data, spec.config)
     pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
     torch.manual_seed(spec.train.seed)  # network initialisation
     if recipe.prepare_data is not None:

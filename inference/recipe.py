@@ -65,6 +65,8 @@ class Recipe:
     generates its flags from ``options_class``.
     ``validate(config, options)``: raise ``ValueError`` (naming the arguments) when the two do not fit
     together; runs when a :class:`~inference.experiment.RunSpec` is made, before any work.
+    ``validate_data(config, data)``: raise ``ValueError`` when the loaded data cannot be modelled with
+    ``config`` (e.g. sequences longer than the HRSSM's segments can hold); runs before the run folder.
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
     ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
@@ -90,6 +92,7 @@ class Recipe:
     frame_mask: bool = True
     evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
     validate: Optional[Callable[[Any, Any], None]] = None
+    validate_data: Optional[Callable[[Any, Any], None]] = None
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
 

@@ -96,6 +96,8 @@ TRAIN_CASES = [
     (["vae", "--data", "mnist", "--no-download"], "--data-dir"),
     (["kvae", "--data", "shapes"], "--data"),
     (["kvae", "--num-sequences", "0"], "--num-sequences: expected >= 1"),
+    (["dmm", "--num-steps", "1"], "--num-steps: expected >= 2"),
+    (["hrssm", "--num-steps", "50", "--num-sequences", "4", "--cache-dir", "{tmp}/cache"], "--max-segments, --max-length: sequences of T = 50"),
     (["kvae", "--warm-start-steps", "-1"], "--warm-start-steps: expected >= 0"),
     (["nonsense"], "model: expected one of"),
     (["vae", "--epochs"], "--epochs"),
@@ -106,7 +108,7 @@ TRAIN_CASES = [
 @pytest.mark.parametrize("argv, fragment", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
 def test_train_refuses_bad_flags_before_any_work(argv, fragment, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_script("train.py", [*argv, "--out", str(out)], capsys)
+    code, err = run_script("train.py", [a.format(tmp=tmp_path) for a in argv] + ["--out", str(out)], capsys)
     assert code == 2 and fragment in err, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists()

@@ -173,6 +173,13 @@ def _callbacks(context: Context) -> List[Callback]:
     return [TemperatureAnnealing(context.model.temperature, context.config), HRSSMReport(context.data.test_events)]
 
 
+def _validate_data(config: HRSSMConfig, data) -> None:
+    steps = data.train.shape[1]
+    if config.boundaries and steps > config.max_steps:
+        raise ValueError(f"max_segments, max_length: sequences of T = {steps} frames need max_segments * max_length >= {steps}, "
+                         f"got {config.max_segments} * {config.max_length} = {config.max_steps}")
+
+
 def _frames_per_sequence(data) -> int:
     return data.train.shape[1]
 
@@ -197,7 +204,7 @@ RECIPES = (
         train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks,
         units_per_example=_frames_per_sequence, compilable=False,
         not_compilable_because="the boundary temperature is a Python float a trace would freeze at its first value",
-        impute=impute, example=_example, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)},
+        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)},
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
                    "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
     ),

@@ -9,6 +9,7 @@ from typing import Optional, Union
 from . import BINARIZE_MODES, DATASETS, ImageData, load_image_data
 from .sequences import SEQUENCE_DATASETS, SequenceData, load_sequence_data
 
+MIN_STEPS = 2  # frames per sequence a sequence model needs
 TEST_SHARE = 5  # generated sequence sets hold out 1 / TEST_SHARE as many sequences as they train on
 
 
@@ -55,7 +56,7 @@ class SequenceDataConfig:
     data_dir: Optional[str] = None  # folder of the MNIST IDX files, for data mnist-rows
     data_path: Optional[str] = None  # an .npz file with a 'sequences' array (and optional 'events'), for data npz
     num_sequences: int = 5000  # generated training sequences (1/5 as many held out)
-    num_steps: int = 20  # frames per generated sequence
+    num_steps: int = 20  # frames per generated sequence (>= 2)
     cache_dir: str = "data/cache"  # where generated sequence sets are cached
     download: bool = True  # try to download MNIST when its files are missing
 
@@ -65,8 +66,8 @@ class SequenceDataConfig:
             raise ValueError(f"data: expected one of {SEQUENCE_DATASETS}, got {self.data!r}")
         if self.num_sequences < 1:
             raise ValueError(f"num_sequences: expected >= 1, got {self.num_sequences}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps: expected >= 1, got {self.num_steps}")
+        if self.num_steps < MIN_STEPS:
+            raise ValueError(f"num_steps: expected >= {MIN_STEPS} (a sequence model needs two frames), got {self.num_steps}")
 
     @property
     def num_test(self) -> int:

@@ -198,3 +198,26 @@ def test_kalman_prior_gradients_match_dense_gaussian():
     dense = torch.autograd.grad(sum(dense_log_marginal(model.dynamics, a[i]) for i in range(2)), params)
     for x, y in zip(ours, dense):
         assert torch.allclose(x, y.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("frame_shape", [(1, 8, 8), (6,)])
+def test_structured_guide_starts_factorised_and_reads_the_whole_sequence(frame_shape):
+    config = KVAEConfig(decoder_blocks=2, context_hidden=5, **SMALL)
+    torch.manual_seed(0)
+    model, factorised = build_kvae(frame_shape, config)
+    _, structured = build_kvae(frame_shape, KVAEConfig(decoder_blocks=2, context_hidden=5, guide="structured", **SMALL))
+    structured.encoder.load_state_dict(factorised.encoder.state_dict())
+    x = torch.rand(3, 7, *frame_shape)
+    q_f, q_s = factorised.posterior(x).base_dist, structured.posterior(x).base_dist
+    assert torch.allclose(q_f.loc, q_s.loc) and torch.allclose(q_f.scale, q_s.scale)  # the shift starts at zero
+    with torch.no_grad():
+        structured.context.shift.weight.normal_()
+    later = x.clone()
+    later[:, 5] = torch.rand_like(later[:, 5])
+    moved = (structured.posterior(later).base_dist.loc - structured.posterior(x).base_dist.loc)[:, 1].abs().max()
+    still = (factorised.posterior(later).base_dist.loc - factorised.posterior(x).base_dist.loc)[:, 1].abs().max()
+    assert moved > 1e-4 and still == 0  # a_2 sees frame 6 through the GRU; the factorised q(a_2 | x_2) does not
+    loss = make_elbo("meanfield").differentiable_loss(model, structured, x)
+    loss.backward()
+    for name, p in structured.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

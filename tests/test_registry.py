@@ -2,6 +2,7 @@
 configs and reach them, other models' flags are refused, compilable models compile to the eager loss,
 and ``pyro_models`` never imports training, plotting or the command line."""
 import ast
+import dataclasses
 import math
 import os
 import subprocess
@@ -193,10 +194,14 @@ def test_compiled_loss_equals_eager_over_many_steps(name):
     assert close.float().mean() > 0.95 and (compiled_params - eager_params).abs().max() <= lr * steps
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_model_trains_loads_and_imputes_through_one_path(name, tmp_path):
+MODEL_GUIDES = [(name, guide) for name in MODELS for guide in recipes()[name].guides]
+
+
+@pytest.mark.parametrize("name, guide", MODEL_GUIDES)
+def test_every_model_and_guide_trains_loads_and_imputes_through_one_path(name, guide, tmp_path):
     recipe = recipes()[name]
     config, data = example_data(recipe)
+    config = dataclasses.replace(config, guide=guide)
     options = recipe.options(**({"warm_start_steps": 2, "dynamics_fit_steps": 2} if hasattr(recipe.options(), "warm_start_steps") else {}))
     out = str(tmp_path / "run")
     history = train(RunSpec(name, config, tiny_train(), options=options), out, data=data)

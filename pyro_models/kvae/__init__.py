@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 from .config import GUIDES, KVAEConfig
-from .guides import KVAEGuide
+from .guides import KVAEGuide, StructuredKVAEGuide, TemporalContext
 from .model import KVAE, KalmanDynamics, KalmanPrior, Latents, generate, generate_latents
 from .networks import CappedGaussianHead, ConvFrameDecoder, ConvFrameEncoder, MLPFrameDecoder, MLPFrameEncoder
 
@@ -15,9 +15,10 @@ def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KV
     if len(frame_shape) not in (1, 3):
         raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
     model = KVAE(frame_shape, config)
-    return model, KVAEGuide(frame_shape, config, model.kl_weights)
+    guide_class = StructuredKVAEGuide if config.guide == "structured" else KVAEGuide
+    return model, guide_class(frame_shape, config, model.kl_weights)
 
 
-__all__ = ["GUIDES", "KVAE", "KVAEConfig", "KVAEGuide", "KalmanDynamics", "KalmanPrior", "Latents", "build_kvae", "generate",
+__all__ = ["GUIDES", "KVAE", "KVAEConfig", "KVAEGuide", "StructuredKVAEGuide", "TemporalContext", "KalmanDynamics", "KalmanPrior", "Latents", "build_kvae", "generate",
            "generate_latents", "CappedGaussianHead", "ConvFrameDecoder", "ConvFrameEncoder", "MLPFrameDecoder",
            "MLPFrameEncoder"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Tuple
 
-GUIDES = ("factorised",)  # q(a | x) = prod_t q(a_t | x_t), the recognition model of eq. 6
+# "factorised": q(a | x) = prod_t q(a_t | x_t), the recognition model of eq. 6; "structured":
+# q(a | x) = prod_t q(a_t | x_{1:T}), the frame's own mean corrected by a bidirectional GRU's context.
+GUIDES = ("factorised", "structured")
 
 
 @dataclass
@@ -27,11 +29,12 @@ class KVAEConfig:
     decoder_channels: int = 128  # each block: 3x3 conv to this many channels, then sub-pixel x2
     decoder_blocks: int = 3  # images: number of sub-pixel blocks (H and W multiples of 2^blocks)
     mlp_hidden: Tuple[int, ...] = (128, 128)  # vector frames: encoder and decoder widths
-    guide: str = field(default="factorised", metadata={"choices": GUIDES})  # the guide, by name
+    guide: str = field(default="factorised", metadata={"choices": GUIDES})  # factorised: q(a_t | x_t) (eq. 6); structured: q(a_t | x_{1:T}) through a bidirectional GRU
+    context_hidden: int = 32  # structured guide: hidden units per direction of its GRU over frame features
 
     def __post_init__(self):
         for name in ("a_dim", "state_dim", "num_bases", "lstm_hidden", "encoder_layers", "decoder_blocks",
-                     "encoder_filters", "decoder_start_channels", "decoder_channels"):
+                     "encoder_filters", "decoder_start_channels", "decoder_channels", "context_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         for name in ("obs_noise", "trans_noise", "init_cov", "encoder_var_cap"):

@@ -32,3 +32,38 @@ class KVAEGuide(nn.Module):
         pyro.module("kvae_guide", self)
         with pyro.plate("sequences", x.shape[0]):
             return sample_latent("a", self.posterior(x), self.kl_weights)
+
+
+class TemporalContext(nn.Module):
+    """The network of the structured guide's correction to q(a_t | x_t): a bidirectional GRU over the frame
+    features ``h (batch, T, F)`` and a dense layer from its states to a shift of the mean of a_t
+    ``(batch, T, a_dim)``. The dense layer starts at zero, so the structured guide starts as the
+    factorised one (and the KVAE warm start, which shapes the frame encoder, applies unchanged)."""
+
+    def __init__(self, features: int, config: KVAEConfig):
+        super().__init__()
+        self.rnn = nn.GRU(features, config.context_hidden, batch_first=True, bidirectional=True)
+        self.shift = nn.Linear(2 * config.context_hidden, config.a_dim)
+        nn.init.zeros_(self.shift.weight)
+        nn.init.zeros_(self.shift.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        states, _ = self.rnn(h)  # (batch, T, 2 * context_hidden): x_{1:t} forwards, x_{t:T} backwards
+        return self.shift(states)
+
+
+class StructuredKVAEGuide(KVAEGuide):
+    """The guide q(a | x) = prod_t N(a_t; mu(x_t) + delta_t(x_{1:T}), diag sigma^2(x_t)): each a_t sees the
+    whole sequence through :class:`TemporalContext` (a bidirectional GRU over the frame features), so
+    the posterior mean can use the frames around a noisy or ambiguous one; the variance stays the
+    frame's own (capped below R, as the factorised guide's)."""
+
+    def __init__(self, frame_shape: Sequence[int], config: KVAEConfig, kl_weights: Optional[KLWeights] = None):
+        super().__init__(frame_shape, config, kl_weights)
+        self.context = TemporalContext(self.encoder.head.loc.in_features, config)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
+        h = per_frame(self.encoder.body, x, self.frame_dims)  # (batch, T, features)
+        loc, scale = self.encoder.head(h)  # each (batch, T, a_dim)
+        return dist.Normal(loc + self.context(h), scale).to_event(2)

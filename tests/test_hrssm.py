@@ -467,3 +467,20 @@ def test_start_probabilities_match_the_noise_free_boundaries():
     _, rssm_guide = build_hrssm(VECTOR, tiny(boundaries=False))
     with pytest.raises(ValueError, match="start_probabilities"):
         start_probabilities(rssm_guide, x)
+
+
+@pytest.mark.parametrize("guide_name", ["relaxed", "causal"])
+def test_causal_guide_segments_online(guide_name):
+    model, guide = build_hrssm(VECTOR, tiny(guide=guide_name))
+    guide.eval()
+    x = torch.rand(2, 6, *VECTOR)
+    later = x.clone()
+    later[:, 4:] = torch.rand_like(later[:, 4:])
+    with torch.no_grad():
+        changed = (guide.boundary_logits(later) - guide.boundary_logits(x)).abs()
+    assert changed[:, 4:].max() > 0  # frames 5, 6 change their own logits in both guides
+    if guide_name == "causal":
+        assert changed[:, :4].max() == 0  # q(frame t starts a segment) reads frames 1..t only
+    else:
+        assert changed[:, 3].max() > 0  # the centred convolutions read ahead
+    assert torch.isfinite(make_elbo("meanfield").differentiable_loss(model, guide, x))

@@ -11,7 +11,10 @@ from torch import nn
 # doubles an even size exactly).
 CONV_KERNEL, CONV_STRIDE, CONV_PADDING = 4, 2, 1
 IMAGE_DIMS, VECTOR_DIMS = 3, 1  # frame_shape (C, H, W) or (D,)
-GUIDES = ("relaxed",)  # q(M | X) by relaxed straight-through boundaries (the paper's), then q(Z | M, X) q(S | Z, M, X)
+# Both guides draw relaxed straight-through boundaries, then q(Z | M, X) q(S | Z, M, X): "relaxed", the
+# paper's q(M | X) from a centred (non-causal) Conv1d stack; "causal", an online segmenter whose q(m | X)
+# for frame t reads frames 1..t only (left-padded convolutions).
+GUIDES = ("relaxed", "causal")
 BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as booleans with "> 0.5"
 
 
@@ -47,7 +50,7 @@ class HRSSMConfig:
     # q(M | X) sees w times what the UPDATE costs. 0: detached (official).
     update_kl_gradient: float = 0.0
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
-    guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # the guide, by name
+    guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # relaxed: the paper's q(M | X) over the whole sequence; causal: q(M | X) reads past frames only
 
     def __post_init__(self):
         positive_ints = ("abstract_belief_size", "abstract_state_size", "observation_belief_size",

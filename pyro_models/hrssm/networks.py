@@ -160,23 +160,32 @@ class BoundaryPrior(nn.Module):
 
 class BoundaryPosterior(nn.Module):
     """Factor q(M | X) = prod_t Bern(m_t | sigmoid(phi(X)_t)) (paper: "Sequence decomposition", before the
-    constraints): a
-    non-causal stack of ``boundary_layers`` Conv1d over time (kernel ``boundary_kernel``, batch norm,
+    constraints): a stack of ``boundary_layers`` Conv1d over time (kernel ``boundary_kernel``, batch norm,
     ELU), then a Conv1d to one logit per frame (official PostBoundaryDetector, two-class logits there).
+    Centred (non-causal) convolutions for the ``relaxed`` guide; left-padded ones for the ``causal``
+    guide, so that the logit of frame t reads frames 1..t only (an online segmenter).
     ``forward(e (batch, T, F)) -> (batch, T)``: the logit that frame t starts a segment (that of
     ``m_{t-1}``; column 0 is unused)."""
 
     def __init__(self, config: HRSSMConfig):
         super().__init__()
         size, kernel, bn = config.feature_size, config.boundary_kernel, config.batch_norm
+        causal = config.guide == "causal"
         layers: List[nn.Module] = []
         for _ in range(config.boundary_layers):
-            layers += _block(nn.Conv1d(size, size, kernel, padding=kernel // 2, bias=not bn), size, bn, nn.BatchNorm1d)
-        layers.append(nn.Conv1d(size, 1, kernel, padding=kernel // 2))
+            layers += _time_padding(kernel, causal)
+            layers += _block(nn.Conv1d(size, size, kernel, bias=not bn), size, bn, nn.BatchNorm1d)
+        layers += _time_padding(kernel, causal) + [nn.Conv1d(size, 1, kernel)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self.net(e.transpose(1, 2)).squeeze(1)  # (batch, F, T) -> (batch, 1, T) -> (batch, T)
+
+
+def _time_padding(kernel: int, causal: bool) -> List[nn.Module]:
+    """Zero padding over time that keeps T: all on the past side (causal) or centred."""
+    left = kernel - 1 if causal else kernel // 2
+    return [nn.ConstantPad1d((left, kernel - 1 - left), 0.0)]
 
 
 class AbstractPosterior(nn.Module):

@@ -96,7 +96,6 @@ def _expand(params, obs, mask):
 def dense_joint(m0, P0, A, Q, C, R):
     """Mean and covariance of the joint (z, a), z and a stacked time-major."""
     T, Z = A.shape[0], A.shape[-1]
-    D = C.shape[-2]
     sub = torch.zeros(T * Z, T * Z, dtype=F64)
     for t in range(1, T):
         sub[t * Z:(t + 1) * Z, (t - 1) * Z:t * Z] = A[t]

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Print a registered model and each of its guides as math: the factorisation read off the Pyro
+programs themselves (``inference/describe.py``), as plain text and as LaTeX.
+
+    python scripts/describe.py vae          # p(z) p(x | z); q(z | x)
+    python scripts/describe.py dmm --graph runs/dmm.pdf
+
+The programs are traced on the recipe's small example (its sizes do not change the factorisation).
+``--graph PATH`` also writes ``pyro.render_model``'s graph where the Graphviz bindings are installed
+(``pip install graphviz`` and the ``graphviz`` system package); without them a one-line note says so.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from inference.cli import OneLineParser
+from inference.command_line import main_guard
+from inference.describe import describe
+from inference.registry import recipes
+
+EXAMPLE_BATCH = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(prog="describe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=tuple(recipes()), help="the model to describe")
+    p.add_argument("--graph", help="also write pyro.render_model's graph to this file (needs Graphviz)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def render_graph(model, x, path: str) -> str:
+    try:
+        import graphviz  # noqa: F401  (optional extra)
+    except ImportError:
+        return "graph: not written; install the Graphviz bindings (pip install graphviz) and the graphviz package"
+    import pyro
+    pyro.render_model(model, model_args=(x,), filename=path)
+    return f"graph: wrote {path}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    recipe = recipes()[args.model]
+    config, shape = recipe.example()
+    x = torch.rand((EXAMPLE_BATCH,) + tuple(shape))
+    for index, guide_name in enumerate(recipe.guides):
+        model, guide = recipe.build(tuple(shape), dataclasses.replace(config, guide=guide_name))
+        if index == 0:
+            p = describe(model, x)
+            print(f"model {args.model}:\n  {p.text}\n  LaTeX: {p.latex}")
+            if args.graph:
+                print(render_graph(model, x, args.graph))
+        q = describe(guide, x, letter="q", given=("x",))
+        print(f"guide {guide_name}:\n  {q.text}\n  LaTeX: {q.latex}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

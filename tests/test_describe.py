@@ -1,0 +1,53 @@
+"""Models and guides as math, read off the Pyro programs."""
+import dataclasses
+import subprocess
+import sys
+import os
+
+import torch
+
+from inference.describe import describe
+from inference.registry import recipes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def programs(name, guide):
+    recipe = recipes()[name]
+    config, shape = recipe.example()
+    model, q = recipe.build(tuple(shape), dataclasses.replace(config, guide=guide))
+    return model, q, torch.rand((2,) + tuple(shape))
+
+
+def test_vae_is_p_z_p_x_given_z_and_q_z_given_x():
+    model, guide, x = programs("vae", "normal")
+    assert describe(model, x).text == "p(z) p(x | z)"
+    assert describe(guide, x, letter="q", given=("x",)).text == "q(z | x)"
+    assert describe(model, x).latex == r"p(z) \, p(x \mid z)"
+
+
+def test_dmm_is_a_markov_chain_and_its_guides_differ_as_the_paper_says():
+    model, structured, x = programs("dmm", "st-r")
+    assert describe(model, x).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) p(x | z_{1:T})"
+    assert describe(structured, x, letter="q", given=("x",)).text == "q(z_1 | x) prod_{t=2..T} q(z_t | z_{t-1}, x)"
+    _, mean_field, _ = programs("dmm", "mf-lr")
+    assert describe(mean_field, x, letter="q", given=("x",)).text == "prod_{t=1..T} q(z_t | x)"
+    assert r"\prod_{t=2}^{T} p(z_t \mid z_{t-1})" in describe(model, x).latex
+
+
+def test_kvae_marginalises_z():
+    model, guide, x = programs("kvae", "factorised")
+    assert describe(model, x).text == "p(a) p(x | a)"  # z is integrated out: no z site
+
+
+def test_untraceable_programs_fall_back_on_the_chain_rule():
+    model, guide, x = programs("hrssm", "relaxed")
+    description = describe(model, x)
+    assert not description.traced and "past" in description.text and "prod_{t=1..T-1} p(m_t | past)" in description.text
+
+
+def test_describe_script():
+    result = subprocess.run([sys.executable, "scripts/describe.py", "dmm", "--graph", os.devnull], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "guide mf-lr" in result.stdout and "graph:" in result.stdout

@@ -83,6 +83,17 @@ def bars(values: torch.Tensor, path: str, title: str, xlabel: str, ylabel: str, 
     return _save(fig, path)
 
 
+def bars_by_name(values: Dict[str, float], path: str, title: str, ylabel: str) -> str:
+    """A labelled bar per entry of ``values`` (name -> number), its value written on it."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(values) + 1.5), 3.2))
+    names, numbers = list(values), [values[k] for k in values]
+    bars = ax.bar(names, numbers, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in numbers], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9, wrap=True)
+    return _save(fig, path)
+
+
 def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "training curves") -> str:
     """Each of ``keys`` against the epoch, from ``metrics.jsonl`` records."""
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -152,3 +152,13 @@ def test_revisions_benchmark(tmp_path):
     result = run("benchmarks/revisions.py", "--base", "HEAD", "--key", "median_s.step", "--repeats", "1", "--out", out,
                  "benchmarks/kvae_step.py", "--", "--steps", "1", "--decoder-channels", "8", "--batch-size", "2", "--num-steps", "4")
     assert "current / base" in result.stdout and json.load(open(out))["ratio_current_over_base"] > 0
+
+
+def test_guides_benchmark(tmp_path):
+    out = str(tmp_path / "guides.json")
+    run("benchmarks/guides.py", "dmm", "--epochs", "1", "--num-test", "3", "--runs", str(tmp_path / "runs"), "--out", out, "--",
+        "--num-sequences", "10", "--num-steps", "6", "--z-dim", "3", "--rnn-dim", "8", "--transition-dim", "8",
+        "--emission-hidden", "8", "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"))
+    rows = json.load(open(out))["rows"]
+    assert [r["guide"] for r in rows] == ["st-r", "st-lr", "mf-lr"] and all("impute_hamming_posterior_mean" in r for r in rows)
+    assert os.path.exists(tmp_path / "runs" / "dmm" / "guides.png")

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Train one model with each of its guides on the same data, seed and budget, and compare them side by
+side: held-out ELBO and the model's task metric (imputation error for sequence models at one drop
+probability, boundary F1 for the HRSSM when the data have events), as a table, JSON and a figure.
+
+    python benchmarks/guides.py kvae --epochs 5 -- --num-sequences 500 --decoder-channels 32
+    python benchmarks/guides.py dmm --epochs 3 -- --data mnist-rows --data-dir ../shared/data/mnist
+
+Arguments after ``--`` are ``scripts/train.py MODEL`` flags shared by every guide's run (``--guide`` is
+set here). Each run goes to ``RUNS/GUIDE`` (a folder holding the same run is continued, not redone).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from common import RESULTS, machine_info, write_json  # benchmarks/common.py (the script's own folder)
+
+from inference import imputation, plots
+from inference.command_line import parse_train_args
+from inference.experiment import load_run, train
+from inference.registry import recipes
+
+DROP_PROB = 0.5  # the imputation metric's drop probability
+
+
+def task_metrics(run, last: dict, num_test: int, metric: str) -> dict:
+    """The model's task metric for this run: boundary F1 when the epoch report has it, else the imputation
+    error of the recipe's imputer at ``DROP_PROB`` (sequence models)."""
+    if "boundary_f1" in last:
+        return {"boundary_f1": last["boundary_f1"]}
+    if not run.recipe.frame_mask or run.recipe.impute is None:
+        return {}
+    rows = imputation.evaluate(run, "random", num_test=num_test, metric=metric)
+    row = next(r for r in rows if r["setting"] == DROP_PROB)
+    return {f"impute_{metric}_{name}": value for name, value in row.items() if name != "setting"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=tuple(recipes()))
+    p.add_argument("--epochs", type=int, default=5, help="the budget of every guide's run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-test", type=int, default=200, help="held-out sequences for the imputation metric")
+    p.add_argument("--metric", choices=tuple(imputation.METRICS), default="hamming")
+    p.add_argument("--runs", default=os.path.join(RESULTS, "guides"))
+    p.add_argument("--out", default=None, help="JSON path (default RESULTS/guides_MODEL.json)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, shared = p.parse_args(argv[:split]), argv[split + 1 :]  # after --: scripts/train.py flags
+    rows = []
+    for guide in recipes()[args.model].guides:
+        out = os.path.join(args.runs, args.model, guide)
+        spec = parse_train_args([args.model, *shared, "--guide", guide, "--epochs", str(args.epochs),
+                                 "--seed", str(args.seed), "--no-progress", "--out", out], "").spec
+        train(spec, out)  # a finished run in the folder: nothing to do
+        history = plots.read_metrics(out)
+        last = history[-1]
+        row = {"guide": guide, "test_elbo": last["test_elbo"], "kl": last["kl"],
+               "train_minutes": sum(m["time_s"] for m in history) / 60,
+               **task_metrics(load_run(out), last, args.num_test, args.metric)}
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    figure = os.path.join(args.runs, args.model, "guides.png")
+    plots.bars_by_name({r["guide"]: r["test_elbo"] for r in rows}, figure,
+                       f"{args.model}: held-out ELBO by guide ({args.epochs} epochs, seed {args.seed})", "held-out ELBO (nats)")
+    write_json(args.out or os.path.join(RESULTS, f"guides_{args.model}.json"),
+               {"model": args.model, "epochs": args.epochs, "seed": args.seed, "train_args": shared, "rows": rows,
+                "figure": figure, **machine_info()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

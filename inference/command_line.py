@@ -38,10 +38,10 @@ def _defaults(recipe: Recipe) -> Dict[str, object]:
 def model_parser(recipe: Recipe, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of ``train.py MODEL``: every field of the recipe's configs as a flag."""
     p = OneLineParser(prog=prog, description=f"{recipe.name}: {recipe.summary}",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = _defaults(recipe)
     for prefix, title in GROUPS:
-        defaults = _defaults(recipe)[prefix]
-        add_dataclass_flags(p.add_argument_group(title), type(defaults), defaults, prefix + ".")
+        add_dataclass_flags(p.add_argument_group(title), type(defaults[prefix]), defaults[prefix], prefix + ".")
     if recipe.shortcuts:
         group = p.add_argument_group("shortcuts (set several model fields at once; explicit flags win)")
         for name, (targets, text) in recipe.shortcuts.items():
@@ -65,7 +65,7 @@ def flag_owners() -> Dict[str, List[str]]:
 
 def top_parser(doc: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="train.py MODEL [flags]  (train.py MODEL --help for its flags)")
+                      usage="train.py MODEL [flags]  (train.py MODEL --help for its flags)")
     lines = "\n".join(f"  {name:10s} {recipe.summary}" for name, recipe in recipes().items())
     p.add_argument("model", choices=tuple(recipes()), metavar="MODEL", help="the model to train (listed below)")
     p.epilog = "models:\n" + lines
@@ -77,9 +77,9 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> RunSpec:
-    built = {}
+    built, all_defaults = {}, _defaults(recipe)
     for prefix, _ in GROUPS:
-        defaults = _defaults(recipe)[prefix]
+        defaults = all_defaults[prefix]
         values = given(namespace, prefix + ".")
         if prefix == "config":
             for name, value in given(namespace, "shortcut.").items():

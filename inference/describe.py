@@ -104,29 +104,29 @@ def render(items: List[Factor], letter: str, given: Sequence[str] = (), latex: b
         if t is not None:
             times.setdefault(stem, []).append(t)
     times = {k: sorted(v) for k, v in times.items()}
+
+    def term(head: str, factor: Factor, t_symbol: Optional[str] = None, t: Optional[int] = None) -> str:
+        return _term(letter, head, _parent_text(factor.parents, times, t_symbol, t) + list(given), latex)
+
     terms, done = [], set()
     for f in items:
         stem, t = _split(f.site)
         if f.site in done:
             continue
         if t is None or len(times[stem]) == 1:
-            terms.append(_term(letter, f.site if t is None else f"{stem}_{t}", _parent_text(f.parents, times, None, None) + list(given), latex))
+            terms.append(term(f.site, f))
             done.add(f.site)
             continue
         family = [g for g in items if _split(g.site)[0] == stem]
         signatures = [_signature(g, _split(g.site)[1]) for g in family]
         start = 0 if len(set(signatures)) == 1 else 1
         if len(set(signatures[start:])) != 1:  # no repeating pattern: every factor on its own
-            for g in family:
-                terms.append(_term(letter, g.site, _parent_text(g.parents, times, None, None) + list(given), latex))
+            terms += [term(g.site, g) for g in family]
             done.update(g.site for g in family)
             continue
         if start == 1:
-            first = family[0]
-            terms.append(_term(letter, f"{stem}_1", _parent_text(first.parents, times, None, None) + list(given), latex))
-        model_factor = family[start]
-        t0 = _split(model_factor.site)[1]
-        inner = _term(letter, f"{stem}_t", _parent_text(model_factor.parents, times, "t", t0) + list(given), latex)
+            terms.append(term(f"{stem}_1", family[0]))
+        inner = term(f"{stem}_t", family[start], "t", _split(family[start].site)[1])
         low, last = times[stem][start], max(max(v) for v in times.values())
         high = "T" if times[stem][-1] == last else f"T{times[stem][-1] - last:+d}"  # e.g. m_t up to T-1
         product = rf"\prod_{{t={low}}}^{{{high}}} " if latex else f"prod_{{t={low}..{high}}} "

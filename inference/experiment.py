@@ -105,8 +105,7 @@ def build(spec: RunSpec, data) -> Context:
 def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=None) -> List[Dict[str, Any]]:
     """Train the run ``spec`` on ``data`` (default: loaded from ``spec.data``); returns the metrics of
     every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it."""
-    recipe = spec.recipe
-    recipe.check_compilable(spec.config, spec.options, spec.train)
+    recipe = spec.recipe  # the spec checked compilability and consistency when it was made
     if out is not None:
         RunDir.preflight(out, spec.to_json(), resume)  # before any work: a wrong folder fails fast
     if data is None:

@@ -43,6 +43,19 @@ def _one_unit(data) -> int:
     return 1
 
 
+def frames_per_sequence(data) -> int:
+    """``units_per_example`` of a sequence model: the frames T of ``data.train (N, T, *frame)``."""
+    return data.train.shape[1]
+
+
+def sequence_builder(build_for_frames: Callable[[Tuple[int, ...], Any], Tuple[torch.nn.Module, torch.nn.Module]]):
+    """A recipe's ``build`` for a sequence model from ``build_for_frames(frame_shape, config)``: an example's
+    shape ``(T, *frame_shape)`` loses its time axis."""
+    def build(shape: Tuple[int, ...], config):
+        return build_for_frames(tuple(shape[1:]), config)  # (T, *frame_shape) -> frame_shape
+    return build
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One model's description (see the module docstring).

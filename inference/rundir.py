@@ -3,6 +3,7 @@ checkpoints, and ``figures/``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -24,6 +25,12 @@ RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "t
 NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
 TMP_PREFIX = ".tmp-"
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+def metric_or_none(value: float) -> Optional[float]:
+    """A metric for ``metrics.jsonl``: ``None`` (JSON null) when it is undefined (NaN, e.g. an imputation
+    error when no frame was missing), since JSON has no NaN."""
+    return value if math.isfinite(value) else None
 
 
 def atomic_write_bytes(path: str, write) -> None:
@@ -164,9 +171,8 @@ class RunDir:
 
     def _clear(self) -> None:
         """Remove what a run that never finished an epoch left: metrics and figures."""
-        for name in (METRICS,):
-            if os.path.exists(os.path.join(self.path, name)):
-                os.remove(os.path.join(self.path, name))
+        if os.path.exists(os.path.join(self.path, METRICS)):
+            os.remove(os.path.join(self.path, METRICS))
         for name in os.listdir(self.figures):
             os.remove(os.path.join(self.figures, name))
 

@@ -2,7 +2,6 @@
 global gradient-norm clipping, a per-epoch imputation report, and the imputer."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -13,7 +12,8 @@ from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse, random_frame_mask
 
 from .. import plots
-from ..recipe import Context, Recipe
+from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
 from ..trainer import Callback, TrainConfig, Trainer
 
@@ -56,8 +56,7 @@ class DMMReport(Callback):
                              trainer.run.figure_path("imputation", epoch),
                              f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)",
                              observed=[None, expand_mask(mask, x)[0], None])
-        error = missing_mse(x, result.imputed, mask)
-        return {"impute_mse": error if math.isfinite(error) else None}  # None: no frame was missing
+        return {"impute_mse": metric_or_none(missing_mse(x, result.imputed, mask))}
 
 
 def _callbacks(context: Context) -> List[Callback]:
@@ -74,14 +73,6 @@ def _jit_refusal(config: DMMConfig, options: DMMOptions, train: TrainConfig) -> 
     return None
 
 
-def _frames_per_sequence(data) -> int:
-    return data.train.shape[1]
-
-
-def _build(shape, config: DMMConfig):
-    return build_dmm(shape[1:], config)  # (T, *frame_shape) -> frame_shape
-
-
 def _example():
     config = DMMConfig(z_dim=3, transition_dim=8, emission_hidden=(8,), rnn_dim=8, conv_channels=(4,), flow_hidden=(8,))
     return config, (5, 6)
@@ -89,9 +80,9 @@ def _example():
 
 RECIPES = (
     Recipe(
-        name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=_build,
+        name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=sequence_builder(build_dmm),
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
-        options=DMMOptions, callbacks=_callbacks, units_per_example=_frames_per_sequence, compilable=True,
+        options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence, compilable=True,
         jit_refusal=_jit_refusal, impute=impute, example=_example,
     ),
 )

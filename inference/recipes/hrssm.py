@@ -17,7 +17,7 @@ from pyro_models.hrssm.config import BoundaryTemperature
 from .. import plots
 from ..boundaries import boundary_metrics, boundary_scores
 from ..elbo import elbo_terms
-from ..recipe import Context, Recipe
+from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
 from ..trainer import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -180,14 +180,6 @@ def _validate_data(config: HRSSMConfig, data) -> None:
                          f"got {config.max_segments} * {config.max_length} = {config.max_steps}")
 
 
-def _frames_per_sequence(data) -> int:
-    return data.train.shape[1]
-
-
-def _build(shape, config: HRSSMConfig):
-    return build_hrssm(shape[1:], config)  # (T, *frame_shape) -> frame_shape
-
-
 def _example():
     config = HRSSMConfig(abstract_belief_size=8, abstract_state_size=3, observation_belief_size=8, observation_state_size=3,
                          feature_size=8, conv_channels=4, conv_layers=2, max_segments=3, max_length=3)
@@ -200,9 +192,9 @@ STATE_FIELDS = ("abstract_state_size", "observation_state_size")
 RECIPES = (
     Recipe(
         name="hrssm", summary="hierarchical recurrent state-space model (Kim et al. 2019) on sequences",
-        config=HRSSMConfig, build=_build, data_config=SequenceDataConfig(data="color-balls"),
+        config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
         train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks,
-        units_per_example=_frames_per_sequence, compilable=False,
+        units_per_example=frames_per_sequence, compilable=False,
         not_compilable_because="the boundary temperature is a Python float a trace would freeze at its first value",
         impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)},
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),

@@ -2,9 +2,8 @@
 optional KL warm-up, the warm start against posterior collapse, the per-epoch report, the imputer."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -15,7 +14,8 @@ from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
 from .. import plots
-from ..recipe import Context, Recipe
+from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
 from ..trainer import Callback, TrainConfig, Trainer
 from .kvae_warmstart import WarmStartConfig, warm_start, warm_start_for
@@ -63,11 +63,6 @@ class FreezeParameters(Callback):
         return {"frozen": self.frozen}
 
 
-def _finite_or_none(value: float) -> Optional[float]:
-    """A metric, or None (JSON null) when it is undefined (no frame was missing)."""
-    return value if math.isfinite(value) else None
-
-
 class KVAEReport(Callback):
     """Each epoch, on the first held-out sequences: reconstructions, the mixture weights alpha over time,
     the a-trajectories (figures), the imputation error at drop probability ``drop_prob``
@@ -90,8 +85,8 @@ class KVAEReport(Callback):
             imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator)
             a = guide.posterior(x).mean  # (n, T, a_dim)
             reconstruction = torch.sigmoid(model.frame_logits(a))
-            metrics = {"impute_smooth": _finite_or_none(hamming_error(x, imputation.estimates["smoothing"], mask)),
-                       "impute_filter": _finite_or_none(hamming_error(x, imputation.estimates["filtering"], mask)),
+            metrics = {"impute_smooth": metric_or_none(hamming_error(x, imputation.estimates["smoothing"], mask)),
+                       "impute_filter": metric_or_none(hamming_error(x, imputation.estimates["filtering"], mask)),
                        "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
             if run is not None and x.dim() == 5:
                 self._figures(trainer, epoch, x, mask, imputation, a, reconstruction)
@@ -133,14 +128,6 @@ def _warm_start(context: Context) -> None:
         context.run.write_json(WARM_START_FILE, {**record, "config": asdict(warm)})
 
 
-def _frames_per_sequence(data) -> int:
-    return data.train.shape[1]
-
-
-def _build(shape, config: KVAEConfig):
-    return build_kvae(shape[1:], config)  # (T, *frame_shape) -> frame_shape
-
-
 def _example():
     config = KVAEConfig(a_dim=2, state_dim=3, num_bases=2, lstm_hidden=8, encoder_filters=4, encoder_layers=2,
                         decoder_start_channels=4, decoder_channels=8, decoder_blocks=2)
@@ -149,9 +136,9 @@ def _example():
 
 RECIPES = (
     Recipe(
-        name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=_build,
+        name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=sequence_builder(build_kvae),
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=KVAE_TRAIN_DEFAULTS, guides=GUIDES,
-        options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=_frames_per_sequence,
+        options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
         compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",
         impute=impute, example=_example,
     ),

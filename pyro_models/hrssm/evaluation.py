@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from ..imputation import Imputation, check_mask
+from ..imputation import Imputation
 from ..modes import eval_mode as _eval_mode
 from .boundaries import Segmentation, _segmentation, apply_constraints, boundaries_from_trace
 from .config import BINARY_THRESHOLD, check_input
@@ -122,8 +122,7 @@ def impute(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, mask: torch.Tensor,
     """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False: draw
     (M, Z, S) from the guide given the observed frames only, run the model on that draw and decode
     E[x_t | s_t], ``num_samples`` times. The content of missing frames is never read. Eval mode."""
-    check_input(x, mask, model.frame_shape, model.config)
-    check_mask(x, mask, frames=True)
+    check_input(x, mask, model.frame_shape, model.config)  # the mask's shape and dtype included
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
     keep = mask.reshape(mask.shape + (1,) * len(model.frame_shape))  # (batch, T, 1, ...)

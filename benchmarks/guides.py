@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Train one model with each of its guides on the same data, seed and budget, and compare them side by
+"""Train one model with each of its guides on the same data, seeds and budget, and compare them side by
 side: held-out ELBO and the model's task metric (imputation error for sequence models at one drop
-probability, boundary F1 for the HRSSM when the data have events), as a table, JSON and a figure.
+probability, boundary F1 for the HRSSM when the data have events), per seed and as mean and range over
+the seeds, as a table, JSON and a figure.
 
-    python benchmarks/guides.py kvae --epochs 5 -- --num-sequences 500 --decoder-channels 32
+    python benchmarks/guides.py kvae --epochs 5 --seeds 0 1 2 -- --num-sequences 500 --decoder-channels 32
     python benchmarks/guides.py dmm --epochs 3 -- --data mnist-rows --data-dir ../shared/data/mnist
 
-Arguments after ``--`` are ``scripts/train.py MODEL`` flags shared by every guide's run (``--guide`` is
-set here). Each run goes to ``RUNS/GUIDE`` (a folder holding the same run is continued, not redone).
+Arguments after ``--`` are ``scripts/train.py MODEL`` flags shared by every guide's run (``--guide`` and
+``--seed`` are set here). Each run goes to ``RUNS/MODEL/GUIDE-sSEED`` (a folder holding the same run is
+continued, not redone).
 """
 from __future__ import annotations
 
@@ -37,11 +39,41 @@ def task_metrics(run, last: dict, num_test: int, metric: str) -> dict:
     return {f"impute_{metric}_{name}": value for name, value in row.items() if name != "setting"}
 
 
+def train_one(args, guide: str, seed: int, shared) -> dict:
+    """Train (or continue) the run of ``guide`` at ``seed`` and return its row."""
+    out = os.path.join(args.runs, args.model, f"{guide}-s{seed}")
+    spec = parse_train_args([args.model, *shared, "--guide", guide, "--epochs", str(args.epochs),
+                             "--seed", str(seed), "--no-progress", "--out", out], "").spec
+    train(spec, out)  # a finished run in the folder: nothing to do
+    history = plots.read_metrics(out)
+    last = history[-1]
+    row = {"guide": guide, "seed": seed, "test_elbo": last["test_elbo"], "kl": last["kl"],
+           "train_minutes": sum(m["time_s"] for m in history) / 60,
+           **{k: last[k] for k in ("mean_segments",) if k in last},
+           **task_metrics(load_run(out), last, args.num_test, args.metric)}
+    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def summarise(rows) -> list:
+    """Per guide: the mean, min and max over seeds of every numeric column."""
+    summary = []
+    for guide in dict.fromkeys(r["guide"] for r in rows):
+        mine = [r for r in rows if r["guide"] == guide]
+        entry = {"guide": guide, "seeds": len(mine)}
+        for key in mine[0]:
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and r[key] is not None]
+            if key != "seed" and len(values) == len(mine) and not isinstance(mine[0][key], bool):
+                entry.update({f"{key}_mean": sum(values) / len(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+        summary.append(entry)
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=tuple(recipes()))
     p.add_argument("--epochs", type=int, default=5, help="the budget of every guide's run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per guide and seed")
     p.add_argument("--num-test", type=int, default=200, help="held-out sequences for the imputation metric")
     p.add_argument("--metric", choices=tuple(imputation.METRICS), default="hamming")
     p.add_argument("--runs", default=os.path.join(RESULTS, "guides"))
@@ -49,25 +81,17 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, shared = p.parse_args(argv[:split]), argv[split + 1 :]  # after --: scripts/train.py flags
-    rows = []
-    for guide in recipes()[args.model].guides:
-        out = os.path.join(args.runs, args.model, guide)
-        spec = parse_train_args([args.model, *shared, "--guide", guide, "--epochs", str(args.epochs),
-                                 "--seed", str(args.seed), "--no-progress", "--out", out], "").spec
-        train(spec, out)  # a finished run in the folder: nothing to do
-        history = plots.read_metrics(out)
-        last = history[-1]
-        row = {"guide": guide, "test_elbo": last["test_elbo"], "kl": last["kl"],
-               "train_minutes": sum(m["time_s"] for m in history) / 60,
-               **task_metrics(load_run(out), last, args.num_test, args.metric)}
-        rows.append(row)
+    rows = [train_one(args, guide, seed, shared) for seed in args.seeds for guide in recipes()[args.model].guides]
+    summary = summarise(rows)
+    for row in summary:
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     figure = os.path.join(args.runs, args.model, "guides.png")
-    plots.bars_by_name({r["guide"]: r["test_elbo"] for r in rows}, figure,
-                       f"{args.model}: held-out ELBO by guide ({args.epochs} epochs, seed {args.seed})", "held-out ELBO (nats)")
+    plots.bars_by_name({r["guide"]: r["test_elbo_mean"] for r in summary}, figure,
+                       f"{args.model}: held-out ELBO by guide ({args.epochs} epochs, seeds {args.seeds}, bars: range)",
+                       "held-out ELBO (nats)", spread={r["guide"]: (r["test_elbo_min"], r["test_elbo_max"]) for r in summary})
     write_json(args.out or os.path.join(RESULTS, f"guides_{args.model}.json"),
-               {"model": args.model, "epochs": args.epochs, "seed": args.seed, "train_args": shared, "rows": rows,
-                "figure": figure, **machine_info()})
+               {"model": args.model, "epochs": args.epochs, "seeds": args.seeds, "train_args": shared, "rows": rows,
+                "summary": summary, "figure": figure, **machine_info()})
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -83,11 +83,16 @@ def bars(values: torch.Tensor, path: str, title: str, xlabel: str, ylabel: str, 
     return _save(fig, path)
 
 
-def bars_by_name(values: Dict[str, float], path: str, title: str, ylabel: str) -> str:
-    """A labelled bar per entry of ``values`` (name -> number), its value written on it."""
+def bars_by_name(values: Dict[str, float], path: str, title: str, ylabel: str,
+                 spread: Optional[Dict[str, Tuple[float, float]]] = None) -> str:
+    """A labelled bar per entry of ``values`` (name -> number), its value written on it; ``spread`` (name ->
+    (low, high)), where given, is drawn as an error bar from low to high."""
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(values) + 1.5), 3.2))
     names, numbers = list(values), [values[k] for k in values]
-    bars = ax.bar(names, numbers, color="tab:blue")
+    errors = None
+    if spread is not None:  # matplotlib's yerr: distances below and above each bar, shape (2, bars)
+        errors = [[values[k] - spread[k][0] for k in names], [spread[k][1] - values[k] for k in names]]
+    bars = ax.bar(names, numbers, color="tab:blue", yerr=errors, capsize=4)
     ax.bar_label(bars, labels=[f"{v:.1f}" for v in numbers], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9, wrap=True)

@@ -156,9 +156,15 @@ def test_revisions_benchmark(tmp_path):
 
 def test_guides_benchmark(tmp_path):
     out = str(tmp_path / "guides.json")
-    run("benchmarks/guides.py", "dmm", "--epochs", "1", "--num-test", "3", "--runs", str(tmp_path / "runs"), "--out", out, "--",
-        "--num-sequences", "10", "--num-steps", "6", "--z-dim", "3", "--rnn-dim", "8", "--transition-dim", "8",
-        "--emission-hidden", "8", "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"))
-    rows = json.load(open(out))["rows"]
-    assert [r["guide"] for r in rows] == ["st-r", "st-lr", "mf-lr"] and all("impute_hamming_posterior_mean" in r for r in rows)
+    run("benchmarks/guides.py", "dmm", "--epochs", "1", "--num-test", "3", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
+        "--out", out, "--", "--num-sequences", "10", "--num-steps", "6", "--z-dim", "3", "--rnn-dim", "8",
+        "--transition-dim", "8", "--emission-hidden", "8", "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"))
+    result = json.load(open(out))
+    rows, summary = result["rows"], result["summary"]
+    assert [(r["guide"], r["seed"]) for r in rows] == [(g, s) for s in (0, 1) for g in ("st-r", "st-lr", "mf-lr")]
+    assert all("impute_hamming_posterior_mean" in r for r in rows)
+    for entry in summary:  # mean and range over the two seeds, from the rows
+        elbos = [r["test_elbo"] for r in rows if r["guide"] == entry["guide"]]
+        assert entry["test_elbo_min"] == min(elbos) and entry["test_elbo_max"] == max(elbos)
+        assert abs(entry["test_elbo_mean"] - sum(elbos) / 2) < 1e-9
     assert os.path.exists(tmp_path / "runs" / "dmm" / "guides.png")

@@ -38,10 +38,19 @@ class TemporalContext(nn.Module):
     """The network of the structured guide's correction to q(a_t | x_t): a bidirectional GRU over the frame
     features ``h (batch, T, F)`` and a dense layer from its states to a shift of the mean of a_t
     ``(batch, T, a_dim)``. The dense layer starts at zero, so the structured guide starts as the
-    factorised one (and the KVAE warm start, which shapes the frame encoder, applies unchanged)."""
+    factorised one (and the KVAE warm start, which shapes the frame encoder, applies unchanged).
+
+    Its initial weights are drawn from a fork of the global random stream (``torch.random.fork_rng``), so
+    building it leaves that stream where it was: with the same seed, a run with the structured guide
+    starts from exactly the factorised run's networks, batches and noise (common random numbers), and
+    the two differ only by what the correction learns."""
 
     def __init__(self, features: int, config: KVAEConfig):
         super().__init__()
+        with torch.random.fork_rng(devices=[]):  # the global stream is restored on exit (see above)
+            self._build(features, config)
+
+    def _build(self, features: int, config: KVAEConfig) -> None:
         self.rnn = nn.GRU(features, config.context_hidden, batch_first=True, bidirectional=True)
         self.shift = nn.Linear(2 * config.context_hidden, config.a_dim)
         nn.init.zeros_(self.shift.weight)

@@ -75,6 +75,17 @@ class RunSpec:
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
 
 
+def model_inputs(data, split: str):
+    """The model's arguments for ``split`` ("train" or "test") of ``data``: the examples, or ``(x, mask)``
+    when the sequences have gaps in either split (a split without gaps gets an all-True mask)."""
+    x = getattr(data, split)
+    masks = [getattr(data, f"{name}_mask", None) for name in ("train", "test")]
+    if all(m is None for m in masks):
+        return x
+    mask = getattr(data, f"{split}_mask")
+    return x, (torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask)
+
+
 def check_data(recipe: Recipe, data, config=None) -> None:
     """Raise ``ValueError`` naming ``data`` when ``data`` does not suit ``recipe``'s model: images for an
     image model, sequences of at least two frames for a sequence model, examples in both splits."""
@@ -86,6 +97,11 @@ def check_data(recipe: Recipe, data, config=None) -> None:
         raise ValueError(f"data: expected >= 1 training and held-out examples, got {data.train.shape[0]} and {data.test.shape[0]}")
     if sequences and data.train.shape[1] < MIN_STEPS:
         raise ValueError(f"data: {recipe.name} needs sequences of >= {MIN_STEPS} frames, got T = {data.train.shape[1]}")
+    for split in ("train", "test") if sequences else ():
+        mask, x = getattr(data, f"{split}_mask"), getattr(data, split)
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
+            raise ValueError(f"data: {split}_mask must be bool of shape (N, T) = {tuple(x.shape[:2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
     if recipe.validate_data is not None and config is not None:
         recipe.validate_data(config, data)
 
@@ -122,7 +138,7 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
     transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
     trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
                       units_per_example=recipe.units_per_example(context.data))
-    return trainer.fit(context.data.train, context.data.test, resume=resuming)
+    return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming)
 
 
 class Run(NamedTuple):

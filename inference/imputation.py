@@ -17,7 +17,7 @@ from typing import Dict, List, NamedTuple, Sequence
 import torch
 
 from pyro_models.imputation import (NUM_GIVEN, Imputation, consecutive_frame_mask, expand_mask, hamming_error, last_observed_frame,
-                                    majority_frame, missing_mse, random_frame_mask)
+                                    majority_frame, missing_mse, random_frame_mask, scored_parts)
 from pyro_models.vae.impute import bottom_half_mask, random_pixel_mask
 
 from . import plots
@@ -77,10 +77,21 @@ def make_mask(run: Run, kind: str, value, shape: torch.Size, seed: int) -> torch
 
 
 def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Trivial predictions of ``x`` to compare with."""
+    """Trivial predictions of ``x`` to compare with (the last observed frame where every sequence's first
+    frame is observed)."""
     if run.recipe.frame_mask:
-        return {"floor_majority_frame": majority_frame(run.data.train, x), "floor_last_observed": last_observed_frame(x, mask)}
+        result = {"floor_majority_frame": majority_frame(run.data.train, x, run.data.train_mask)}
+        if mask[:, 0].all():
+            result["floor_last_observed"] = last_observed_frame(x, mask)
+        return result
     return {"floor_mean_image": run.data.train.mean(0).expand_as(x)}
+
+
+def held_out(run: Run, num_test: int = 0):
+    """The first ``num_test`` (0: all) held-out examples and the mask of the parts they hold (None: all)."""
+    end = None if num_test == 0 else num_test
+    known = getattr(run.data, "test_mask", None)
+    return run.data.test[:end], (None if known is None else known[:end])
 
 
 def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int) -> Imputation:
@@ -92,19 +103,22 @@ def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samp
     """One row per strength of mask ``kind``: the error (``metric``) on the missing parts of the held-out
     data (the first ``num_test``; 0: all), averaged over missing parts, for every estimate and floor."""
     check_request(run.recipe, kind, batch_size, num_samples, metric, num_test)
-    test = run.data.test if num_test == 0 else run.data.test[:num_test]
+    test, known = held_out(run, num_test)
     score, rows = METRICS[metric], []
     for value in settings(run, kind):
         mask = make_mask(run, kind, value, test.shape, seed)
+        if known is not None:  # the data's own gaps are missing too, and not scored
+            mask = mask & known
         totals: Dict[str, List] = {}
         for start in range(0, test.shape[0], batch_size):
-            x, m = test[start : start + batch_size], mask[start : start + batch_size]
-            weight = int((~expand_mask(m, x)).sum())  # average over missing parts, not batches
+            part = slice(start, start + batch_size)
+            x, m, k = test[part], mask[part], None if known is None else known[part]
+            weight = int(scored_parts(x, m, k).sum())  # average over scored parts, not batches
             if weight == 0:
                 continue
             estimates = {**impute_batch(run, x, m, num_samples).estimates, **floors(run, x, m)}
             for name, estimate in estimates.items():
-                totals.setdefault(name, []).append((score(x, estimate, m), weight))
+                totals.setdefault(name, []).append((score(x, estimate, m, k), weight))
         row = {"setting": value}
         row.update({name: sum(e * w for e, w in parts) / sum(w for _, w in parts) for name, parts in totals.items()})
         rows.append(row)

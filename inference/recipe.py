@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import torch
 
+from pyro_models.imputation import random_frame_mask
+
 from .rundir import RunDir
 from .trainer import BatchTransform, Callback, TrainConfig
 
@@ -46,6 +48,18 @@ def _one_unit(data) -> int:
 def frames_per_sequence(data) -> int:
     """``units_per_example`` of a sequence model: the frames T of ``data.train (N, T, *frame)``."""
     return data.train.shape[1]
+
+
+def report_mask(trainer, num_sequences: int, drop_prob: float, seed: int):
+    """What a sequence model's per-epoch imputation report works on: the first ``num_sequences`` held-out
+    sequences ``x``, the frames they hold ``known (n, T)`` (None: all), the imputation mask (frames
+    dropped with ``drop_prob`` by a generator seeded with ``seed``, and the data's own gaps) and that
+    generator, for the imputer's draws. Returns ``(x, known, mask, generator)``."""
+    x = trainer.test_data[:num_sequences].to(trainer.device)
+    known = trainer.test_mask[:num_sequences].to(trainer.device) if trainer.test_mask is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    mask = random_frame_mask(x.shape[0], x.shape[1], drop_prob, generator=generator).to(x.device)
+    return x, known, (mask if known is None else mask & known), generator
 
 
 def sequence_builder(build_for_frames: Callable[[Tuple[int, ...], Any], Tuple[torch.nn.Module, torch.nn.Module]]):

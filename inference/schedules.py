@@ -90,9 +90,9 @@ class SoftFreeBits(Callback):
         self.kl_weights.per_dim = True
 
     @torch.no_grad()
-    def before_step(self, trainer: Trainer, batch: torch.Tensor) -> None:
+    def before_step(self, trainer: Trainer, batch) -> None:
         self.kl_weights.eval()  # the unweighted KL of the current batch
-        kl = batch_kl_per_dim(trainer.model, trainer.guide, batch, self.site)
+        kl = batch_kl_per_dim(trainer.model, trainer.guide, batch[0], self.site)
         self.kl_weights.train()
         self.kl_weights.gamma.copy_(free_bits_update(self.kl_weights.gamma, kl, self.config))
 

@@ -1,7 +1,9 @@
 """One SVI trainer for every model of the project.
 
-The trainer knows nothing of the model: it takes a model and a guide with one signature
-``(batch)``, an ELBO choice, and data tensors whose first axis indexes examples. Each step is SVI: the
+The trainer knows nothing of the model: it takes a model and a guide with one signature, an ELBO
+choice, and data: a tensor whose first axis indexes examples, or a tuple of such tensors, the model's
+arguments (e.g. sequences and their frame masks ``(x, mask)`` when the data have gaps); a batch is the
+same rows of each, passed as ``model(*batch)``. Each step is SVI: the
 ELBO's ``differentiable_loss`` (Pyro traces model and guide), back-propagation, global gradient-norm
 clipping, and one ``torch.optim.Adam`` step over every parameter the traces touch. Model-specific
 behaviour (KL schedules, figures, extra metrics) comes in through :class:`Callback` objects.
@@ -16,7 +18,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
@@ -30,6 +32,23 @@ from .elbo import ELBOS, elbo_terms, make_elbo
 from .rundir import RunDir
 
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
+Data = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # examples on axis 0; a tuple: the model's arguments
+Inputs = Tuple[torch.Tensor, ...]
+
+
+def as_inputs(data: Data, argument: str = "data") -> Inputs:
+    """``data`` as a tuple of the model's arguments, checked to have the same examples on axis 0."""
+    inputs = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    sizes = {t.shape[0] for t in inputs}
+    if not inputs or len(sizes) != 1:
+        raise ValueError(f"{argument}: expected a tensor or a tuple of tensors with the same first axis, "
+                         f"got shapes {[tuple(t.shape) for t in inputs]}")
+    return inputs
+
+
+def take(inputs: Inputs, index, device=None) -> Inputs:
+    """The rows ``index`` (a slice or index tensor) of every tensor of ``inputs``, on ``device``."""
+    return tuple(t[index].to(device) if device is not None else t[index] for t in inputs)
 
 
 @dataclass
@@ -87,7 +106,7 @@ class Callback:
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         pass
 
-    def before_step(self, trainer: "Trainer", batch: torch.Tensor) -> None:
+    def before_step(self, trainer: "Trainer", batch: Inputs) -> None:
         pass
 
     def after_backward(self, trainer: "Trainer") -> None:
@@ -108,10 +127,11 @@ def _modules(*objs) -> List[torch.nn.Module]:
 
 
 class Trainer:
-    """SVI over ``model``/``guide`` (callables of one batch tensor) with ``config``.
+    """SVI over ``model``/``guide`` (callables of a batch's tensors, ``model(*batch)``) with ``config``.
 
     ``run``: where config, metrics, checkpoints and figures go (``None``: nowhere).
-    ``batch_transform(batch, generator)``: applied to each training batch (e.g. dynamic binarisation).
+    ``batch_transform(x, generator)``: applied to the first tensor of each training batch (e.g. dynamic
+    binarisation).
     ``units_per_example``: with ``config.mean_loss``, the gradient step uses the loss divided by
     ``batch * units_per_example`` (e.g. the number of frames of a sequence), the convention of the
     original KVAE and VTA code, which their gradient-clipping thresholds assume.
@@ -142,17 +162,28 @@ class Trainer:
         self.params: List[torch.Tensor] = []
         self.epoch = 0
         self.history: List[Dict[str, Any]] = []
-        self.test_data: Optional[torch.Tensor] = None
+        self.test_inputs: Inputs = ()
 
     # ----------------------------------------------------------------------------------------- set-up
-    def _setup_optimizer(self, batch: torch.Tensor) -> None:
+    @property
+    def test_data(self) -> Optional[torch.Tensor]:
+        """The held-out examples (the first of the held-out inputs), for callbacks."""
+        return self.test_inputs[0] if self.test_inputs else None
+
+    @property
+    def test_mask(self) -> Optional[torch.Tensor]:
+        """The held-out data's mask (the second input, e.g. frames observed ``(N, T)``), or None."""
+        return self.test_inputs[1] if len(self.test_inputs) > 1 else None
+
+    def _setup_optimizer(self, batch: Data) -> None:
         """Collect every parameter model and guide use and build Adam: the ``parameters()`` of
         ``nn.Module`` models and guides, plus ``pyro.param`` sites found by a dry run (as Pyro's SVI
         does). Sites that ``pyro.module`` registered are taken from the modules themselves, so stale
         entries of the global param store (another model built under the same names) are ignored."""
+        batch = as_inputs(batch, "batch")
         self._set_mode(False)  # a dry run that leaves batch-norm statistics alone
         with torch.no_grad(), poutine.trace(param_only=True) as param_capture:
-            self.elbo.differentiable_loss(self.model, self.guide, batch)
+            self.elbo.differentiable_loss(self.model, self.guide, *batch)
         self._set_mode(True)
         params, seen = [], set()
         for module in _modules(self.model, self.guide):
@@ -177,40 +208,43 @@ class Trainer:
             module.train(training)
 
     # ------------------------------------------------------------------------------------ the steps
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: Data) -> torch.Tensor:
         """The ELBO's differentiable loss on ``batch`` (summed over examples), compiled when ``jit``.
 
         Compilation (``torch.jit.trace``, once per batch shape) takes every parameter and buffer as a
         graph input, as ``pyro.ops.jit`` does, but keeps the list instead of looking each parameter up in
         the param store on every call. Python values read while tracing (e.g. KL weights) are frozen.
         """
+        batch = as_inputs(batch, "batch")
         if not self.config.jit:
-            return self.elbo.differentiable_loss(self.model, self.guide, batch)
-        key = tuple(batch.shape)
+            return self.elbo.differentiable_loss(self.model, self.guide, *batch)
+        key = tuple((tuple(t.shape), t.dtype) for t in batch)
         if key not in self._compiled:
             def loss_fn(*inputs):  # inputs: params, buffers, batch; used by identity in the traces
-                return self.elbo.differentiable_loss(self.model, self.guide, inputs[-1])
+                return self.elbo.differentiable_loss(self.model, self.guide, *inputs[len(inputs) - len(batch):])
 
             # Tracing runs the loss once: undo its side effects (random draws, batch-norm statistics) so
             # the compiled step that follows is the step an eager run would take.
             rng_state, buffers = torch.get_rng_state(), [b.clone() for b in self.buffers]
             with pyro.validation_enabled(False), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                self._compiled[key] = torch.jit.trace(loss_fn, (*self.params, *self.buffers, batch), check_trace=False)
+                self._compiled[key] = torch.jit.trace(loss_fn, (*self.params, *self.buffers, *batch), check_trace=False)
                 for buffer, saved in zip(self.buffers, buffers):
                     buffer.copy_(saved)
             torch.set_rng_state(rng_state)
-        return self._compiled[key](*self.params, *self.buffers, batch)
+        return self._compiled[key](*self.params, *self.buffers, *batch)
 
-    def step(self, batch: torch.Tensor) -> float:
+    def step(self, batch: Data) -> float:
         """One SVI step on ``batch``; returns the loss per example (the negative training objective)."""
+        batch = as_inputs(batch, "batch")
+        size = batch[0].shape[0]
         loss = self.loss(batch)
         value = loss.item()
         if not math.isfinite(value):
             self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.mean_loss:
-            loss = loss / (batch.shape[0] * self.units_per_example)
+            loss = loss / (size * self.units_per_example)
         loss.backward()
         for callback in self.callbacks:
             callback.after_backward(self)
@@ -220,7 +254,7 @@ class Trainer:
                 self._diverged(f"gradient norm is {norm.item()}")
         self.optimizer.step()
         failpoints.reach("step")
-        return value / batch.shape[0]
+        return value / size
 
     def _diverged(self, what: str) -> None:
         if self.run is not None and self.epoch > 0:
@@ -231,24 +265,27 @@ class Trainer:
         raise TrainingDiverged(f"{what} in epoch {self.epoch + 1}: training stopped; {where}")
 
     @torch.no_grad()
-    def evaluate(self, data: torch.Tensor) -> Dict[str, float]:
+    def evaluate(self, data: Data) -> Dict[str, float]:
         """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO)."""
+        inputs = as_inputs(data)
+        size = inputs[0].shape[0]
         self._set_mode(False)
         totals = torch.zeros(3)
-        for start in range(0, data.shape[0], self.config.eval_batch_size):
-            batch = data[start : start + self.config.eval_batch_size].to(self.device)
-            terms = elbo_terms(self.model, self.guide, batch)
+        for start in range(0, size, self.config.eval_batch_size):
+            batch = take(inputs, slice(start, start + self.config.eval_batch_size), self.device)
+            terms = elbo_terms(self.model, self.guide, *batch)
             totals += torch.stack(list(terms))
         self._set_mode(True)
-        elbo, log_lik, kl = (totals / data.shape[0]).tolist()
+        elbo, log_lik, kl = (totals / size).tolist()
         if not all(map(math.isfinite, (elbo, log_lik, kl))):
             self._diverged(f"held-out ELBO is {elbo}")
         return {"elbo": elbo, "log_lik": log_lik, "kl": kl}
 
-    def _train_epoch(self, train: torch.Tensor, epoch: int) -> float:
+    def _train_epoch(self, train: Inputs, epoch: int) -> float:
         self._set_mode(True)
-        order = torch.randperm(train.shape[0], generator=self.generator)
-        num_batches = math.ceil(train.shape[0] / self.config.batch_size)
+        size = train[0].shape[0]
+        order = torch.randperm(size, generator=self.generator)
+        num_batches = math.ceil(size / self.config.batch_size)
         total = 0.0
         bar = tqdm(
             range(num_batches), desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
@@ -256,16 +293,16 @@ class Trainer:
         )
         for i in bar:
             index = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
-            batch = train[index].to(self.device)
+            batch = take(train, index, self.device)
             if self.batch_transform is not None:
-                batch = self.batch_transform(batch, self.generator)
+                batch = (self.batch_transform(batch[0], self.generator), *batch[1:])
             for callback in self.callbacks:
                 callback.before_step(self, batch)
             loss = self.step(batch)
-            total += loss * batch.shape[0]
+            total += loss * batch[0].shape[0]
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.2f}")
-        return total / train.shape[0]
+        return total / size
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> Dict[str, Any]:
@@ -305,17 +342,20 @@ class Trainer:
         self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------------------------- the loop
-    def fit(self, train: torch.Tensor, test: torch.Tensor, resume: bool = False) -> List[Dict[str, Any]]:
-        """Train for ``config.epochs`` epochs (continuing a stored run when ``resume``); returns the
-        metrics of every epoch run here."""
-        if train.shape[0] == 0 or test.shape[0] == 0:
-            raise ValueError(f"train and test need examples, got {train.shape[0]} and {test.shape[0]}")
+    def fit(self, train: Data, test: Data, resume: bool = False) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (continuing a stored run when ``resume``) on ``train``, scoring
+        ``test`` (tensors or tuples of the model's arguments); returns the metrics of every epoch run here."""
+        train, test = as_inputs(train, "train"), as_inputs(test, "test")
+        if train[0].shape[0] == 0 or test[0].shape[0] == 0:
+            raise ValueError(f"train and test need examples, got {train[0].shape[0]} and {test[0].shape[0]}")
+        if len(train) != len(test):
+            raise ValueError(f"train and test: expected the same model arguments, got {len(train)} and {len(test)} tensors")
         pyro.set_rng_seed(self.config.seed)
-        self.test_data = test
-        train_eval = train[: self.config.train_eval_size].to(self.device)
+        self.test_inputs = test
+        train_eval = take(train, slice(0, self.config.train_eval_size), self.device)
         if self.batch_transform is not None:  # a fixed draw, so train_elbo is comparable across epochs
-            train_eval = self.batch_transform(train_eval, torch.Generator().manual_seed(self.config.seed))
-        self._setup_optimizer(train_eval[: self.config.batch_size])
+            train_eval = (self.batch_transform(train_eval[0], torch.Generator().manual_seed(self.config.seed)), *train_eval[1:])
+        self._setup_optimizer(take(train_eval, slice(0, self.config.batch_size)))
         for callback in self.callbacks:
             callback.on_train_start(self)
         if resume:

@@ -7,11 +7,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.kl import kl_divergence, register_kl
@@ -133,7 +135,7 @@ def likelihood_mean(name: str, params: torch.Tensor) -> torch.Tensor:
 
 
 def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-            event_dim: int, unit_name: str = "units"):
+            event_dim: int, unit_name: str = "units", hide_missing: bool = False):
     """Observe ``obs (batch, *event_shape)`` under ``fn``, whose batch shape is ``(..., batch, *event_shape)``
     (one distribution per element, e.g. per pixel), optionally with missing parts.
 
@@ -142,8 +144,11 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
     ``unit_shape`` is a prefix of ``event_shape`` (e.g. every pixel of an image, or every frame of a
     sequence), each unit becomes its own element of a ``unit_name`` plate at ``dim=-2`` (the layout
     inside the site is ``(..., units, batch, *rest)``), so Pyro's ``obs_mask`` splits the site into
-    ``{name}_observed`` and a latent ``{name}_unobserved`` that ``Predictive`` samples. Returns a
-    value of shape ``(..., batch, *event_shape)``.
+    ``{name}_observed`` and a latent ``{name}_unobserved`` that ``Predictive`` samples. With
+    ``hide_missing`` that latent is hidden from the trace (``poutine.block``): every ELBO then scores the
+    observed parts only, with no guide site for the missing ones (what training on gappy sequences
+    needs; the returned value still holds a draw of them). Returns a value of shape
+    ``(..., batch, *event_shape)``.
     """
     if mask is None:
         return pyro.sample(name, fn.to_event(event_dim), obs=obs)
@@ -164,7 +169,8 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
         return t.movedim(-rest - 1, -rest - 2)
 
     site_fn = _reshape_like(fn, lambda t: to_site(t, inner)).to_event(inner)
-    with pyro.plate(unit_name, num_units, dim=-2):
+    hidden = poutine.block(hide=[f"{name}_unobserved"]) if hide_missing else contextlib.nullcontext()
+    with pyro.plate(unit_name, num_units, dim=-2), hidden:
         value = pyro.sample(name, site_fn, obs=to_site(obs, inner), obs_mask=to_site(mask.bool(), 0))
     value = value.movedim(-inner - 2, -inner - 1)  # (..., batch, units, *rest_shape)
     return value.reshape(value.shape[: value.dim() - inner - 1] + unit_shape + value.shape[value.dim() - inner :])

@@ -45,19 +45,29 @@ def check_mask(x: torch.Tensor, mask: torch.Tensor, frames: bool) -> None:
         raise ValueError(f"mask: expected a bool tensor of shape {shape} {what}, got {got}")
 
 
-def missing_mse(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean squared error of ``estimate`` on the missing parts (``mask`` False; frame or element mask);
-    ``nan`` when nothing is missing."""
+def scored_parts(truth: torch.Tensor, mask: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Where an imputation of ``truth`` is scored, ``truth.shape`` bool: the parts missing from ``mask``
+    (False) whose truth the data hold (``known``, a mask like ``mask``, e.g. a gappy data set's own
+    frame mask; None: all)."""
     missing = ~expand_mask(mask, truth)
+    return missing if known is None else missing & expand_mask(known.to(mask.device), truth)
+
+
+def missing_mse(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor,
+                known: Optional[torch.Tensor] = None) -> float:
+    """Mean squared error of ``estimate`` on the missing parts (``mask`` False; frame or element mask)
+    whose truth is ``known`` (None: all); ``nan`` when nothing is scored."""
+    missing = scored_parts(truth, mask, known)
     if not missing.any():
         return float("nan")
     return float(((estimate - truth)[missing] ** 2).mean())
 
 
-def hamming_error(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> float:
+def hamming_error(truth: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor,
+                  known: Optional[torch.Tensor] = None) -> float:
     """Fraction of wrongly predicted binary pixels, ``(truth > 0.5) != (estimate > 0.5)``, over the
-    missing parts; ``nan`` when nothing is missing."""
-    missing = ~expand_mask(mask, truth)
+    missing parts whose truth is ``known`` (None: all); ``nan`` when nothing is scored."""
+    missing = scored_parts(truth, mask, known)
     if not missing.any():
         return float("nan")
     return float(((truth > 0.5) != (estimate > 0.5))[missing].float().mean())
@@ -89,10 +99,12 @@ def consecutive_frame_mask(batch: int, num_steps: int, num_missing: int, num_giv
     return mask
 
 
-def majority_frame(train: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The pixel-wise majority frame of the training sequences ``train (N, T, *frame)`` (for bouncing
-    balls: the walls only), as a prediction for every frame of ``like (batch, T, *frame)``."""
-    mode = (train.float().mean(dim=(0, 1)) > 0.5).to(like.dtype)
+def majority_frame(train: torch.Tensor, like: torch.Tensor, train_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The pixel-wise majority frame of the (observed, ``train_mask (N, T)``; None: all) frames of the
+    training sequences ``train (N, T, *frame)`` (for bouncing balls: the walls only), as a prediction for
+    every frame of ``like (batch, T, *frame)``."""
+    frames = train.float().flatten(0, 1) if train_mask is None else train.float()[train_mask]  # (frames, *frame)
+    mode = (frames.mean(dim=0) > 0.5).to(like.dtype)
     return mode.expand_as(like)
 
 

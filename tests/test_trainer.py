@@ -249,7 +249,7 @@ def test_dynamic_binarisation_draws_binary_batches(tiny_images):
 
     class Spy(Callback):
         def before_step(self, trainer, batch):
-            seen.append(batch)
+            seen.append(batch[0])  # the batch: the model's arguments, (x,) here
 
     data = ImageData(*tiny_images, "tiny")
     model, guide = build_vae("vae", (1, 12, 12), SMALL)

@@ -9,10 +9,10 @@ import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
-from pyro_models.imputation import expand_mask, missing_mse, random_frame_mask
+from pyro_models.imputation import expand_mask, missing_mse
 
 from .. import plots
-from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
 from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
 from ..trainer import Callback, TrainConfig, Trainer
@@ -47,16 +47,14 @@ class DMMReport(Callback):
 
     @torch.no_grad()
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
-        x = trainer.test_data[: self.num_sequences].to(trainer.device)
-        generator = torch.Generator().manual_seed(self.seed)
-        mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=generator).to(x.device)
+        x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
         result = impute(trainer.model, trainer.guide, x, mask, num_samples=self.num_samples, generator=generator)
         if trainer.run is not None and x.dim() == 5:
             plots.image_rows([x[0], x[0], result.imputed[0]], ["truth", "observed", "imputed"],
                              trainer.run.figure_path("imputation", epoch),
                              f"epoch {epoch}: frames dropped with p = {self.drop_prob} (blue)",
                              observed=[None, expand_mask(mask, x)[0], None])
-        return {"impute_mse": metric_or_none(missing_mse(x, result.imputed, mask))}
+        return {"impute_mse": metric_or_none(missing_mse(x, result.imputed, mask, known))}
 
 
 def _callbacks(context: Context) -> List[Callback]:

@@ -36,7 +36,7 @@ class TemperatureAnnealing(Callback):
     def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
         self.temperature, self.config, self.step = temperature, config, 0
 
-    def before_step(self, trainer: Trainer, batch: torch.Tensor) -> None:
+    def before_step(self, trainer: Trainer, batch) -> None:
         self.temperature.value = annealed_temperature(self.step, self.config)
         self.step += 1
 
@@ -62,7 +62,8 @@ class HRSSMReport(Callback):
     @torch.no_grad()
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         x = trainer.test_data[: self.num_sequences].to(trainer.device)
-        starts = posterior_boundaries(trainer.guide, x).starts.cpu()
+        mask = trainer.test_mask[: self.num_sequences].to(trainer.device) if trainer.test_mask is not None else None
+        starts = posterior_boundaries(trainer.guide, x, mask=mask).starts.cpu()
         metrics: Dict[str, Any] = {"mean_segments": float(starts.sum(1).mean())}
         if self.test_events is not None:
             metrics.update(boundary_metrics(starts, self.test_events[: x.shape[0]], self.tolerance))

@@ -8,13 +8,13 @@ from typing import Any, Dict, List
 import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
-from pyro_models.imputation import expand_mask, hamming_error, random_frame_mask
+from pyro_models.imputation import expand_mask, hamming_error
 from pyro_models.kvae import GUIDES, KVAEConfig, build_kvae
 from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
 from .. import plots
-from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
 from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
 from ..trainer import Callback, TrainConfig, Trainer
@@ -78,16 +78,14 @@ class KVAEReport(Callback):
     @torch.no_grad()
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         model, guide, run = trainer.model, trainer.guide, trainer.run
-        x = trainer.test_data[: self.num_sequences].to(trainer.device)
-        generator = torch.Generator().manual_seed(self.seed)
-        mask = random_frame_mask(x.shape[0], x.shape[1], self.drop_prob, generator=generator).to(x.device)
+        x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
         with eval_mode(model, guide):
             imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator)
             a = guide.posterior(x).mean  # (n, T, a_dim)
             reconstruction = torch.sigmoid(model.frame_logits(a))
-            metrics = {"impute_smooth": metric_or_none(hamming_error(x, imputation.estimates["smoothing"], mask)),
-                       "impute_filter": metric_or_none(hamming_error(x, imputation.estimates["filtering"], mask)),
-                       "recon_error": hamming_error(x, reconstruction, torch.zeros_like(mask))}
+            metrics = {"impute_smooth": metric_or_none(hamming_error(x, imputation.estimates["smoothing"], mask, known)),
+                       "impute_filter": metric_or_none(hamming_error(x, imputation.estimates["filtering"], mask, known)),
+                       "recon_error": metric_or_none(hamming_error(x, reconstruction, torch.zeros_like(mask), known))}
             if run is not None and x.dim() == 5:
                 self._figures(trainer, epoch, x, mask, imputation, a, reconstruction)
         return metrics
@@ -122,7 +120,7 @@ def _warm_start(context: Context) -> None:
     if warm is None:
         return
     result = warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,
-                        progress=context.train.progress)
+                        progress=context.train.progress, mask=context.data.train_mask)
     if context.run is not None:
         record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}
         context.run.write_json(WARM_START_FILE, {**record, "config": asdict(warm)})

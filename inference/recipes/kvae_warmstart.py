@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pyro_models.datasets.sequences import zero_missing
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
 from .. import failpoints
@@ -83,12 +84,21 @@ def _batches(num: int, size: int, steps: int, seed: int, desc: str, progress: bo
         failpoints.reach("warm_start")
 
 
+def observed_frames(train: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The frames of ``train (N, T, *frame_shape)`` that ``mask (N, T)`` marks observed (all without a
+    mask), ``(frames, *frame_shape)``."""
+    if mask is None:
+        return train.reshape((-1,) + train.shape[2:])  # (N * T, *frame_shape)
+    return train[mask.to(train.device)]
+
+
 def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
-                         progress: bool = False) -> float:
-    """Stage 1 on ``train (N, T, *frame_shape)``: returns the last loss, nats per frame."""
+                         progress: bool = False, mask: Optional[torch.Tensor] = None) -> float:
+    """Stage 1 on the observed frames of ``train (N, T, *frame_shape)`` (``mask (N, T)``, True = observed;
+    None: all): returns the last loss, nats per frame."""
     encoder, decoder = guide.encoder, model.decoder
     optimiser = torch.optim.Adam([*encoder.body.parameters(), *encoder.head.loc.parameters(), *decoder.parameters()], lr=config.lr)
-    all_frames = train.reshape((-1,) + train.shape[2:])  # (N * T, *frame_shape)
+    all_frames = observed_frames(train, mask)  # (frames, *frame_shape)
     loss = torch.tensor(float("nan"))
     batches = _batches(len(all_frames), config.frames_per_step, config.autoencoder_steps, config.seed, "warm start: autoencoder", progress)
     for index in batches:
@@ -103,12 +113,14 @@ def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, con
 
 
 @torch.no_grad()
-def standardise_codes(model: KVAE, guide: KVAEGuide, train: torch.Tensor, chunk: int = 256):
-    """Stage 2: codes of ``train (N, T, *frame_shape)`` to zero mean and unit std per dimension; the
-    decoder's first layer absorbs the inverse map. Returns the old mean and std ``(a_dim,)``."""
+def standardise_codes(model: KVAE, guide: KVAEGuide, train: torch.Tensor, chunk: int = 256,
+                      mask: Optional[torch.Tensor] = None):
+    """Stage 2: codes of the observed frames of ``train (N, T, *frame_shape)`` (``mask``) to zero mean and
+    unit std per dimension; the decoder's first layer absorbs the inverse map. Returns the old mean and
+    std ``(a_dim,)``."""
     head, dense = guide.encoder.head, model.decoder.input_layer
-    codes = torch.cat([guide.posterior(train[i : i + chunk]).mean.reshape(-1, head.loc.out_features)
-                       for i in range(0, len(train), chunk)])  # (N * T, a_dim)
+    codes = torch.cat([guide.posterior(train[i : i + chunk]).mean for i in range(0, len(train), chunk)])  # (N, T, a_dim)
+    codes = codes[mask.to(codes.device)] if mask is not None else codes.reshape(-1, head.loc.out_features)  # (frames, a_dim)
     mean, std = codes.mean(0), codes.std(0).clamp_min(torch.finfo(codes.dtype).eps)
     head.loc.weight.div_(std.unsqueeze(-1))
     head.loc.bias.sub_(mean).div_(std)
@@ -136,13 +148,18 @@ def fit_dynamics(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: War
 
 
 def warm_start(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
-               progress: bool = False) -> WarmStartResult:
-    """The three stages on ``train (N, T, *frame_shape)`` (on the modules' device), in training mode."""
+               progress: bool = False, mask: Optional[torch.Tensor] = None) -> WarmStartResult:
+    """The three stages on ``train (N, T, *frame_shape)`` (on the modules' device), in training mode.
+    With gaps (``mask (N, T)``, True = observed), stages 1 and 2 use the observed frames only; stage 3
+    fits the prior to codes of every frame, as the ELBO scores them (the guide's codes of the zeroed
+    missing frames are its q(a_t) there)."""
     if train.dim() != len(model.frame_shape) + 2 or tuple(train.shape[2:]) != model.frame_shape:
         raise ValueError(f"train: expected shape (N, T, {', '.join(map(str, model.frame_shape))}), got {tuple(train.shape)}")
+    if mask is not None:
+        train = zero_missing(train, mask)  # stage 3 encodes every frame: the gaps as blank frames, as the guide does
     train = train.to(next(model.parameters()).device)
     model.train(), guide.train()
-    autoencoder_loss = pretrain_autoencoder(model, guide, train, config, progress)
-    mean, std = standardise_codes(model, guide, train)
+    autoencoder_loss = pretrain_autoencoder(model, guide, train, config, progress, mask)
+    mean, std = standardise_codes(model, guide, train, mask=mask)
     dynamics_loss = fit_dynamics(model, guide, train, config, progress)
     return WarmStartResult(autoencoder_loss, dynamics_loss, mean.cpu(), std.cpu())

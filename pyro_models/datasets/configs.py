@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import BINARIZE_MODES, DATASETS, ImageData, load_image_data
-from .sequences import SEQUENCE_DATASETS, SequenceData, load_sequence_data
+from .sequences import SEQUENCE_DATASETS, SequenceData, drop_frames, load_sequence_data
 
 MIN_STEPS = 2  # frames per sequence a sequence model needs
+DROP_SEED = 2024  # the draw of train_drop_prob's gaps
 TEST_SHARE = 5  # generated sequence sets hold out 1 / TEST_SHARE as many sequences as they train on
 
 
@@ -54,14 +55,17 @@ class SequenceDataConfig:
 
     data: str = field(default="bouncing-balls", metadata={"choices": SEQUENCE_DATASETS})  # the data set
     data_dir: Optional[str] = None  # folder of the MNIST IDX files, for data mnist-rows
-    data_path: Optional[str] = None  # an .npz file with a 'sequences' array (and optional 'events'), for data npz
+    data_path: Optional[str] = None  # an .npz file with a 'sequences' array (optional: 'events', and 'mask' (N, T) with 1 = frame observed), for data npz
     num_sequences: int = 5000  # generated training sequences (1/5 as many held out)
     num_steps: int = 20  # frames per generated sequence (>= 2)
     cache_dir: str = "data/cache"  # where generated sequence sets are cached
     download: bool = True  # try to download MNIST when its files are missing
+    train_drop_prob: float = 0.0  # train on gaps: each training frame missing with this probability (a fixed draw; held-out sequences stay as they are)
 
     def __post_init__(self):
         _absolute_paths(self)
+        if not 0.0 <= self.train_drop_prob < 1.0:
+            raise ValueError(f"train_drop_prob: expected a probability in [0, 1), got {self.train_drop_prob}")
         if self.data not in SEQUENCE_DATASETS:
             raise ValueError(f"data: expected one of {SEQUENCE_DATASETS}, got {self.data!r}")
         if self.num_sequences < 1:
@@ -74,10 +78,16 @@ class SequenceDataConfig:
         return max(1, self.num_sequences // TEST_SHARE)
 
     def load(self, seed: int = 0) -> SequenceData:
-        """The train and held-out sequences (generated sets use their own fixed seeds, not ``seed``)."""
-        return load_sequence_data(self.data, self.data_dir, self.data_path, num_train=self.num_sequences,
+        """The train and held-out sequences (generated sets use their own fixed seeds, not ``seed``), with
+        ``train_drop_prob`` of the training frames dropped (a draw fixed by ``DROP_SEED``, the same for
+        every training seed)."""
+        data = load_sequence_data(self.data, self.data_dir, self.data_path, num_train=self.num_sequences,
                                   num_test=self.num_test, num_steps=self.num_steps, cache_dir=self.cache_dir,
                                   download=self.download)
+        if self.train_drop_prob == 0.0:
+            return data
+        train, mask = drop_frames(data.train, data.train_mask, self.train_drop_prob, DROP_SEED)
+        return data._replace(train=train, train_mask=mask)
 
 
 DataConfig = Union[ImageDataConfig, SequenceDataConfig]

@@ -4,6 +4,10 @@ Every loader returns a :class:`SequenceData` of float32 tensors ``(N, T, *frame_
 frames ``(C, H, W)`` for videos, vectors ``(D,)`` for ``mnist-rows`` and vector ``.npz`` data; and,
 where the data set has them, int64 ``(N, T)`` 0/1 events (``color-balls``: colour changes).
 Generated data sets are deterministic for their seeds and can be cached on disk (``cache_dir``).
+
+Sequences may have gaps: a bool frame mask ``(N, T)`` per split (True = frame observed; None = every
+frame observed), read from a user's ``.npz`` (``mask``) or drawn by :func:`drop_frames`. Missing frames
+hold zeros in memory (whatever the file had there, NaN included), so nothing downstream can read them.
 """
 from __future__ import annotations
 
@@ -36,13 +40,16 @@ _LAYOUTS = "(N, T, D), (N, T, H, W), (N, T, C, H, W) with C in {1, 3} or (N, T, 
 
 
 class SequenceData(NamedTuple):
-    """Train and held-out sequences ``(N, T, *frame_shape)`` float32 in [0, 1], events ``(N, T)`` or None."""
+    """Train and held-out sequences ``(N, T, *frame_shape)`` float32 in [0, 1], events ``(N, T)`` or None,
+    and frame masks ``(N, T)`` bool (True = observed; None: no gaps) with zeros in the missing frames."""
 
     train: torch.Tensor
     test: torch.Tensor
     name: str
     train_events: Optional[torch.Tensor] = None
     test_events: Optional[torch.Tensor] = None
+    train_mask: Optional[torch.Tensor] = None
+    test_mask: Optional[torch.Tensor] = None
 
 
 def _to_layout(sequences: torch.Tensor, argument: str) -> torch.Tensor:
@@ -101,6 +108,37 @@ def check_events(array, sequences: torch.Tensor, argument: str = "events") -> to
     if not ((events == 0) | (events == 1)).all():
         raise ValueError(f"{argument}: values must be 0 or 1, got {sorted(events.unique().tolist())[:10]}")
     return events.to(torch.int64)
+
+
+def check_frame_mask(array, shape: Tuple[int, int], argument: str = "mask") -> torch.Tensor:
+    """Validate a frame mask (bool, or 0/1 numbers; True / 1 = observed) of ``shape (N, T)``; return it
+    as a bool tensor."""
+    mask = torch.as_tensor(np.asarray(array))
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{argument}: expected shape (N, T) = {tuple(shape)} to match the sequences, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        bad = mask[(mask != 0) & (mask != 1)]
+        raise ValueError(f"{argument}: values must be 0/1 or bool (1 = frame observed), got e.g. {bad[:5].tolist()}")
+    return mask.bool()
+
+
+def zero_missing(sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sequences (N, T, ...)`` with the frames where ``mask (N, T)`` is False set to 0 (a new tensor)."""
+    keep = mask.to(sequences.device).reshape(mask.shape + (1,) * (sequences.dim() - 2))  # (N, T, 1, ...)
+    return torch.where(keep, sequences, torch.zeros((), dtype=sequences.dtype))
+
+
+def drop_frames(sequences: torch.Tensor, mask: Optional[torch.Tensor], drop_prob: float,
+                seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gaps drawn at random: each frame of ``sequences (N, T, ...)`` missing with ``drop_prob``, on top of
+    an existing ``mask (N, T)`` (or None), the draw fixed by ``seed``. Returns the sequences with zeros
+    in their missing frames and the combined mask."""
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"drop_prob: expected a probability in [0, 1), got {drop_prob}")
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.rand(sequences.shape[:2], generator=generator) >= drop_prob  # (N, T)
+    mask = kept if mask is None else mask & kept
+    return zero_missing(sequences, mask), mask
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,21 +256,37 @@ def open_npz(path: str):
     return archive
 
 
+def _read_npz_sequences(archive, path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The ``sequences`` of an open archive and its optional frame ``mask``: missing frames may hold
+    anything (NaN included) and are zeroed before the values are checked."""
+    sequences = _to_layout(torch.as_tensor(np.asarray(archive["sequences"]), dtype=torch.float32), f"{path}['sequences']")
+    if "mask" not in archive:
+        if sequences.numel() > 0 and torch.isnan(sequences).any():
+            raise ValueError(f"{path}['sequences']: {int(torch.isnan(sequences).sum())} values are NaN; mark missing "
+                             f"frames with a 0/1 array 'mask' of shape (N, T) = {tuple(sequences.shape[:2])} (1 = observed)")
+        return check_sequences(sequences, f"{path}['sequences']"), None
+    mask = check_frame_mask(archive["mask"], sequences.shape[:2], f"{path}['mask']")
+    return check_sequences(zero_missing(sequences, mask), f"{path}['sequences']"), mask
+
+
 def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> SequenceData:
     """A user's sequences: ``np.load(path)['sequences']`` in any layout of :func:`check_sequences`,
-    with optional 0/1 ``events (N, T)``. The last ``test_fraction`` (at least one) are held out."""
+    with optional 0/1 ``events (N, T)`` and an optional frame ``mask (N, T)`` (bool or 0/1, 1 = observed;
+    missing frames may hold NaN). The last ``test_fraction`` (at least one) are held out."""
     with open_npz(path) as archive:
         if "sequences" not in archive:
             raise ValueError(f"{path}: expected an array named 'sequences', found {sorted(archive.files)}")
-        sequences = check_sequences(archive["sequences"], f"{path}['sequences']")
+        sequences, mask = _read_npz_sequences(archive, path)
         events = check_events(archive["events"], sequences, f"{path}['events']") if "events" in archive else None
     num_test = max(1, int(round(test_fraction * len(sequences))))
     if num_test >= len(sequences):
         raise ValueError(f"{path}: need at least 2 sequences to hold one out, got {len(sequences)}")
     split = len(sequences) - num_test
-    if events is None:
-        return SequenceData(sequences[:split], sequences[split:], "npz")
-    return SequenceData(sequences[:split], sequences[split:], "npz", events[:split], events[split:])
+
+    def halves(t):
+        return (None, None) if t is None else (t[:split], t[split:])
+
+    return SequenceData(sequences[:split], sequences[split:], "npz", *halves(events), *halves(mask))
 
 
 def load_mnist_rows(data_dir: str, download: bool = True) -> SequenceData:
@@ -282,6 +336,9 @@ __all__ = [
     "SEQUENCE_DATASETS",
     "SequenceData",
     "check_events",
+    "check_frame_mask",
+    "drop_frames",
+    "zero_missing",
     "check_sequences",
     "generate_sequences",
     "load_mnist_rows",

@@ -35,7 +35,6 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from ..distributions import observe
@@ -43,9 +42,6 @@ from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import DMMConfig, check_input
 from .networks import Emitter, build_transition
-
-MISSING_FRAMES_SITE = "x_unobserved"  # the latent site observe() creates for masked frames
-
 
 def site_names(num_steps: int):
     """The latent sites of a sequence of ``num_steps`` frames, in time order: ``z_1`` .. ``z_T``."""
@@ -96,8 +92,7 @@ class DMM(nn.Module):
             params = self.frame_params(self.latents(batch, steps))  # (..., batch, T, *frame_shape)
             if mask is not None:
                 pyro.deterministic("x_mean", self.emitter.mean(params), event_dim=event_dim)
-            with poutine.block(hide=[MISSING_FRAMES_SITE]):
-                return observe("x", self.emitter.distribution(params), x, mask, event_dim, "frames")
+            return observe("x", self.emitter.distribution(params), x, mask, event_dim, "frames", hide_missing=True)
 
 
 def generate(model: DMM, batch_size: int, num_steps: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ ELBO of a given segmentation, and missing-frame imputation. Every function runs 
 restores the modes it found."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import pyro.distributions as dist
 import torch
@@ -18,18 +18,20 @@ from .guides import HRSSMGuide
 from .model import HRSSM
 
 
-def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = False) -> Segmentation:
-    """The segmentation of ``x (batch, T, *frame_shape)`` under the guide: ``sample=True`` draws it (one
-    trace of the guide); ``sample=False`` takes the most probable boundary at every free step
-    (logit > 0, the official evaluation's noise-free argmax), the constraints applied as in sampling.
-    Runs in eval mode (batch norm on running statistics; the mode is restored after)."""
-    check_input(x, None, guide.frame_shape, guide.config)
+def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = False,
+                         mask: Optional[torch.Tensor] = None) -> Segmentation:
+    """The segmentation of ``x (batch, T, *frame_shape)`` (observed frames ``mask (batch, T)``; None: all)
+    under the guide: ``sample=True`` draws it (one trace of the guide); ``sample=False`` takes the most
+    probable boundary at every free step (logit > 0, the official evaluation's noise-free argmax), the
+    constraints applied as in sampling. Runs in eval mode (batch norm on running statistics; the mode
+    is restored after)."""
+    check_input(x, mask, guide.frame_shape, guide.config)
     with torch.no_grad(), _eval_mode(guide):
         if sample:
-            return boundaries_from_trace(poutine.trace(guide).get_trace(x), guide.config)
+            return boundaries_from_trace(poutine.trace(guide).get_trace(x, mask), guide.config)
         if guide.boundary_posterior is None or x.shape[1] == 1:
             return _segmentation(x.new_ones(x.shape[:2]))
-        logits = guide.boundary_logits(x)
+        logits = guide.boundary_logits(x, mask)
         return _segmentation(apply_constraints((logits[:, 1:] > 0).to(x.dtype), guide.config))
 
 

@@ -1,4 +1,6 @@
-"""Guides of the Kalman VAE, each with the model's signature ``(x, mask=None)``."""
+"""Guides of the Kalman VAE, each with the model's signature ``(x, mask=None)``. A missing frame (``mask``
+False) is never read: it is zeroed before the encoder, so q(a_t | .) there is the guide's code of a
+blank frame (the factorised guide) or of a blank frame in its context (the structured one)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,6 +10,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..imputation import expand_mask
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import KVAEConfig
@@ -30,6 +33,8 @@ class KVAEGuide(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         pyro.module("kvae_guide", self)
+        if mask is not None:
+            x = torch.where(expand_mask(mask, x), x, torch.zeros_like(x))  # missing frames are never read
         with pyro.plate("sequences", x.shape[0]):
             return sample_latent("a", self.posterior(x), self.kl_weights)
 

@@ -16,7 +16,9 @@ exact posterior of z. The reconstruction term is weighted by ``recon_weight`` in
 (0.3 in the original recipe); evaluation always scores the true ELBO.
 
 Model and guide share the signature ``(x, mask=None)`` with ``x (batch, T, *frame_shape)`` and
-``mask (batch, T)`` (bool, True = frame observed; used for imputation).
+``mask (batch, T)`` (bool, True = frame observed): a missing frame adds no likelihood (the latent
+``x_unobserved`` of ``obs_mask`` is hidden, so every ELBO scores the observed frames only), which is how
+the KVAE trains on sequences with gaps; the frames' means are recorded as ``x_mean``.
 """
 from __future__ import annotations
 from __future__ import annotations
@@ -167,7 +169,7 @@ class KVAE(nn.Module):
             weight = self.config.recon_weight if self.training else 1.0
             with poutine.scale(scale=weight):
                 return observe("x", GreyBernoulli(logits=logits, validate_args=False), x, mask,
-                               len(self.frame_shape) + 1, "frames")
+                               len(self.frame_shape) + 1, "frames", hide_missing=True)
 
 
 def generate(model: KVAE, batch_size: int, num_steps: int) -> torch.Tensor:

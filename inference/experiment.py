@@ -14,6 +14,7 @@ import torch
 from pyro_models.datasets import SequenceData
 from pyro_models.datasets.configs import MIN_STEPS
 
+from . import distributed
 from .recipe import Context, Recipe
 from .registry import get_recipe
 from .rundir import CONFIG, RunDir, read_checkpoint
@@ -120,24 +121,36 @@ def build(spec: RunSpec, data) -> Context:
 
 def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=None) -> List[Dict[str, Any]]:
     """Train the run ``spec`` on ``data`` (default: loaded from ``spec.data``); returns the metrics of
-    every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it."""
+    every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it.
+
+    Under ``torchrun`` (several ranks) every rank trains its shard and rank 0 alone writes ``out``
+    (:mod:`inference.distributed`); a check that fails on rank 0 stops every rank."""
+    if spec.data is None and data is None:
+        raise ValueError("data: pass the data or a data config in spec.data")
+    with distributed.process_group(spec.train.device) as world:
+        return _train(spec, out, resume, data, world)
+
+
+def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distributed.World) -> List[Dict[str, Any]]:
     recipe = spec.recipe  # the spec checked compilability and consistency when it was made
-    if out is not None:
-        RunDir.preflight(out, spec.to_json(), resume)  # before any work: a wrong folder fails fast
-    if data is None:
-        if spec.data is None:
-            raise ValueError("data: pass the data or a data config in spec.data")
-        data = spec.data.load(seed=spec.train.seed)
+    if out is not None:  # before any work: a wrong folder fails fast
+        distributed.on_main(lambda: RunDir.preflight(out, spec.to_json(), resume), world)
+    if data is None:  # rank 0 first (it may generate and cache the data), then the others
+        data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
+        data = data if data is not None else spec.data.load(seed=spec.train.seed)
     context = build(spec, data)
-    run = RunDir(out, spec.to_json(), resume=resume) if out is not None else None
+    runs: List[RunDir] = []  # rank 0's run directory
+    resuming = out is not None and distributed.on_main(
+        lambda: runs.append(RunDir(out, spec.to_json(), resume=resume)) or runs[0].resuming, world)
+    run = runs[0] if runs else None
     context = context._replace(run=run)
-    resuming = run is not None and run.resuming
     if recipe.prepare is not None and not resuming:
-        context.model.to(spec.train.device), context.guide.to(spec.train.device)
-        recipe.prepare(context)
+        device = distributed.rank_device(spec.train.device, world)
+        context.model.to(device), context.guide.to(device)
+        recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
     transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
     trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
-                      units_per_example=recipe.units_per_example(context.data))
+                      units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out)
     return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming)
 
 

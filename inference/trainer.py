@@ -10,6 +10,10 @@ behaviour (KL schedules, figures, extra metrics) comes in through :class:`Callba
 
 Every epoch writes one line of ``metrics.jsonl`` (nats per example, higher ELBO is better) and an
 atomically written checkpoint; ``fit(resume=True)`` continues a run exactly where it stopped.
+
+With a :class:`~inference.distributed.World` of several ranks (a ``torchrun`` launch), each rank trains
+on its shard of every epoch and gradients are all-reduced each step (``inference.distributed`` says
+exactly how); a 1-rank world is the plain single-process trainer, draw for draw.
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ from pyro import poutine
 from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as MODULE_DIVIDER
 from tqdm.auto import tqdm
 
-from . import failpoints, plots
+from . import distributed, failpoints, plots
+from .distributed import World
 from .elbo import ELBOS, elbo_terms, make_elbo
-from .rundir import RunDir
+from .rundir import RunDir, read_checkpoint
 
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 Data = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # examples on axis 0; a tuple: the model's arguments
@@ -126,6 +131,16 @@ def _modules(*objs) -> List[torch.nn.Module]:
     return [o for o in objs if isinstance(o, torch.nn.Module)]
 
 
+def _rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
 class Trainer:
     """SVI over ``model``/``guide`` (callables of a batch's tensors, ``model(*batch)``) with ``config``.
 
@@ -146,17 +161,24 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         batch_transform: Optional[BatchTransform] = None,
         units_per_example: int = 1,
+        world: Optional[World] = None,
+        resume_dir: Optional[str] = None,
     ):
         self.model, self.guide, self.config, self.run = model, guide, config, run
         self.units_per_example = units_per_example
         self.callbacks = list(callbacks)
         self.batch_transform = batch_transform
-        self.device = torch.device(config.device)
+        self.world = world if world is not None else distributed.current_world()
+        self.resume_dir = resume_dir if resume_dir is not None else (run.path if run is not None else None)
+        self.device = torch.device(distributed.rank_device(config.device, self.world))
         for module in _modules(model, guide):
             module.to(self.device)
         self.elbo = make_elbo(config.elbo, config.num_particles)
         self._compiled: Dict[tuple, Callable] = {}  # batch shape -> traced loss (config.jit)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # the epochs' order: the same on every rank
+        # batch transforms draw from it too in one process (as always); from their own stream per rank otherwise
+        self.transform_generator = (torch.Generator().manual_seed(distributed.rank_seed(config.seed, self.world))
+                                    if self.world.parallel else self.generator)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
         self.params: List[torch.Tensor] = []
@@ -239,15 +261,20 @@ class Trainer:
         batch = as_inputs(batch, "batch")
         size = batch[0].shape[0]
         loss = self.loss(batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            self._diverged(f"loss is {value}")
+        if not self.world.parallel:
+            value = loss.item()
+            if not math.isfinite(value):
+                self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
-        if self.config.mean_loss:
-            loss = loss / (size * self.units_per_example)
-        loss.backward()
+        scaled = loss / (size * self.units_per_example) if self.config.mean_loss else loss
+        scaled.backward()
         for callback in self.callbacks:
             callback.after_backward(self)
+        if self.world.parallel:  # one all-reduce: the gradients of the global batch and its loss
+            value = distributed.all_reduce_gradients(self.params, loss, self.world, average=self.config.mean_loss).item()
+            size *= self.world.size  # equal shards: every rank's batch has this rank's size
+            if not math.isfinite(value):
+                self._diverged(f"loss is {value}")
         if self.config.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
             if not torch.isfinite(norm):
@@ -269,13 +296,15 @@ class Trainer:
         """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO)."""
         inputs = as_inputs(data)
         size = inputs[0].shape[0]
+        mine = take(inputs, distributed.rows_of(size, self.world))  # this rank's examples (all in one process)
         self._set_mode(False)
         totals = torch.zeros(3)
-        for start in range(0, size, self.config.eval_batch_size):
-            batch = take(inputs, slice(start, start + self.config.eval_batch_size), self.device)
+        for start in range(0, mine[0].shape[0], self.config.eval_batch_size):
+            batch = take(mine, slice(start, start + self.config.eval_batch_size), self.device)
             terms = elbo_terms(self.model, self.guide, *batch)
-            totals += torch.stack(list(terms))
+            totals += torch.stack(list(terms)).detach().cpu()
         self._set_mode(True)
+        totals = distributed.all_reduce_sum(totals.to(self.device), self.world).cpu()
         elbo, log_lik, kl = (totals / size).tolist()
         if not all(map(math.isfinite, (elbo, log_lik, kl))):
             self._diverged(f"held-out ELBO is {elbo}")
@@ -283,26 +312,25 @@ class Trainer:
 
     def _train_epoch(self, train: Inputs, epoch: int) -> float:
         self._set_mode(True)
-        size = train[0].shape[0]
-        order = torch.randperm(size, generator=self.generator)
-        num_batches = math.ceil(size / self.config.batch_size)
+        order = distributed.shard(torch.randperm(train[0].shape[0], generator=self.generator), self.world)
+        num_batches = math.ceil(order.numel() / self.config.batch_size)
         total = 0.0
         bar = tqdm(
             range(num_batches), desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
-            disable=not self.config.progress, dynamic_ncols=True,
+            disable=not (self.config.progress and self.world.main), dynamic_ncols=True,
         )
         for i in bar:
             index = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
             batch = take(train, index, self.device)
             if self.batch_transform is not None:
-                batch = (self.batch_transform(batch[0], self.generator), *batch[1:])
+                batch = (self.batch_transform(batch[0], self.transform_generator), *batch[1:])
             for callback in self.callbacks:
                 callback.before_step(self, batch)
             loss = self.step(batch)
             total += loss * batch[0].shape[0]
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.2f}")
-        return total / size
+        return total / order.numel()
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> Dict[str, Any]:
@@ -314,9 +342,17 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "callbacks": [c.state_dict() for c in self.callbacks],
             "generator": self.generator.get_state(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": _rng_state(),
             "config": asdict(self.config),
+            **self._rank_states(),
         }
+
+    def _rank_states(self) -> Dict[str, Any]:
+        """In a parallel run, every rank's random state (gathered: a collective call on every rank)."""
+        if not self.world.parallel:
+            return {}
+        mine = {"rng": _rng_state(), "transform_generator": self.transform_generator.get_state()}
+        return {"world_size": self.world.size, "ranks": distributed.gather_objects(mine, self.world)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for module, module_state in zip(_modules(self.model, self.guide), state["modules"]):
@@ -328,10 +364,16 @@ class Trainer:
         for callback, callback_state in zip(self.callbacks, state["callbacks"]):
             callback.load_state_dict(callback_state)
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
         self.epoch = state["epoch"]
+        if not self.world.parallel:
+            _set_rng_state(state["rng"])
+        elif state.get("world_size") == self.world.size:
+            _set_rng_state(state["ranks"][self.world.rank]["rng"])
+            self.transform_generator.set_state(state["ranks"][self.world.rank]["transform_generator"])
+        else:  # another number of ranks: a fresh, deterministic stream per rank and epoch (not draw-for-draw)
+            seed = distributed.rank_seed(self.config.seed, self.world) + self.world.size * self.epoch
+            pyro.set_rng_seed(seed)
+            self.transform_generator.manual_seed(seed)
 
     def _apply_learning_rate(self, epoch: int) -> None:
         """The staircase rate of ``epoch`` from this config's ``lr`` (which may differ from the stored run's):
@@ -350,19 +392,22 @@ class Trainer:
             raise ValueError(f"train and test need examples, got {train[0].shape[0]} and {test[0].shape[0]}")
         if len(train) != len(test):
             raise ValueError(f"train and test: expected the same model arguments, got {len(train)} and {len(test)} tensors")
-        pyro.set_rng_seed(self.config.seed)
+        pyro.set_rng_seed(distributed.rank_seed(self.config.seed, self.world))
         self.test_inputs = test
         train_eval = take(train, slice(0, self.config.train_eval_size), self.device)
         if self.batch_transform is not None:  # a fixed draw, so train_elbo is comparable across epochs
             train_eval = (self.batch_transform(train_eval[0], torch.Generator().manual_seed(self.config.seed)), *train_eval[1:])
         self._setup_optimizer(take(train_eval, slice(0, self.config.batch_size)))
+        with torch.no_grad():
+            distributed.broadcast_tensors([*self.params, *self.buffers], self.world)  # every rank starts from rank 0's
         for callback in self.callbacks:
             callback.on_train_start(self)
         if resume:
-            if self.run is None:
+            if self.resume_dir is None:
                 raise ValueError("resume needs a run directory")
-            self.load_state_dict(self.run.load_checkpoint(map_location=self.device))
-            self.run.truncate_metrics(self.epoch)
+            self.load_state_dict(read_checkpoint(self.resume_dir, map_location=self.device))
+            if self.run is not None:
+                self.run.truncate_metrics(self.epoch)
         while self.epoch < self.config.epochs:
             self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1))
         return self.history
@@ -374,6 +419,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         objective = self._train_epoch(train, epoch)
         self.scheduler.step()
+        with torch.no_grad():
+            distributed.broadcast_tensors(self.buffers, self.world)  # e.g. batch-norm statistics, as DDP keeps them
         held_out = self.evaluate(test)
         metrics: Dict[str, Any] = {
             "epoch": epoch,
@@ -388,11 +435,12 @@ class Trainer:
             metrics.update(callback.on_epoch_end(self, epoch))
         metrics["time_s"] = time.perf_counter() - start
         self.epoch = epoch
+        state = self.state_dict() if self.run is not None or self.world.parallel else None  # collective when parallel
         if self.run is not None:
             self.run.log_metrics(metrics)
-            self.run.save_checkpoint(self.state_dict())
+            self.run.save_checkpoint(state)
             plots.curves(self.run.read_metrics(), ["train_elbo", "test_elbo"], self.run.figure_path("elbo_curves"))
-        if self.config.progress:
+        if self.config.progress and self.world.main:
             tqdm.write(
                 f"epoch {epoch}: train ELBO {metrics['train_elbo']:.2f}, test ELBO {metrics['test_elbo']:.2f}, "
                 f"KL {metrics['kl']:.2f} nats/example ({metrics['time_s']:.1f}s)"

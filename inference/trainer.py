@@ -17,6 +17,7 @@ exactly how); a 1-rank world is the plain single-process trainer, draw for draw.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import time
@@ -73,6 +74,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     seed: int = 0  # seeds initialisation, batch order and every draw
     eval_batch_size: int = 500  # examples per batch when scoring held-out data
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard extra)
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
     progress: bool = True  # tqdm progress bars and one line per epoch
 
@@ -96,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available here")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError('tensorboard: the TensorBoard extra is not installed; pip install -e ".[tensorboard]"')
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,8 +121,17 @@ class Callback:
     def after_backward(self, trainer: "Trainer") -> None:
         """Gradients are computed, not yet clipped or applied (e.g. to freeze parameters)."""
 
+    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
+        """After each optimiser step, with the step's loss per example."""
+
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> Dict[str, Any]:
         return {}
+
+    def after_epoch(self, trainer: "Trainer", epoch: int, metrics: Dict[str, Any]) -> None:
+        """After the epoch's metrics line, checkpoint and figures are written (e.g. to log them elsewhere)."""
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        """When ``fit`` returns (also when it stops with an error)."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -167,6 +180,10 @@ class Trainer:
         self.model, self.guide, self.config, self.run = model, guide, config, run
         self.units_per_example = units_per_example
         self.callbacks = list(callbacks)
+        if config.tensorboard and run is not None:  # rank 0's run directory; last, to see every metric
+            from .tensorboard import TensorBoardLogger
+
+            self.callbacks.append(TensorBoardLogger(run.path, run.config))
         self.batch_transform = batch_transform
         self.world = world if world is not None else distributed.current_world()
         self.resume_dir = resume_dir if resume_dir is not None else (run.path if run is not None else None)
@@ -327,6 +344,8 @@ class Trainer:
             for callback in self.callbacks:
                 callback.before_step(self, batch)
             loss = self.step(batch)
+            for callback in self.callbacks:
+                callback.on_step_end(self, loss)
             total += loss * batch[0].shape[0]
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.2f}")
@@ -408,8 +427,12 @@ class Trainer:
             self.load_state_dict(read_checkpoint(self.resume_dir, map_location=self.device))
             if self.run is not None:
                 self.run.truncate_metrics(self.epoch)
-        while self.epoch < self.config.epochs:
-            self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1))
+        try:
+            while self.epoch < self.config.epochs:
+                self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1))
+        finally:
+            for callback in self.callbacks:
+                callback.on_train_end(self)
         return self.history
 
     def _run_epoch(self, train, train_eval, test, epoch: int) -> Dict[str, Any]:
@@ -440,6 +463,8 @@ class Trainer:
             self.run.log_metrics(metrics)
             self.run.save_checkpoint(state)
             plots.curves(self.run.read_metrics(), ["train_elbo", "test_elbo"], self.run.figure_path("elbo_curves"))
+        for callback in self.callbacks:
+            callback.after_epoch(self, epoch, metrics)
         if self.config.progress and self.world.main:
             tqdm.write(
                 f"epoch {epoch}: train ELBO {metrics['train_elbo']:.2f}, test ELBO {metrics['test_elbo']:.2f}, "

@@ -5,6 +5,7 @@ printed as one line naming the flag (``--debug`` or ``PYRO_MODELS_DEBUG=1`` for 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -18,6 +19,8 @@ from .registry import recipes
 from .trainer import TrainConfig, TrainingDiverged
 
 DEBUG_ENV = "PYRO_MODELS_DEBUG"
+CONFIG_FLAG = "--config"
+REPEAT_SUFFIX = "-repeat"  # --config without --out: the stored run's folder with this suffix
 GROUPS = (("data", "data"), ("config", "model"), ("options", "recipe options"), ("train", "training"))
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USAGE, EXIT_DIVERGED = 2, 1
@@ -29,17 +32,21 @@ class TrainArgs(NamedTuple):
     resume: bool
 
 
-def _defaults(recipe: Recipe) -> Dict[str, object]:
-    """The default instance of each flag group of ``recipe``."""
+def _defaults(recipe: Recipe, stored: Optional[RunSpec] = None) -> Dict[str, object]:
+    """The default instance of each flag group of ``recipe``, or the groups of a ``stored`` run."""
+    if stored is not None:
+        return {"data": stored.data if stored.data is not None else recipe.data_config, "config": stored.config,
+                "options": stored.options, "train": stored.train}
     return {"data": recipe.data_config, "config": recipe.config(), "options": recipe.options(),
             "train": recipe.train_defaults}
 
 
-def model_parser(recipe: Recipe, prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The parser of ``train.py MODEL``: every field of the recipe's configs as a flag."""
+def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[RunSpec] = None) -> argparse.ArgumentParser:
+    """The parser of ``train.py MODEL``: every field of the recipe's configs as a flag (defaults: the
+    recipe's, or those of a ``stored`` run for ``--config``)."""
     p = OneLineParser(prog=prog, description=f"{recipe.name}: {recipe.summary}",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = _defaults(recipe)
+    defaults = _defaults(recipe, stored)
     for prefix, title in GROUPS:
         add_dataclass_flags(p.add_argument_group(title), type(defaults[prefix]), defaults[prefix], prefix + ".")
     if recipe.shortcuts:
@@ -47,7 +54,10 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None) -> argparse.Argumen
         for name, (targets, text) in recipe.shortcuts.items():
             group.add_argument(flag(name), dest="shortcut." + name, type=int, default=argparse.SUPPRESS, help=text)
     run = p.add_argument_group("run")
-    run.add_argument("--out", required=True, help="the run directory")
+    run.add_argument("--out", required=stored is None, default=argparse.SUPPRESS if stored is None else None,
+                     help="the run directory" + ("" if stored is None else " (default: the stored run's folder + '-repeat')"))
+    run.add_argument(CONFIG_FLAG, metavar="RUN/config.json", default=None,
+                     help="repeat a stored run: its config.json gives every default, flags override")
     run.add_argument("--resume", action="store_true", help="continue the run stored in --out (lr, clip-norm, epochs may change)")
     run.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
     return p
@@ -65,7 +75,7 @@ def flag_owners() -> Dict[str, List[str]]:
 
 def top_parser(doc: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      usage="train.py MODEL [flags]  (train.py MODEL --help for its flags)")
+                      usage="train.py MODEL [flags]  (train.py MODEL --help for its flags)\n       train.py --config RUN/config.json [--out NEW] [flags]  (repeat a stored run)")
     lines = "\n".join(f"  {name:10s} {recipe.summary}" for name, recipe in recipes().items())
     p.add_argument("model", choices=tuple(recipes()), metavar="MODEL", help="the model to train (listed below)")
     p.epilog = "models:\n" + lines
@@ -76,8 +86,9 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(EXIT_USAGE, f"error: {message}\n")
 
 
-def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> RunSpec:
-    built, all_defaults = {}, _defaults(recipe)
+def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.ArgumentParser,
+          stored: Optional[RunSpec] = None) -> RunSpec:
+    built, all_defaults = {}, _defaults(recipe, stored)
     for prefix, _ in GROUPS:
         defaults = all_defaults[prefix]
         values = given(namespace, prefix + ".")
@@ -95,10 +106,54 @@ def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.Argume
         _fail(parser, flag_error(error, all_field_names()))
 
 
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--config PATH`` / ``--config=PATH`` in ``argv`` (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == CONFIG_FLAG:
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if arg.startswith(CONFIG_FLAG + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _stored_spec(path: str, parser: argparse.ArgumentParser) -> RunSpec:
+    """The run stored in ``path`` (a run's ``config.json``, or its folder); one line when it cannot be read."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            return RunSpec.from_json(json.load(f))
+    except FileNotFoundError:
+        _fail(parser, f"{CONFIG_FLAG}: no such file {os.path.abspath(path)} (expected a run's config.json)")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        _fail(parser, f"{CONFIG_FLAG}: {path} is not a run's config.json ({flag_error(error, all_field_names())})")
+
+
+def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> TrainArgs:
+    """``train.py [MODEL] --config RUN/config.json [--out NEW] [flags]``: the stored run, flags overriding."""
+    stored = _stored_spec(path, top)
+    if argv and not argv[0].startswith("-"):
+        if argv[0] != stored.model:
+            _fail(top, f"model: {path} is a {stored.model} run, got {argv[0]!r}")
+        argv = argv[1:]
+    recipe = recipes()[stored.model]
+    parser = model_parser(recipe, prog=f"train.py {recipe.name} --config {path}", stored=stored)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _fail(parser, unknown_flag_error(unknown, recipe.name, flag_owners()))
+    run_folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    out = namespace.out if namespace.out is not None else run_folder.rstrip(os.sep) + REPEAT_SUFFIX
+    return TrainArgs(_spec(recipe, namespace, parser, stored), out, namespace.resume)
+
+
 def parse_train_args(argv: Optional[Sequence[str]], doc: str) -> TrainArgs:
-    """Parse ``train.py MODEL [flags]`` into a :class:`TrainArgs`; exits with one line on bad input."""
+    """Parse ``train.py MODEL [flags]`` (or ``train.py --config RUN/config.json [flags]``, which repeats a
+    stored run) into a :class:`TrainArgs`; exits with one line on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     top = top_parser(doc)
+    config_path = _config_path(argv)
+    if config_path is not None and not any(a in ("-h", "--help") for a in argv[:1]):
+        return _repeat_args(argv, config_path, top)
     if not argv or argv[0].startswith("-"):
         if any(a in ("-h", "--help") for a in argv[:1]) or not argv:
             top.print_help()

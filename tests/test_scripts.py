@@ -32,6 +32,25 @@ def test_train_script(tmp_path, model, extra):
     assert [m["epoch"] for m in metrics] == [1, 2]
 
 
+def _metrics(folder):
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def test_train_script_repeats_a_stored_run_from_its_config(tmp_path):
+    first = str(tmp_path / "first")
+    run("scripts/train.py", "vae", "--data", "shapes", "--num-shapes", "60", "--z-dim", "3", "--hidden-dims", "16",
+        "--batch-size", "16", "--binarize", "dynamic", "--epochs", "2", "--seed", "4", "--no-progress", "--out", first)
+    run("scripts/train.py", "--config", os.path.join(first, "config.json"), "--no-progress")  # to first-repeat
+    assert _metrics(first + "-repeat") == _metrics(first)  # the same metrics, to the last digit
+    longer = str(tmp_path / "longer")
+    run("scripts/train.py", "--config", first, "--epochs", "3", "--seed", "5", "--no-progress", "--out", longer)
+    stored = json.load(open(os.path.join(longer, "config.json")))
+    assert stored["train"]["epochs"] == 3 and stored["train"]["seed"] == 5 and stored["config"]["z_dim"] == 3
+    assert len(_metrics(longer)) == 3 and _metrics(longer)[0] != _metrics(first)[0]  # the flags override
+    wrong = run("scripts/train.py", "kvae", "--config", first, ok=False)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == f"error: model: {first} is a vae run, got 'kvae'"
+
+
 def test_train_script_npz_and_errors(tmp_path):
     path = tmp_path / "mine.npz"
     np.savez(path, images=np.random.default_rng(0).random((30, 10, 10)))

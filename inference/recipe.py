@@ -8,6 +8,7 @@ model's name.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -97,6 +98,8 @@ class Recipe:
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
     ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
+    ``width_fields``: the config fields (ints, or tuples of ints) that set the networks' width, which
+    :func:`widened` scales (for benchmarks of how time and memory grow with width).
     """
 
     name: str
@@ -122,6 +125,7 @@ class Recipe:
     validate_data: Optional[Callable[[Any, Any], None]] = None
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
+    width_fields: Tuple[str, ...] = ()
 
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""
@@ -132,3 +136,13 @@ class Recipe:
             reason = self.jit_refusal(config, options, train)
         if reason:
             raise ValueError(f"jit: {self.name} cannot be compiled here: {reason}")
+
+
+def widened(recipe: Recipe, config, factor: float):
+    """``config`` with every field of ``recipe.width_fields`` multiplied by ``factor`` (each entry of a
+    tuple; at least 1)."""
+    def scale(value):
+        if isinstance(value, tuple):
+            return tuple(scale(v) for v in value)
+        return max(1, int(round(value * factor)))
+    return dataclasses.replace(config, **{name: scale(getattr(config, name)) for name in recipe.width_fields})

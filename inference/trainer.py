@@ -39,6 +39,7 @@ from .rundir import RunDir, read_checkpoint
 
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 Data = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # examples on axis 0; a tuple: the model's arguments
+DEVICE_DATA_SHARE = 0.25  # a data set up to this share of a GPU's memory is held on the GPU (see place)
 Inputs = Tuple[torch.Tensor, ...]
 
 
@@ -53,8 +54,25 @@ def as_inputs(data: Data, argument: str = "data") -> Inputs:
 
 
 def take(inputs: Inputs, index, device=None) -> Inputs:
-    """The rows ``index`` (a slice or index tensor) of every tensor of ``inputs``, on ``device``."""
-    return tuple(t[index].to(device) if device is not None else t[index] for t in inputs)
+    """The rows ``index`` (a slice or index tensor) of every tensor of ``inputs``, on ``device``; the copy
+    to a GPU is asynchronous (``non_blocking``: the data are pinned or already there, see :func:`place`)."""
+    out = []
+    for t in inputs:
+        rows = t[index.to(t.device) if torch.is_tensor(index) else index]
+        out.append(rows.to(device, non_blocking=True) if device is not None else rows)
+    return tuple(out)
+
+
+def place(inputs: Inputs, device: torch.device) -> Inputs:
+    """Where a data set lives during training: on a CUDA ``device`` itself when it takes at most
+    ``DEVICE_DATA_SHARE`` of the device's memory (then batches are cut there: no copy per step), else in
+    pinned host memory (each batch copied asynchronously); on the CPU as it is."""
+    if device.type != "cuda":
+        return inputs
+    size = sum(t.numel() * t.element_size() for t in inputs)
+    if size <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory:
+        return tuple(t.to(device) for t in inputs)
+    return tuple(t.pin_memory() for t in inputs)
 
 
 @dataclass
@@ -278,24 +296,23 @@ class Trainer:
         batch = as_inputs(batch, "batch")
         size = batch[0].shape[0]
         loss = self.loss(batch)
-        if not self.world.parallel:
-            value = loss.item()
-            if not math.isfinite(value):
-                self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         scaled = loss / (size * self.units_per_example) if self.config.mean_loss else loss
         scaled.backward()
         for callback in self.callbacks:
             callback.after_backward(self)
+        checks = [loss.detach()]
         if self.world.parallel:  # one all-reduce: the gradients of the global batch and its loss
-            value = distributed.all_reduce_gradients(self.params, loss, self.world, average=self.config.mean_loss).item()
+            checks[0] = distributed.all_reduce_gradients(self.params, loss, self.world, average=self.config.mean_loss)
             size *= self.world.size  # equal shards: every rank's batch has this rank's size
-            if not math.isfinite(value):
-                self._diverged(f"loss is {value}")
         if self.config.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
-            if not torch.isfinite(norm):
-                self._diverged(f"gradient norm is {norm.item()}")
+            checks.append(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm))
+        values = torch.stack([c.float().reshape(()) for c in checks]).tolist()  # the step's one host synchronisation
+        value = values[0]
+        if not math.isfinite(value):  # stopped before the optimiser moves anything
+            self._diverged(f"loss is {value}")
+        if len(values) > 1 and not math.isfinite(values[1]):
+            self._diverged(f"gradient norm is {values[1]}")
         self.optimizer.step()
         failpoints.reach("step")
         return value / size
@@ -412,6 +429,7 @@ class Trainer:
         if len(train) != len(test):
             raise ValueError(f"train and test: expected the same model arguments, got {len(train)} and {len(test)} tensors")
         pyro.set_rng_seed(distributed.rank_seed(self.config.seed, self.world))
+        train, test = place(train, self.device), place(test, self.device)
         self.test_inputs = test
         train_eval = take(train, slice(0, self.config.train_eval_size), self.device)
         if self.batch_transform is not None:  # a fixed draw, so train_elbo is comparable across epochs

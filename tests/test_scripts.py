@@ -187,3 +187,20 @@ def test_guides_benchmark(tmp_path):
         assert entry["test_elbo_min"] == min(elbos) and entry["test_elbo_max"] == max(elbos)
         assert abs(entry["test_elbo_mean"] - sum(elbos) / 2) < 1e-9
     assert os.path.exists(tmp_path / "runs" / "dmm" / "guides.png")
+
+
+def test_model_steps_benchmark(tmp_path):
+    out = str(tmp_path / "steps.json")
+    run("benchmarks/model_steps.py", "--models", "vae", "dmm", "--steps", "1", "--batch", "2", "--length", "4",
+        "--sweep", "width", "0.5", "1", "--out", out)
+    rows = json.load(open(out))["rows"]
+    assert [(r["model"], r["width"]) for r in rows] == [("vae", 0.5), ("vae", 1.0), ("dmm", 0.5), ("dmm", 1.0)]
+    assert rows[0]["parameters"] < rows[1]["parameters"] and all(r["step_s"] > 0 for r in rows)
+
+
+def test_data_parallel_benchmark(tmp_path):
+    out = str(tmp_path / "dp.json")
+    result = run("benchmarks/data_parallel.py", "--models", "vae", "--steps", "1", "--warmup", "0", "--batch", "2", "--out", out)
+    rows = json.load(open(out))["rows"]
+    assert [r["ranks"] for r in rows] == [1, 2] and rows[0]["speedup"] == 1.0 and rows[1]["examples_per_s"] > 0
+    assert "2 ranks" in result.stdout

@@ -139,5 +139,6 @@ RECIPES = (
         options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
         compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",
         impute=impute, example=_example,
+        width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"),
     ),
 )

@@ -130,6 +130,7 @@ def _recipe(name: str, summary: str) -> Recipe:
         data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
         callbacks=_callbacks, compilable=True, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
         prepare_data=prepare_images, impute=impute, frame_mask=False, example=_example, validate=_validate,
+        width_fields=("hidden_dims",) if name == "vae" else ("channels",),
     )
 
 

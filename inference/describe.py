@@ -5,6 +5,13 @@ sites ``name_t`` grouped into products over t when their dependencies repeat wit
     >>> describe(model, guide, x).text
     'p(z) p(x | z)  ;  q(z | x)'
 
+A site that holds a whole sequence (event ``(T, ...)``, e.g. the frames ``x`` of the DMM or the codes
+``a`` and frames of the KVAE) is split into per-step factors when its log density is a sum over t
+(an ``Independent`` over the time axis): which steps of its parents each step's log density depends on
+is read off the gradients of the per-step log densities with respect to the parents' values (held
+fixed, so that only direct dependencies count), and a pattern that repeats with t becomes a product,
+e.g. ``prod_{t=1..T} p(x_t | z_t)``.
+
 Where the dependency tracer cannot run a program (a distribution that needs its own ``rsample`` tensor,
 as the HRSSM's relaxed boundaries), each site is conditioned on every site before it (the chain rule),
 and the description says so.
@@ -14,9 +21,12 @@ from __future__ import annotations
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
 from pyro import poutine
+from pyro.distributions import Independent
 from pyro.infer.inspect import get_dependencies
 
+JITTER = 1e-2  # noise added to the parameters by jitter()
 TIME_INDEXED = re.compile(r"^(?P<stem>.+?)_(?P<t>\d+)$")
 PAST = "past"  # the parents of a site when dependencies could not be traced: every site visited before it
 
@@ -37,9 +47,11 @@ class Description(NamedTuple):
     traced: bool
 
 
-def factors(program, *args, **kwargs) -> Tuple[List[Factor], bool]:
+def factors(program, *args, steps: Optional[int] = None, inputs: Sequence[str] = (), **kwargs) -> Tuple[List[Factor], bool]:
     """The sample sites of ``program(*args, **kwargs)`` with their parents; ``traced`` is False where the
-    chain rule stands in for the dependency tracer."""
+    chain rule stands in for the dependency tracer. ``steps``: the sequences' length T, when the
+    arguments are sequences (a site with an event of T steps may then split into per-step factors);
+    ``inputs``: names of the leading arguments (a guide's ``x``), whose steps a factor may read."""
     trace = poutine.trace(program).get_trace(*args, **kwargs)
     sites = [(name, site) for name, site in trace.nodes.items()
              if site["type"] == "sample" and not site["infer"].get("_deterministic")
@@ -50,14 +62,77 @@ def factors(program, *args, **kwargs) -> Tuple[List[Factor], bool]:
         traced = True
     except Exception:  # noqa: BLE001 - any failure of the tracer falls back on the chain rule
         dependencies, traced = {}, False
+    probe = _Probe(program, args, kwargs, dict(sites), steps, inputs) if traced and steps else None
     result = []
     for index, (name, site) in enumerate(sites):
         if traced:
             parents = tuple(p for p in order if p in dependencies.get(name, {}) and p != name)
         else:
             parents = (PAST,) if index > 0 else ()
-        result.append(Factor(name, parents, bool(site["is_observed"])))
+        factor = Factor(name, parents, bool(site["is_observed"]))
+        result += probe.refine(factor) if probe is not None else [factor]
     return result, traced
+
+
+def _time_axis(site) -> Tuple[int, int]:
+    """``(axis, T)``: where a site's value has its first event axis, and its length (T = 0: no event axis)."""
+    event = site["fn"].event_shape
+    return (site["value"].dim() - len(event), event[0]) if len(event) else (0, 0)
+
+
+class _Probe:
+    """Which steps of the sequences each factor reads, from gradients: the program is run again with
+    every sample site held at its traced value as a leaf tensor (so that only direct dependencies
+    count) and its sequence inputs ``(batch, T, ...)`` as leaves too; a factor reads a parent's step
+    when its log density has a nonzero gradient for it. Parameters that start at zero can hide a
+    dependence: describe programs with jittered weights (``scripts/describe.py`` does)."""
+
+    def __init__(self, program, args, kwargs, sites, steps: int, inputs: Sequence[str]):
+        self.sites, self.steps = sites, steps
+        self.leaves = {name: site["value"].detach().clone().requires_grad_() for name, site in sites.items()
+                       if torch.is_floating_point(site["value"])}
+        self.inputs = {name: arg.detach().clone().requires_grad_() for name, arg in zip(inputs, args)
+                       if torch.is_tensor(arg) and torch.is_floating_point(arg) and arg.dim() > 1 and arg.shape[1] == steps}
+        call_args = tuple(self.inputs.get(name, arg) for name, arg in zip(list(inputs) + [None] * len(args), args))
+        with torch.enable_grad():
+            self.trace = poutine.trace(poutine.condition(program, data=self.leaves)).get_trace(*call_args, **kwargs)
+
+    def refine(self, factor: Factor) -> List[Factor]:
+        """``factor`` split into per-step factors ``site_t`` when its site holds all T steps in an
+        ``Independent`` log density; else ``factor`` with the input steps it reads added to its parents."""
+        site = self.trace.nodes[factor.site]
+        axis, steps = _time_axis(site)
+        with torch.enable_grad():
+            if steps == self.steps >= 2 and _split(factor.site)[1] is None and isinstance(site["fn"], Independent):
+                base = site["fn"]
+                while isinstance(base, Independent):
+                    base = base.base_dist
+                log_density = base.log_prob(site["value"])  # (..., T, rest of the event)
+                log_density = log_density.reshape(log_density.shape[: axis + 1] + (-1,)).sum(-1)  # (..., T)
+                if log_density.dim() == axis + 1 and log_density.shape[axis] == steps:
+                    return [Factor(f"{factor.site}_{t + 1}", self._reads(log_density[..., t].sum(), factor), factor.observed)
+                            for t in range(steps)]
+            if not self.inputs:
+                return [factor]
+            reads = self._reads(site["fn"].log_prob(site["value"]).sum(), factor, inputs_only=True)
+            return [factor._replace(parents=factor.parents + reads)]
+
+    def _reads(self, log_density: torch.Tensor, factor: Factor, inputs_only: bool = False) -> Tuple[str, ...]:
+        """The steps of the factor's parents (or of the inputs alone) that ``log_density`` depends on."""
+        sources = {} if inputs_only else {p: self.leaves[p] for p in factor.parents if p in self.leaves}
+        sources.update(self.inputs)
+        grads = torch.autograd.grad(log_density, list(sources.values()), allow_unused=True, retain_graph=True)
+        parents: List[str] = [] if inputs_only else [p for p in factor.parents if p not in self.leaves]
+        for (name, leaf), grad in zip(sources.items(), grads):
+            if grad is None or not bool((grad != 0).any()):
+                continue
+            axis, steps = _time_axis(self.sites[name]) if name in self.sites else (1, leaf.shape[1])
+            if steps != self.steps or _split(name)[1] is not None:  # no time axis, or a step itself (z_t)
+                parents.append(name)
+                continue
+            per_step = (grad != 0).movedim(axis, 0).reshape(steps, -1).any(-1)  # (T,)
+            parents += [f"{name}_{u + 1}" for u in range(steps) if per_step[u]]
+        return tuple(parents)
 
 
 def _split(name: str) -> Tuple[str, Optional[int]]:
@@ -65,13 +140,41 @@ def _split(name: str) -> Tuple[str, Optional[int]]:
     return (match["stem"], int(match["t"])) if match else (name, None)
 
 
-def _signature(factor: Factor, t: int) -> Tuple:
-    """Parents relative to time t: ``(stem, offset)`` for time-indexed ones, ``(name, None)`` otherwise."""
-    return tuple(sorted((s, None if u is None else u - t) for s, u in map(_split, factor.parents)))
+def _signature(factor: Factor, t: int, all_times: Dict[str, List[int]], spans: bool) -> Tuple:
+    """Parents relative to time t: ``(stem, offset)`` for time-indexed ones, ``(stem, "1:T")`` for a whole
+    family (every step of it), with ``spans`` also ``(stem, "t:T")`` / ``(stem, "1:t")`` for the steps from
+    or up to t, ``(name, "")`` otherwise."""
+    by_stem: Dict[str, List[int]] = {}
+    out = []
+    for stem, u in map(_split, factor.parents):
+        if u is None:
+            out.append((stem, ""))
+        else:
+            by_stem.setdefault(stem, []).append(u)
+    for stem, times in by_stem.items():
+        span = _span(sorted(times), all_times.get(stem), t if spans else None)
+        out += [(stem, span)] if span else [(stem, f"{u - t:+d}") for u in times]
+    return tuple(sorted(out))
 
 
-def _parent_text(parents: Sequence[str], all_times: Dict[str, List[int]], t_symbol: Optional[str], t: Optional[int]):
-    """Parents as text pieces: a whole time-indexed family as ``z_{1:T}``, others by name or offset."""
+def _span(times: List[int], family: Optional[List[int]], t: Optional[int]) -> Optional[str]:
+    """A run of steps as a range: ``1:T`` (all of a family of several), and relative to ``t`` (when
+    given) ``t:T`` (t on) or ``1:t`` (up to t); None for anything else."""
+    if not family:
+        return None
+    if times == family and len(times) > 1:
+        return "1:T"
+    if t is not None and times == [u for u in family if u >= t]:
+        return "t:T"
+    if t is not None and times == [u for u in family if u <= t]:
+        return "1:t"
+    return None
+
+
+def _parent_text(parents: Sequence[str], all_times: Dict[str, List[int]], t_symbol: Optional[str], t: Optional[int],
+                 spans: bool = False):
+    """Parents as text pieces: a whole time-indexed family as ``z_{1:T}`` (with ``spans`` also ``x_{t:T}``
+    and ``x_{1:t}``), others by name or offset."""
     by_stem: Dict[str, List[int]] = {}
     pieces = []
     for parent in parents:
@@ -81,8 +184,9 @@ def _parent_text(parents: Sequence[str], all_times: Dict[str, List[int]], t_symb
         else:
             by_stem.setdefault(stem, []).append(u)
     for stem, times in by_stem.items():
-        if sorted(times) == all_times.get(stem) and len(times) > 1:
-            pieces.append(f"{stem}_{{1:T}}")
+        span = _span(sorted(times), all_times.get(stem), t if spans and t_symbol is not None else None)
+        if span:
+            pieces.append(f"{stem}_{{{span}}}")
         elif t_symbol is not None:
             pieces += [f"{stem}_{t_symbol}" if u == t else f"{stem}_{{{t_symbol}{u - t:+d}}}" for u in sorted(times)]
         else:
@@ -95,18 +199,22 @@ def _term(letter: str, head: str, parents: List[str], latex: bool) -> str:
     return f"{letter}({head}{bar + ', '.join(parents) if parents else ''})"
 
 
-def render(items: List[Factor], letter: str, given: Sequence[str] = (), latex: bool = False) -> str:
+def render(items: List[Factor], letter: str, given: Sequence[str] = (), latex: bool = False,
+           steps: Optional[int] = None) -> str:
     """The product of the factors, time-indexed families grouped into products over t; ``given``: names
-    every factor is conditioned on as well (a guide's inputs)."""
-    times: Dict[str, List[int]] = {}
+    every factor is conditioned on as well (a guide's inputs), unless it reads their steps itself
+    (``x_t``; ``steps``: their length T)."""
+    times: Dict[str, List[int]] = {name: list(range(1, steps + 1)) for name in given} if steps else {}
     for f in items:
         stem, t = _split(f.site)
         if t is not None:
             times.setdefault(stem, []).append(t)
     times = {k: sorted(v) for k, v in times.items()}
 
-    def term(head: str, factor: Factor, t_symbol: Optional[str] = None, t: Optional[int] = None) -> str:
-        return _term(letter, head, _parent_text(factor.parents, times, t_symbol, t) + list(given), latex)
+    def term(head: str, factor: Factor, t_symbol: Optional[str] = None, t: Optional[int] = None, spans: bool = False) -> str:
+        read = {_split(p)[0] for p in factor.parents}
+        parents = _parent_text(factor.parents, times, t_symbol, t, spans) + [g for g in given if g not in read]
+        return _term(letter, head, parents, latex)
 
     terms, done = [], set()
     for f in items:
@@ -118,15 +226,15 @@ def render(items: List[Factor], letter: str, given: Sequence[str] = (), latex: b
             done.add(f.site)
             continue
         family = [g for g in items if _split(g.site)[0] == stem]
-        signatures = [_signature(g, _split(g.site)[1]) for g in family]
-        start = 0 if len(set(signatures)) == 1 else 1
-        if len(set(signatures[start:])) != 1:  # no repeating pattern: every factor on its own
+        pattern = _repeating(family, times)
+        if pattern is None:  # no repeating pattern: every factor on its own
             terms += [term(g.site, g) for g in family]
             done.update(g.site for g in family)
             continue
+        start, spans = pattern
         if start == 1:
             terms.append(term(f"{stem}_1", family[0]))
-        inner = term(f"{stem}_t", family[start], "t", _split(family[start].site)[1])
+        inner = term(f"{stem}_t", family[start], "t", _split(family[start].site)[1], spans)
         low, last = times[stem][start], max(max(v) for v in times.values())
         high = "T" if times[stem][-1] == last else f"T{times[stem][-1] - last:+d}"  # e.g. m_t up to T-1
         product = rf"\prod_{{t={low}}}^{{{high}}} " if latex else f"prod_{{t={low}..{high}}} "
@@ -136,13 +244,37 @@ def render(items: List[Factor], letter: str, given: Sequence[str] = (), latex: b
     return separator.join(terms)
 
 
-def describe(program, *args, letter: str = "p", given: Sequence[str] = (), **kwargs) -> Description:
+def _repeating(family: List[Factor], times: Dict[str, List[int]]) -> Optional[Tuple[int, bool]]:
+    """Whether the factors of a time-indexed family repeat with t, as ``(start, spans)``: from which
+    factor on (0, or 1 when the first differs) and whether as offsets (``z_{t-1}``; tried first) or as
+    spans (``x_{t:T}``); None when neither repeats."""
+    for spans in (False, True):
+        signatures = [_signature(g, _split(g.site)[1], times, spans) for g in family]
+        for start in (0, 1):
+            if len(set(signatures[start:])) == 1:
+                return start, spans
+    return None
+
+
+def describe(program, *args, letter: str = "p", given: Sequence[str] = (), steps: Optional[int] = None,
+             **kwargs) -> Description:
     """The factorisation of ``program`` (a model with ``letter="p"``, a guide with ``letter="q"`` and
-    ``given`` its inputs, e.g. ``("x",)``) at ``args``."""
-    items, traced = factors(program, *args, **kwargs)
+    ``given`` its inputs, e.g. ``("x",)``) at ``args``; ``steps``: the length T of sequence arguments
+    (sites holding whole sequences then split into per-step factors where their densities do)."""
+    items, traced = factors(program, *args, steps=steps, inputs=given, **kwargs)
     latent = [f for f in items if not f.observed] if letter == "q" else items
-    text, latex = render(latent, letter, given), render(latent, letter, given, latex=True)
+    text, latex = render(latent, letter, given, steps=steps), render(latent, letter, given, latex=True, steps=steps)
     if not traced:
         note = "  (dependencies not traced: past = every site visited before)"
         text, latex = text + note, latex + r" \quad \text{(past: every site visited before)}"
     return Description(text, latex, traced)
+
+
+def jitter(*modules: torch.nn.Module, scale: float = JITTER) -> None:
+    """Add small noise to every parameter of ``modules``, so that a dependence the program has is not
+    hidden by weights that start at zero (the structured KVAE guide's correction starts at zero): a
+    description is of the program, not of its initial values."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(scale * torch.randn_like(p))

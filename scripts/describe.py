@@ -19,7 +19,7 @@ import torch
 
 from inference.cli import OneLineParser
 from inference.command_line import main_guard
-from inference.describe import describe
+from inference.describe import describe, jitter
 from inference.registry import recipes
 
 EXAMPLE_BATCH = 2
@@ -48,14 +48,16 @@ def main(argv=None) -> int:
     recipe = recipes()[args.model]
     config, shape = recipe.example()
     x = torch.rand((EXAMPLE_BATCH,) + tuple(shape))
+    steps = shape[0] if recipe.frame_mask else None  # sequences (T, *frame): sites over all T may split per step
     for index, guide_name in enumerate(recipe.guides):
         model, guide = recipe.build(tuple(shape), dataclasses.replace(config, guide=guide_name))
+        jitter(model, guide)  # so that weights that start at zero hide no dependence
         if index == 0:
-            p = describe(model, x)
+            p = describe(model, x, steps=steps)
             print(f"model {args.model}:\n  {p.text}\n  LaTeX: {p.latex}")
             if args.graph:
                 print(render_graph(model, x, args.graph))
-        q = describe(guide, x, letter="q", given=("x",))
+        q = describe(guide, x, letter="q", given=("x",), steps=steps)
         print(f"guide {guide_name}:\n  {q.text}\n  LaTeX: {q.latex}")
     return 0
 

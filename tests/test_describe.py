@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from inference.describe import describe
+from inference.describe import describe, jitter
 from inference.registry import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +16,7 @@ def programs(name, guide):
     recipe = recipes()[name]
     config, shape = recipe.example()
     model, q = recipe.build(tuple(shape), dataclasses.replace(config, guide=guide))
+    jitter(model, q)  # the structured KVAE guide's correction starts at zero: no dependence would show
     return model, q, torch.rand((2,) + tuple(shape))
 
 
@@ -27,17 +28,28 @@ def test_vae_is_p_z_p_x_given_z_and_q_z_given_x():
 
 
 def test_dmm_is_a_markov_chain_and_its_guides_differ_as_the_paper_says():
-    model, structured, x = programs("dmm", "st-r")
-    assert describe(model, x).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) p(x | z_{1:T})"
-    assert describe(structured, x, letter="q", given=("x",)).text == "q(z_1 | x) prod_{t=2..T} q(z_t | z_{t-1}, x)"
+    model, right, x = programs("dmm", "st-r")
+    steps = x.shape[1]
+    assert describe(model, x, steps=steps).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) prod_{t=1..T} p(x_t | z_t)"
+    assert describe(model, x).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) p(x | z_{1:T})"  # not split without steps
+    # Krishnan et al.'s table of inference networks: right context, left and right, mean field
+    assert describe(right, x, letter="q", given=("x",), steps=steps).text == "q(z_1 | x_{1:T}) prod_{t=2..T} q(z_t | z_{t-1}, x_{t:T})"
+    _, both, _ = programs("dmm", "st-lr")
+    assert describe(both, x, letter="q", given=("x",), steps=steps).text == "q(z_1 | x_{1:T}) prod_{t=2..T} q(z_t | z_{t-1}, x_{1:T})"
     _, mean_field, _ = programs("dmm", "mf-lr")
+    assert describe(mean_field, x, letter="q", given=("x",), steps=steps).text == "prod_{t=1..T} q(z_t | x_{1:T})"
     assert describe(mean_field, x, letter="q", given=("x",)).text == "prod_{t=1..T} q(z_t | x)"
-    assert r"\prod_{t=2}^{T} p(z_t \mid z_{t-1})" in describe(model, x).latex
+    latex = describe(right, x, letter="q", given=("x",), steps=steps).latex
+    assert r"\prod_{t=2}^{T} q(z_t \mid z_{t-1}, x_{t:T})" in latex
 
 
-def test_kvae_marginalises_z():
-    model, guide, x = programs("kvae", "factorised")
-    assert describe(model, x).text == "p(a) p(x | a)"  # z is integrated out: no z site
+def test_kvae_marginalises_z_and_its_guides_read_one_frame_or_all():
+    model, factorised, x = programs("kvae", "factorised")
+    steps = x.shape[1]
+    assert describe(model, x, steps=steps).text == "p(a) prod_{t=1..T} p(x_t | a_t)"  # z is integrated out: no z site
+    assert describe(factorised, x, letter="q", given=("x",), steps=steps).text == "prod_{t=1..T} q(a_t | x_t)"
+    _, structured, _ = programs("kvae", "structured")
+    assert describe(structured, x, letter="q", given=("x",), steps=steps).text == "prod_{t=1..T} q(a_t | x_{1:T})"
 
 
 def test_untraceable_programs_fall_back_on_the_chain_rule():

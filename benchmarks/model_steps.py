@@ -12,8 +12,8 @@ with its recipe's defaults (config, batch size); ``--sweep`` varies one size, ev
     python benchmarks/model_steps.py --models dmm --sweep width 0.5 1 2   # x the default widths (recipe.width_fields)
 
 Times are medians over ``--steps`` steps after one warm-up step (CUDA synchronised around each);
-memory is the peak during the steps (CUDA: ``max_memory_allocated``; CPU: peak RSS above the level
-before them). Writes JSON.
+memory is the peak over the warm-up and timed steps above the level before them (CUDA:
+``max_memory_allocated``; CPU: peak RSS): activations, gradients and Adam's moments. Writes JSON.
 """
 from __future__ import annotations
 
@@ -64,20 +64,22 @@ def time_steps(name: str, batch: int, length: int, width: float, steps: int, dev
         if cuda:
             torch.cuda.synchronize()
 
-    trainer.step(x)  # warm-up
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
     else:
         reset_peak_rss()
         base = rss_mib("VmRSS")
+    trainer.step(x)  # warm-up (its memory counts: the allocator reuses it in the timed steps)
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         trainer.step(x)
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib("VmHWM") - base
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib("VmHWM")) - base
     median = statistics.median(times)
     params = sum(p.numel() for p in trainer.params)
     return {"model": name, "batch": batch, "length": length if recipe.frame_mask else None, "width": width,

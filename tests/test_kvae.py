@@ -16,8 +16,9 @@ from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae, generate, gene
 SMALL = dict(lstm_hidden=8, decoder_channels=8, decoder_start_channels=8, encoder_filters=8, mlp_hidden=(16,))
 
 
-def dense_log_marginal(dynamics, a):
-    """log p(a) of one sequence a (T, D) by building the joint Gaussian of a explicitly (float64)."""
+def dense_log_marginal(dynamics, a, observed=None):
+    """log p(a) of one sequence a (T, D) by building the joint Gaussian of a explicitly (float64); with
+    ``observed (T,)`` bool, log p(a of the observed steps): the joint's marginal on their rows."""
     a = a.double()
     alpha = dynamics.alpha(a.unsqueeze(0).float())[0]
     trans, obs = (m.double() for m in dynamics.matrices(alpha))
@@ -33,7 +34,29 @@ def dense_log_marginal(dynamics, a):
     z_cov = blocks @ noise @ blocks.T
     c = torch.block_diag(*obs)
     a_cov = c @ z_cov @ c.T + torch.block_diag(*[dynamics.obs_cov.double()] * steps)
-    return torch.distributions.MultivariateNormal(torch.zeros(steps * a.shape[1], dtype=torch.float64), a_cov).log_prob(a.reshape(-1))
+    rows = torch.ones(steps, a.shape[1], dtype=torch.bool) if observed is None else observed[:, None].expand(-1, a.shape[1])
+    rows = rows.reshape(-1)
+    return torch.distributions.MultivariateNormal(torch.zeros(int(rows.sum()), dtype=torch.float64),
+                                                  a_cov[rows][:, rows]).log_prob(a.reshape(-1)[rows])
+
+
+def test_masked_kalman_prior_is_the_dense_marginal_of_the_observed_steps():
+    torch.manual_seed(0)
+    model, guide = build_kvae((6,), KVAEConfig(**SMALL))
+    with torch.no_grad():
+        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
+        model.dynamics.obs_bases.mul_(20)
+    a = torch.randn(3, 6, 2)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    prior = KalmanPrior(model.dynamics, (3,), 6, 2, mask=mask)
+    expected = torch.stack([dense_log_marginal(model.dynamics, a[i], mask[i]) for i in range(3)])
+    assert torch.allclose(prior.log_prob(a).double(), expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(prior.log_prob(a), KalmanPrior(model.dynamics, (3,), 6, 2).log_prob(a))
+    x = torch.rand(3, 6, 6)  # the guide's log q leaves the missing steps out too
+    trace = pyro.poutine.trace(guide).get_trace(x, mask)
+    a_site = trace.nodes["a"]
+    q = guide.posterior(x).base_dist.log_prob(a_site["value"]).sum(-1)  # (3, T)
+    assert torch.allclose(a_site["fn"].log_prob(a_site["value"]), (q * mask).sum(-1))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7])

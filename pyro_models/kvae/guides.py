@@ -1,6 +1,6 @@
 """Guides of the Kalman VAE, each with the model's signature ``(x, mask=None)``. A missing frame (``mask``
-False) is never read: it is zeroed before the encoder, so q(a_t | .) there is the guide's code of a
-blank frame (the factorised guide) or of a blank frame in its context (the structured one)."""
+False) is never read: it is zeroed before the encoder, and its a_t, drawn all the same (the mixture
+weights read it), is left out of log q, as the model leaves it out of log p (integrated out with z)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -35,8 +35,11 @@ class KVAEGuide(nn.Module):
         pyro.module("kvae_guide", self)
         if mask is not None:
             x = torch.where(expand_mask(mask, x), x, torch.zeros_like(x))  # missing frames are never read
+        posterior = self.posterior(x)
+        if mask is not None:  # log q of the observed steps only
+            posterior = posterior.base_dist.mask(mask.unsqueeze(-1)).to_event(2)
         with pyro.plate("sequences", x.shape[0]):
-            return sample_latent("a", self.posterior(x), self.kl_weights)
+            return sample_latent("a", posterior, self.kl_weights)
 
 
 class TemporalContext(nn.Module):

@@ -17,8 +17,10 @@ exact posterior of z. The reconstruction term is weighted by ``recon_weight`` in
 
 Model and guide share the signature ``(x, mask=None)`` with ``x (batch, T, *frame_shape)`` and
 ``mask (batch, T)`` (bool, True = frame observed): a missing frame adds no likelihood (the latent
-``x_unobserved`` of ``obs_mask`` is hidden, so every ELBO scores the observed frames only), which is how
-the KVAE trains on sequences with gaps; the frames' means are recorded as ``x_mean``.
+``x_unobserved`` of ``obs_mask`` is hidden), and its a_t is integrated out with z in the prior
+(:class:`KalmanPrior` with the mask) and left out of the guide's log q, so the ELBO is that of the
+observed frames, with the missing steps marginalised exactly as imputation treats them: how the KVAE
+trains on sequences with gaps. The frames' means are recorded as ``x_mean``.
 """
 from __future__ import annotations
 from __future__ import annotations
@@ -86,22 +88,27 @@ class KalmanPrior(TorchDistribution):
     own past (alpha_t depends on a_{<t}); batch ``batch_shape``, event ``(T, a_dim)``.
 
     ``log_prob`` is exact (Kalman marginalisation by a parallel scan, float64); ``sample`` draws
-    ancestrally (z, then a, step by step)."""
+    ancestrally (z, then a, step by step). With ``mask (*batch_shape, T)`` (True = step observed) it is
+    ``log p(a_observed)``: the a_t of missing steps are integrated out with z (the LGSSM's own masked
+    marginal), and read only as the inputs of the mixture weights alpha."""
 
     arg_constraints = {}
     support = constraints.independent(constraints.real, 2)
     has_rsample = False
 
-    def __init__(self, dynamics: KalmanDynamics, batch_shape, num_steps: int, a_dim: int):
-        self.dynamics = dynamics
+    def __init__(self, dynamics: KalmanDynamics, batch_shape, num_steps: int, a_dim: int,
+                 mask: Optional[torch.Tensor] = None):
+        self.dynamics, self.mask = dynamics, mask
         super().__init__(torch.Size(batch_shape), torch.Size((num_steps, a_dim)), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
-        return KalmanPrior(self.dynamics, batch_shape, *self.event_shape)
+        mask = None if self.mask is None else self.mask.expand(tuple(batch_shape) + self.event_shape[:1])
+        return KalmanPrior(self.dynamics, batch_shape, *self.event_shape, mask=mask)
 
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
         flat = a.reshape((-1,) + a.shape[-2:])  # (n, T, a_dim)
-        value = log_marginal(self.dynamics.lgssm(self.dynamics.alpha(flat)), flat, validate_args=False)
+        mask = None if self.mask is None else self.mask.expand(a.shape[:-1]).reshape(flat.shape[:2])  # (n, T)
+        value = log_marginal(self.dynamics.lgssm(self.dynamics.alpha(flat)), flat, mask, validate_args=False)
         return value.to(a.dtype).reshape(a.shape[:-2])
 
     @torch.no_grad()
@@ -162,7 +169,8 @@ class KVAE(nn.Module):
         pyro.module("kvae", self)
         batch, steps = x.shape[:2]
         with pyro.plate("sequences", batch):
-            a = sample_latent("a", KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim), self.kl_weights)
+            prior = KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim, mask=mask)
+            a = sample_latent("a", prior, self.kl_weights)
             logits = self.frame_logits(a)  # (batch, T, *frame_shape)
             if mask is not None:
                 pyro.deterministic("x_mean", torch.sigmoid(logits), event_dim=len(self.frame_shape) + 1)

@@ -204,3 +204,19 @@ def test_data_parallel_benchmark(tmp_path):
     rows = json.load(open(out))["rows"]
     assert [r["ranks"] for r in rows] == [1, 2] and rows[0]["speedup"] == 1.0 and rows[1]["examples_per_s"] > 0
     assert "2 ranks" in result.stdout
+
+
+def test_torchrun_trains_one_run_directory_and_resumes(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed next to this Python")
+    out = str(tmp_path / "dp")
+    common = ["--nproc_per_node", "2", "scripts/train.py", "vae", "--data", "shapes", "--num-shapes", "40", "--z-dim", "2",
+              "--hidden-dims", "8", "--batch-size", "8", "--no-progress", "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for epochs, extra in (("1", []), ("2", ["--resume"])):
+        result = subprocess.run([torchrun, *common, "--epochs", epochs, *extra], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("done: epoch") == 1  # rank 0 reports
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]

@@ -49,9 +49,9 @@ def main(rank: int, folder: str) -> None:
             fit_and_save(folder, rank, f"fit-mean{int(mean_loss)}", NUM_TRAIN, mean_loss)
         fit_and_save(folder, rank, "fit-padded", NUM_PADDED, False)
         config, data = tiny_data()
-        spec = RunSpec("vae", config, tiny_config(epochs=3))
+        spec = RunSpec("vae", config, tiny_config(epochs=2))
         train(spec, os.path.join(folder, "straight"), data=data)
-        train(RunSpec("vae", config, tiny_config(epochs=2)), os.path.join(folder, "resumed"), data=data)
+        train(RunSpec("vae", config, tiny_config(epochs=1)), os.path.join(folder, "resumed"), data=data)
         train(spec, os.path.join(folder, "resumed"), resume=True, data=data)
     finally:
         dist.destroy_process_group()

@@ -83,9 +83,9 @@ def test_shard_pads_and_interleaves_as_distributed_sampler():
 def test_two_rank_run_resumes_exactly_and_rank_zero_writes_alone(runs):
     straight, resumed = (os.path.join(runs, name) for name in ("straight", "resumed"))
     a, b = read_checkpoint(straight), read_checkpoint(resumed)
-    assert a["epoch"] == b["epoch"] == 3 and a["world_size"] == 2 and len(a["ranks"]) == 2
+    assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == 2 and len(a["ranks"]) == 2
     torch.testing.assert_close(a["modules"], b["modules"], rtol=0, atol=0)  # exactly the same weights
     lines = [[json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))] for path in (straight, resumed)]
-    assert [m["epoch"] for m in lines[0]] == [1, 2, 3] == [m["epoch"] for m in lines[1]]
+    assert [m["epoch"] for m in lines[0]] == [1, 2] == [m["epoch"] for m in lines[1]]
     for m, n in zip(*lines):
         assert m["test_elbo"] == n["test_elbo"] and m["train_elbo"] == n["train_elbo"]

@@ -38,15 +38,15 @@ def _metrics(folder):
 
 def test_train_script_repeats_a_stored_run_from_its_config(tmp_path):
     first = str(tmp_path / "first")
-    run("scripts/train.py", "vae", "--data", "shapes", "--num-shapes", "60", "--z-dim", "3", "--hidden-dims", "16",
-        "--batch-size", "16", "--binarize", "dynamic", "--epochs", "2", "--seed", "4", "--no-progress", "--out", first)
+    run("scripts/train.py", "vae", "--data", "shapes", "--num-shapes", "40", "--z-dim", "3", "--hidden-dims", "16",
+        "--batch-size", "16", "--binarize", "dynamic", "--epochs", "1", "--seed", "4", "--no-progress", "--out", first)
     run("scripts/train.py", "--config", os.path.join(first, "config.json"), "--no-progress")  # to first-repeat
     assert _metrics(first + "-repeat") == _metrics(first)  # the same metrics, to the last digit
     longer = str(tmp_path / "longer")
-    run("scripts/train.py", "--config", first, "--epochs", "3", "--seed", "5", "--no-progress", "--out", longer)
+    run("scripts/train.py", "--config", first, "--epochs", "2", "--seed", "5", "--no-progress", "--out", longer)
     stored = json.load(open(os.path.join(longer, "config.json")))
-    assert stored["train"]["epochs"] == 3 and stored["train"]["seed"] == 5 and stored["config"]["z_dim"] == 3
-    assert len(_metrics(longer)) == 3 and _metrics(longer)[0] != _metrics(first)[0]  # the flags override
+    assert stored["train"]["epochs"] == 2 and stored["train"]["seed"] == 5 and stored["config"]["z_dim"] == 3
+    assert len(_metrics(longer)) == 2 and _metrics(longer)[0] != _metrics(first)[0]  # the flags override
     wrong = run("scripts/train.py", "kvae", "--config", first, ok=False)
     assert wrong.returncode == 2 and wrong.stderr.strip() == f"error: model: {first} is a vae run, got 'kvae'"
 

@@ -139,10 +139,15 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
         data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
         data = data if data is not None else spec.data.load(seed=spec.train.seed)
     context = build(spec, data)
-    runs: List[RunDir] = []  # rank 0's run directory
-    resuming = out is not None and distributed.on_main(
-        lambda: runs.append(RunDir(out, spec.to_json(), resume=resume)) or runs[0].resuming, world)
-    run = runs[0] if runs else None
+    run = None  # rank 0's run directory
+    if out is not None:
+        def open_run() -> bool:
+            nonlocal run
+            run = RunDir(out, spec.to_json(), resume=resume)
+            return run.resuming
+        resuming = distributed.on_main(open_run, world)  # every rank learns rank 0's mode
+    else:
+        resuming = False
     context = context._replace(run=run)
     if recipe.prepare is not None and not resuming:
         device = distributed.rank_device(spec.train.device, world)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import distributed
 from .analysis import batch_kl_per_dim
 from .trainer import Callback, Trainer
 
@@ -93,6 +94,7 @@ class SoftFreeBits(Callback):
     def before_step(self, trainer: Trainer, batch) -> None:
         self.kl_weights.eval()  # the unweighted KL of the current batch
         kl = batch_kl_per_dim(trainer.model, trainer.guide, batch[0], self.site)
+        kl = distributed.all_reduce_sum(kl, trainer.world) / trainer.world.size  # the global batch's: one gamma on every rank
         self.kl_weights.train()
         self.kl_weights.gamma.copy_(free_bits_update(self.kl_weights.gamma, kl, self.config))
 

@@ -16,6 +16,17 @@ from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae, generate, gene
 SMALL = dict(lstm_hidden=8, decoder_channels=8, decoder_start_channels=8, encoder_filters=8, mlp_hidden=(16,))
 
 
+def kvae_off_identity():
+    """A small KVAE (vector frames (6,)) and its guide, seeded, with dynamics moved away from the identity
+    initialisation (A = I, C ~ 0.05 N(0, 1)), so that the Kalman quantities are not trivial."""
+    torch.manual_seed(0)
+    model, guide = build_kvae((6,), KVAEConfig(**SMALL))
+    with torch.no_grad():
+        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
+        model.dynamics.obs_bases.mul_(20)
+    return model, guide
+
+
 def dense_log_marginal(dynamics, a, observed=None):
     """log p(a) of one sequence a (T, D) by building the joint Gaussian of a explicitly (float64); with
     ``observed (T,)`` bool, log p(a of the observed steps): the joint's marginal on their rows."""
@@ -41,11 +52,7 @@ def dense_log_marginal(dynamics, a, observed=None):
 
 
 def test_masked_kalman_prior_is_the_dense_marginal_of_the_observed_steps():
-    torch.manual_seed(0)
-    model, guide = build_kvae((6,), KVAEConfig(**SMALL))
-    with torch.no_grad():
-        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
-        model.dynamics.obs_bases.mul_(20)
+    model, guide = kvae_off_identity()
     a = torch.randn(3, 6, 2)
     mask = torch.tensor([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
     prior = KalmanPrior(model.dynamics, (3,), 6, 2, mask=mask)
@@ -61,11 +68,7 @@ def test_masked_kalman_prior_is_the_dense_marginal_of_the_observed_steps():
 
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_kalman_prior_matches_dense_gaussian(steps):
-    torch.manual_seed(0)
-    model, _ = build_kvae((6,), KVAEConfig(**SMALL))
-    with torch.no_grad():  # move away from the identity initialisation
-        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
-        model.dynamics.obs_bases.mul_(20)
+    model, _ = kvae_off_identity()
     a = torch.randn(3, steps, 2)
     prior = KalmanPrior(model.dynamics, (3,), steps, 2)
     expected = torch.stack([dense_log_marginal(model.dynamics, a[i]) for i in range(3)])
@@ -210,11 +213,7 @@ def test_kl_warmup_scales_the_a_site_in_model_and_guide():
 
 def test_kalman_prior_gradients_match_dense_gaussian():
     # Through a (observations and the alpha network's inputs) and the dynamics parameters.
-    torch.manual_seed(0)
-    model, _ = build_kvae((6,), KVAEConfig(**SMALL))
-    with torch.no_grad():
-        model.dynamics.trans_bases.add_(0.2 * torch.randn_like(model.dynamics.trans_bases))
-        model.dynamics.obs_bases.mul_(20)
+    model, _ = kvae_off_identity()
     a = torch.randn(2, 5, 2, requires_grad=True)
     params = [a, model.dynamics.obs_bases, model.dynamics.trans_bases, model.dynamics.a0]
     ours = torch.autograd.grad(KalmanPrior(model.dynamics, (2,), 5, 2).log_prob(a).sum(), params)

@@ -20,10 +20,10 @@ import os
 import time
 from typing import Any, Dict
 
+from .rundir import RunDir
 from .trainer import Callback, Trainer
 
 LOG_FOLDER = "tensorboard"
-FIGURES = "figures"
 MISSING = 'tensorboard: the TensorBoard extra is not installed; pip install -e ".[tensorboard]" (or pip install tensorboard)'
 
 
@@ -51,10 +51,10 @@ class TensorBoardLogger(Callback):
     """Writes the run to TensorBoard event files in ``RUN/tensorboard`` (see the module docstring). The
     trainer calls it after the epoch's metrics and figures are written, so it sees all of them."""
 
-    def __init__(self, run_path: str, config: Dict[str, Any]):
+    def __init__(self, run: RunDir):
         if not available():
             raise ValueError(MISSING)
-        self.run_path, self.config = run_path, config
+        self.run = run
         self.step = 0  # optimiser steps logged; saved in checkpoints
         self.writer = None
         self.epoch_start = 0.0
@@ -66,11 +66,11 @@ class TensorBoardLogger(Callback):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(os.path.join(self.run_path, LOG_FOLDER), purge_step=self.step + 1 if self.step else None)
+        self.writer = SummaryWriter(os.path.join(self.run.path, LOG_FOLDER), purge_step=self.step + 1 if self.step else None)
         if self.step == 0:
-            for summary in hparams(hparam_values(self.config), {"epoch/test_elbo": 0.0}):
+            for summary in hparams(hparam_values(self.run.config), {"epoch/test_elbo": 0.0}):
                 self.writer.file_writer.add_summary(summary)
-            self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=1) + "\n```")
+            self.writer.add_text("config", "```\n" + json.dumps(self.run.config, indent=1) + "\n```")
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if self.writer is None:
@@ -93,7 +93,7 @@ class TensorBoardLogger(Callback):
         """Every figure written since the epoch began, tagged by its name without the epoch suffix."""
         import matplotlib.image
 
-        folder = os.path.join(self.run_path, FIGURES)
+        folder = self.run.figures
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
             path = os.path.join(folder, name)
             if name.endswith(".png") and os.path.getmtime(path) >= self.epoch_start:

@@ -17,7 +17,6 @@ exactly how); a 1-rank world is the plain single-process trainer, draw for draw.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import time
@@ -116,8 +115,11 @@ class TrainConfig:
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available here")
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError('tensorboard: the TensorBoard extra is not installed; pip install -e ".[tensorboard]"')
+        if self.tensorboard:
+            from . import tensorboard  # (imports this module: not at the top)
+
+            if not tensorboard.available():
+                raise ValueError(tensorboard.MISSING)
 
 
 class TrainingDiverged(RuntimeError):
@@ -201,7 +203,7 @@ class Trainer:
         if config.tensorboard and run is not None:  # rank 0's run directory; last, to see every metric
             from .tensorboard import TensorBoardLogger
 
-            self.callbacks.append(TensorBoardLogger(run.path, run.config))
+            self.callbacks.append(TensorBoardLogger(run))
         self.batch_transform = batch_transform
         self.world = world if world is not None else distributed.current_world()
         self.resume_dir = resume_dir if resume_dir is not None else (run.path if run is not None else None)

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, List, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-
-WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets
 
 
 class World(NamedTuple):
@@ -88,9 +86,8 @@ def process_group(device: str) -> Iterator[World]:
     if not launched_in_parallel() or dist.is_initialized():
         yield current_world()
         return
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if backend_for(device) == "nccl":
-        torch.cuda.set_device(world.local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend_for(device))
     try:
         yield current_world()
@@ -199,17 +196,6 @@ def on_main(fn: Callable[[], Any], world: World, share: bool = True) -> Any:
     return result if world.main else shared[0]
 
 
-def barrier(world: World) -> None:
-    if world.parallel:
-        dist.barrier()
-
-
 def rank_seed(seed: int, world: World) -> int:
     """The seed of this rank's random draws: ``seed + rank`` (rank 0 draws as a 1-process run)."""
     return seed + world.rank
-
-
-def first_error(error: Optional[str], world: World) -> Optional[str]:
-    """Rank 0's error message (or None) on every rank, so that all ranks stop together when rank 0's
-    checks fail (a rank left waiting in a collective would hang)."""
-    return broadcast_object(error, world)

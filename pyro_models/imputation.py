@@ -36,6 +36,13 @@ def expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())).expand_as(x)
 
 
+def zero_missing(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with its missing parts (``mask`` False: a frame mask ``(batch, T)`` or an element mask of
+    ``x``'s shape) set to 0, a new tensor: how data sets store gaps and how encoders are kept from
+    reading them."""
+    return torch.where(expand_mask(mask.to(x.device), x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def check_mask(x: torch.Tensor, mask: torch.Tensor, frames: bool) -> None:
     """Raise ``ValueError`` unless ``mask`` is bool of shape ``x.shape[:2]`` (``frames``) or ``x.shape``."""
     shape = tuple(x.shape[:2]) if frames else tuple(x.shape)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pyro_models.datasets.sequences import zero_missing
+from pyro_models.imputation import zero_missing
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
 from .. import failpoints

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .balls import bouncing_balls, color_balls
+from ..imputation import zero_missing
 from .mnist import load_mnist
 
 SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "mnist-rows", "npz")
@@ -120,12 +121,6 @@ def check_frame_mask(array, shape: Tuple[int, int], argument: str = "mask") -> t
         bad = mask[(mask != 0) & (mask != 1)]
         raise ValueError(f"{argument}: values must be 0/1 or bool (1 = frame observed), got e.g. {bad[:5].tolist()}")
     return mask.bool()
-
-
-def zero_missing(sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sequences (N, T, ...)`` with the frames where ``mask (N, T)`` is False set to 0 (a new tensor)."""
-    keep = mask.to(sequences.device).reshape(mask.shape + (1,) * (sequences.dim() - 2))  # (N, T, 1, ...)
-    return torch.where(keep, sequences, torch.zeros((), dtype=sequences.dtype))
 
 
 def drop_frames(sequences: torch.Tensor, mask: Optional[torch.Tensor], drop_prob: float,
@@ -338,7 +333,6 @@ __all__ = [
     "check_events",
     "check_frame_mask",
     "drop_frames",
-    "zero_missing",
     "check_sequences",
     "generate_sequences",
     "load_mnist_rows",

@@ -27,7 +27,7 @@ from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
 from ..distributions import FlowPosterior
-from ..imputation import expand_mask
+from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import DMMConfig, check_input
@@ -69,7 +69,7 @@ class DMMGuide(nn.Module):
         """Frame features e ``(batch, T, feature_dim)`` of ``x (batch, T, *frame_shape)``; exactly 0 at the
         frames where ``mask (batch, T)`` is False, whose content is never read."""
         if mask is not None:
-            x = torch.where(expand_mask(mask, x), x, torch.zeros_like(x))
+            x = zero_missing(x, mask)
         e = per_frame(self.encoder, x, len(self.frame_shape))
         return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
 

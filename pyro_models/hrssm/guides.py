@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..imputation import zero_missing
 from ..networks import per_frame
 from .boundaries import SegmentCounter, sample_boundary, update_site
 from .config import BoundaryTemperature, HRSSMConfig, check_input
@@ -33,8 +34,7 @@ class HRSSMGuide(_KLScaled, nn.Module):
         training mode their content cannot reach the observed frames' features through batch statistics."""
         if mask is None:
             return per_frame(self.encoder, x, len(self.frame_shape))
-        keep = mask.reshape(mask.shape + (1,) * len(self.frame_shape))  # (batch, T, 1, ...)
-        e = per_frame(self.encoder, torch.where(keep, x, torch.zeros_like(x)), len(self.frame_shape))
+        e = per_frame(self.encoder, zero_missing(x, mask), len(self.frame_shape))
         return e * mask.unsqueeze(-1).to(e.dtype)
 
     def boundary_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..imputation import expand_mask
+from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import KVAEConfig
@@ -34,7 +34,7 @@ class KVAEGuide(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         pyro.module("kvae_guide", self)
         if mask is not None:
-            x = torch.where(expand_mask(mask, x), x, torch.zeros_like(x))  # missing frames are never read
+            x = zero_missing(x, mask)  # missing frames are never read
         posterior = self.posterior(x)
         if mask is not None:  # log q of the observed steps only
             posterior = posterior.base_dist.mask(mask.unsqueeze(-1)).to_event(2)

@@ -26,7 +26,7 @@ import torch
 from pyro.infer import Predictive
 
 from .. import lgssm
-from ..imputation import Imputation, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask
+from ..imputation import Imputation, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
 from ..imputation import last_observed_frame as last_observed_floor
 from ..imputation import majority_frame as static_floor
 from ..modes import eval_mode
@@ -107,11 +107,6 @@ def _filter_with_dynamics(dynamics, observed_a: torch.Tensor, mask: torch.Tensor
     return _Step(*(torch.stack(field, dim=1) for field in zip(*steps)))
 
 
-def _hide_missing(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` with its missing frames zeroed, so the encoder never sees their content."""
-    return torch.where(expand_mask(mask, x), x, torch.zeros_like(x))
-
-
 @torch.no_grad()
 def kalman_impute(model, guide, x: torch.Tensor, mask: torch.Tensor) -> KalmanImputation:
     """Filtering and smoothing estimates of every frame of ``x (batch, T, *frame_shape)`` given its
@@ -120,7 +115,7 @@ def kalman_impute(model, guide, x: torch.Tensor, mask: torch.Tensor) -> KalmanIm
     check_mask(x, mask, frames=True)
     with eval_mode(model, guide):
         dynamics = model.dynamics
-        observed_a = guide.posterior(_hide_missing(x, mask)).mean  # (batch, T, a_dim); missing steps unused
+        observed_a = guide.posterior(zero_missing(x, mask)).mean  # (batch, T, a_dim); missing steps unused
         steps = _filter_with_dynamics(dynamics, observed_a, mask)
         increments = steps.log_increment  # (batch, T)
         filtered = lgssm.FilterResult(steps.mean, steps.cov, steps.pred_mean, steps.pred_cov, increments,

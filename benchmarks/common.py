@@ -1,9 +1,11 @@
 """Shared helpers of the benchmark scripts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+from typing import Optional
 
 import torch
 
@@ -37,3 +39,27 @@ def machine_info() -> dict:
     """Where a benchmark ran: torch version, threads, cores, platform, processor."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "processor": platform.processor()}
+
+
+def small_data(recipe, num_examples: int, cache_dir: str, length: Optional[int] = None):
+    """The data config of ``recipe``'s default data set cut to ``num_examples`` training examples (sequences
+    of ``length`` frames when given; generated sets cached in ``cache_dir``)."""
+    if not recipe.frame_mask:
+        return dataclasses.replace(recipe.data_config, num_shapes=num_examples + max(1, num_examples // 10))
+    lengths = {} if length is None else {"num_steps": length}
+    return dataclasses.replace(recipe.data_config, num_sequences=num_examples, cache_dir=cache_dir, **lengths)
+
+
+def trainer_on_batch(spec, rows: slice, world=None):
+    """The library's trainer for ``spec`` (model built, data loaded from ``spec.data``), its optimiser set up
+    on the training examples ``rows``, which it returns as the batch ``x`` (the model's arguments, on the
+    trainer's device): ``(trainer, x)``."""
+    from inference.experiment import build, model_inputs
+    from inference.trainer import Trainer, as_inputs, place, take
+
+    context = build(spec, spec.data.load(seed=0))
+    trainer = Trainer(context.model, context.guide, spec.train, world=world,
+                      units_per_example=spec.recipe.units_per_example(context.data))
+    x = take(place(as_inputs(model_inputs(context.data, "train")), trainer.device), rows, trainer.device)
+    trainer._setup_optimizer(x)
+    return trainer, x

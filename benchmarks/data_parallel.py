@@ -26,12 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import RESULTS, machine_info, write_json
+from common import RESULTS, machine_info, small_data, trainer_on_batch, write_json
 
 from inference.distributed import World, backend_for
-from inference.experiment import RunSpec, build, model_inputs
+from inference.experiment import RunSpec
 from inference.registry import recipes
-from inference.trainer import Trainer, as_inputs, place, take
 
 
 def rank_main(rank: int, world_size: int, args: argparse.Namespace, folder: str) -> None:
@@ -53,15 +52,8 @@ def measure(args: argparse.Namespace, world: World, device: str) -> dict:
     recipe = recipes()[args.model]
     batch = args.batch or recipe.train_defaults.batch_size
     train = dataclasses.replace(recipe.train_defaults, batch_size=batch, device=device, progress=False)
-    data = recipe.data_config
-    data = (dataclasses.replace(data, num_sequences=batch * world.size, cache_dir=args.cache_dir) if recipe.frame_mask
-            else dataclasses.replace(data, num_shapes=batch * world.size + max(1, batch * world.size // 10)))
-    spec = RunSpec(args.model, recipe.config(), train, data)
-    context = build(spec, data.load(seed=0))
-    trainer = Trainer(context.model, context.guide, train, world=world, units_per_example=recipe.units_per_example(context.data))
-    inputs = place(as_inputs(model_inputs(context.data, "train")), trainer.device)
-    x = take(inputs, slice(world.rank * batch, (world.rank + 1) * batch), trainer.device)
-    trainer._setup_optimizer(x)
+    spec = RunSpec(args.model, recipe.config(), train, small_data(recipe, batch * world.size, args.cache_dir))
+    trainer, x = trainer_on_batch(spec, slice(world.rank * batch, (world.rank + 1) * batch), world)
     cuda = trainer.device.type == "cuda"
     times = []
     for i in range(args.warmup + args.steps):

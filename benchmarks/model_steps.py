@@ -27,37 +27,21 @@ import time
 
 import torch
 
-from common import RESULTS, machine_info, reset_peak_rss, rss_mib, write_json
+from common import RESULTS, machine_info, reset_peak_rss, rss_mib, small_data, trainer_on_batch, write_json
 
-from inference.experiment import build, model_inputs
+from inference.experiment import RunSpec
 from inference.recipe import widened
 from inference.registry import recipes
-from inference.trainer import Trainer, as_inputs, place, take
 
 SWEEPS = ("batch", "length", "width")
 
 
-def data_for(recipe, num_examples: int, length: int, cache_dir: str):
-    """The recipe's default data set, ``num_examples`` training examples (sequences of ``length`` frames)."""
-    if recipe.frame_mask:
-        config = dataclasses.replace(recipe.data_config, num_sequences=num_examples, num_steps=length, cache_dir=cache_dir)
-    else:
-        config = dataclasses.replace(recipe.data_config, num_shapes=num_examples + max(1, num_examples // 10))
-    return config
-
-
 def time_steps(name: str, batch: int, length: int, width: float, steps: int, device: str, cache_dir: str) -> dict:
     """One model's step time and memory at these sizes."""
-    from inference.experiment import RunSpec
-
     recipe = recipes()[name]
     train_config = dataclasses.replace(recipe.train_defaults, batch_size=batch, device=device, progress=False)
-    spec = RunSpec(name, widened(recipe, recipe.config(), width), train_config, data_for(recipe, batch * 2, length, cache_dir))
-    context = build(spec, spec.data.load(seed=0))
-    trainer = Trainer(context.model, context.guide, train_config, units_per_example=recipe.units_per_example(context.data))
-    inputs = place(as_inputs(model_inputs(context.data, "train")), trainer.device)
-    x = take(inputs, slice(0, batch), trainer.device)
-    trainer._setup_optimizer(x)
+    spec = RunSpec(name, widened(recipe, recipe.config(), width), train_config, small_data(recipe, batch * 2, cache_dir, length))
+    trainer, x = trainer_on_batch(spec, slice(0, batch))
     cuda = trainer.device.type == "cuda"
 
     def sync():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .balls import bouncing_balls, color_balls
-from ..imputation import zero_missing
+from ..imputation import random_frame_mask, zero_missing
 from .mnist import load_mnist
 
 SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "mnist-rows", "npz")
@@ -130,8 +130,7 @@ def drop_frames(sequences: torch.Tensor, mask: Optional[torch.Tensor], drop_prob
     in their missing frames and the combined mask."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob: expected a probability in [0, 1), got {drop_prob}")
-    generator = torch.Generator().manual_seed(seed)
-    kept = torch.rand(sequences.shape[:2], generator=generator) >= drop_prob  # (N, T)
+    kept = random_frame_mask(*sequences.shape[:2], drop_prob, num_given=0, generator=torch.Generator().manual_seed(seed))
     mask = kept if mask is None else mask & kept
     return zero_missing(sequences, mask), mask
 

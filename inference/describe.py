@@ -144,17 +144,26 @@ def _signature(factor: Factor, t: int, all_times: Dict[str, List[int]], spans: b
     """Parents relative to time t: ``(stem, offset)`` for time-indexed ones, ``(stem, "1:T")`` for a whole
     family (every step of it), with ``spans`` also ``(stem, "t:T")`` / ``(stem, "1:t")`` for the steps from
     or up to t, ``(name, "")`` otherwise."""
-    by_stem: Dict[str, List[int]] = {}
-    out = []
-    for stem, u in map(_split, factor.parents):
-        if u is None:
-            out.append((stem, ""))
-        else:
-            by_stem.setdefault(stem, []).append(u)
+    plain, by_stem = _by_stem(factor.parents)
+    out = [(name, "") for name in plain]
     for stem, times in by_stem.items():
         span = _span(sorted(times), all_times.get(stem), t if spans else None)
         out += [(stem, span)] if span else [(stem, f"{u - t:+d}") for u in times]
     return tuple(sorted(out))
+
+
+def _by_stem(parents: Sequence[str]) -> Tuple[List[str], Dict[str, List[int]]]:
+    """Parents split into those without a time index, in order, and the steps of each time-indexed stem
+    (``z_1, z_3`` -> ``{"z": [1, 3]}``)."""
+    plain: List[str] = []
+    by_stem: Dict[str, List[int]] = {}
+    for parent in parents:
+        stem, u = _split(parent)
+        if u is None:
+            plain.append(parent)
+        else:
+            by_stem.setdefault(stem, []).append(u)
+    return plain, by_stem
 
 
 def _span(times: List[int], family: Optional[List[int]], t: Optional[int]) -> Optional[str]:
@@ -175,14 +184,7 @@ def _parent_text(parents: Sequence[str], all_times: Dict[str, List[int]], t_symb
                  spans: bool = False):
     """Parents as text pieces: a whole time-indexed family as ``z_{1:T}`` (with ``spans`` also ``x_{t:T}``
     and ``x_{1:t}``), others by name or offset."""
-    by_stem: Dict[str, List[int]] = {}
-    pieces = []
-    for parent in parents:
-        stem, u = _split(parent)
-        if u is None:
-            pieces.append(parent)
-        else:
-            by_stem.setdefault(stem, []).append(u)
+    pieces, by_stem = _by_stem(parents)
     for stem, times in by_stem.items():
         span = _span(sorted(times), all_times.get(stem), t if spans and t_symbol is not None else None)
         if span:

@@ -58,7 +58,8 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[Ru
                      help="the run directory" + ("" if stored is None else " (default: the stored run's folder + '-repeat')"))
     run.add_argument(CONFIG_FLAG, metavar="RUN/config.json", default=None,
                      help="repeat a stored run: its config.json gives every default, flags override")
-    run.add_argument("--resume", action="store_true", help="continue the run stored in --out (lr, clip-norm, epochs may change)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run stored in --out; its config.json gives every default (lr, clip-norm, epochs may change)")
     run.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
     return p
 
@@ -106,14 +107,25 @@ def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.Argume
         _fail(parser, flag_error(error, all_field_names()))
 
 
-def _config_path(argv: Sequence[str]) -> Optional[str]:
-    """The value of ``--config PATH`` / ``--config=PATH`` in ``argv`` (None when absent)."""
+def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The value of ``FLAG VALUE`` / ``FLAG=VALUE`` in ``argv`` (None when absent)."""
     for i, arg in enumerate(argv):
-        if arg == CONFIG_FLAG:
+        if arg == flag:
             return argv[i + 1] if i + 1 < len(argv) else ""
-        if arg.startswith(CONFIG_FLAG + "="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+    """Where the defaults come from: ``--config PATH``, or with ``--resume`` the stored run in ``--out``
+    (so ``train.py MODEL --resume --out RUN`` needs none of the run's flags again); None otherwise."""
+    path = _flag_value(argv, CONFIG_FLAG)
+    if path is not None or "--resume" not in argv:
+        return path
+    out = _flag_value(argv, "--out")
+    stored = os.path.join(out, "config.json") if out else None
+    return stored if stored and os.path.isfile(stored) else None
 
 
 def _stored_spec(path: str, parser: argparse.ArgumentParser) -> RunSpec:
@@ -142,7 +154,7 @@ def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> Tr
     if unknown:
         _fail(parser, unknown_flag_error(unknown, recipe.name, flag_owners()))
     run_folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
-    out = namespace.out if namespace.out is not None else run_folder.rstrip(os.sep) + REPEAT_SUFFIX
+    out = namespace.out if namespace.out is not None else run_folder.rstrip(os.sep) + REPEAT_SUFFIX  # --resume has --out
     return TrainArgs(_spec(recipe, namespace, parser, stored), out, namespace.resume)
 
 

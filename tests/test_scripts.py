@@ -28,8 +28,12 @@ def test_train_script(tmp_path, model, extra):
     common = ["scripts/train.py", model, "--data", "shapes", "--num-shapes", "60", "--z-dim", "3", "--hidden-dims", "16",
               "--batch-size", "16", "--no-progress", "--out", out, *extra]
     run(*common, "--epochs", "1")
-    result = run(*common, "--epochs", "2", "--resume")
+    # --resume reads the run's flags from its config.json: only what changes is given again
+    result = run("scripts/train.py", model, "--out", out, "--epochs", "2", "--resume", "--no-progress")
     assert "epoch 2" in result.stdout
+    mismatch = subprocess.run([sys.executable, "scripts/train.py", model, "--out", out, "--resume", "--z-dim", "4"],
+                              capture_output=True, text=True)
+    assert mismatch.returncode == 2 and "z_dim" in mismatch.stderr.replace("-", "_"), mismatch.stderr
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics] == [1, 2]
 

@@ -10,18 +10,27 @@ the seeds, as a table, JSON and a figure.
 Arguments after ``--`` are ``scripts/train.py MODEL`` flags shared by every guide's run (``--guide`` and
 ``--seed`` are set here). Each run goes to ``RUNS/MODEL/GUIDE-sSEED`` (a folder holding the same run is
 continued, not redone).
+
+``--refit-epochs E`` adds the comparison of the guides alone (:mod:`inference.guide_fit`): each trained
+model is held fixed and every guide is fitted to it for E epochs on the true ELBO, starting from the
+trained guide's weights where they fit; the held-out ELBOs of the fitted guides on one model differ only
+by the variational family.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import replace
+
+import pyro
 
 from common import RESULTS, machine_info, write_json  # benchmarks/common.py (the script's own folder)
 
 from inference import imputation, plots
 from inference.command_line import parse_train_args
-from inference.experiment import load_run, train
+from inference.experiment import load_run, model_inputs, train
+from inference.guide_fit import GuideFitConfig, fit_guide, held_out_elbo, load_matching
 from inference.registry import recipes
 
 DROP_PROB = 0.5  # the imputation metric's drop probability
@@ -39,9 +48,17 @@ def task_metrics(run, last: dict, num_test: int, metric: str) -> dict:
     return {f"impute_{metric}_{name}": value for name, value in row.items() if name != "setting"}
 
 
+def run_folder(args, guide: str, seed: int) -> str:
+    return os.path.join(args.runs, args.model, f"{guide}-s{seed}")
+
+
+def show(row: dict) -> None:
+    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
 def train_one(args, guide: str, seed: int, shared) -> dict:
     """Train (or continue) the run of ``guide`` at ``seed`` and return its row."""
-    out = os.path.join(args.runs, args.model, f"{guide}-s{seed}")
+    out = run_folder(args, guide, seed)
     spec = parse_train_args([args.model, *shared, "--guide", guide, "--epochs", str(args.epochs),
                              "--seed", str(seed), "--no-progress", "--out", out], "").spec
     train(spec, out)  # a finished run in the folder: nothing to do
@@ -51,8 +68,30 @@ def train_one(args, guide: str, seed: int, shared) -> dict:
            "train_minutes": sum(m["time_s"] for m in history) / 60,
            **{k: last[k] for k in ("mean_segments",) if k in last},
            **task_metrics(load_run(out), last, args.num_test, args.metric)}
-    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    show(row)
     return row
+
+
+def refit_rows(args, trained_with: str, seed: int) -> list:
+    """Hold the model of the run ``trained_with`` at ``seed`` fixed and fit each guide to it; one row per
+    guide: the held-out ELBO of the trained guide (amortised, as trained) and of the fitted one."""
+    run = load_run(run_folder(args, trained_with, seed))
+    train_inputs, test_inputs = (model_inputs(run.data, split) for split in ("train", "test"))
+    train_inputs, test_inputs = (t if isinstance(t, tuple) else (t,) for t in (train_inputs, test_inputs))
+    pyro.set_rng_seed(seed)  # the same noise for every held-out ELBO below (common random numbers)
+    as_trained = held_out_elbo(run.model, run.guide, test_inputs)["elbo"]
+    rows = []
+    for name in run.recipe.guides:
+        pyro.set_rng_seed(seed)  # a guide's fresh parts start from the same draw
+        guide = run.recipe.build(tuple(run.data.train.shape[1:]), replace(run.spec.config, guide=name))[1]
+        load_matching(guide, run.guide.state_dict())
+        losses = fit_guide(run.model, guide, train_inputs, GuideFitConfig(epochs=args.refit_epochs, lr=args.refit_lr, seed=seed))
+        pyro.set_rng_seed(seed)
+        fitted = held_out_elbo(run.model, guide, test_inputs)
+        rows.append({"seed": seed, "model_trained_with": trained_with, "guide": name, "test_elbo_as_trained": as_trained,
+                     "test_elbo_fitted": fitted["elbo"], "kl_fitted": fitted["kl"], "final_train_loss": losses[-1]})
+        show(rows[-1])
+    return rows
 
 
 def summarise(rows) -> list:
@@ -77,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-test", type=int, default=200, help="held-out sequences for the imputation metric")
     p.add_argument("--metric", choices=tuple(imputation.METRICS), default="hamming")
     p.add_argument("--runs", default=os.path.join(RESULTS, "guides"))
+    p.add_argument("--refit-epochs", type=int, default=0, help="also fit every guide to each trained model for this many epochs (0: not)")
+    p.add_argument("--refit-lr", type=float, default=1e-3, help="Adam's learning rate of the refit")
     p.add_argument("--out", default=None, help="JSON path (default RESULTS/guides_MODEL.json)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -84,14 +125,16 @@ def main(argv=None) -> int:
     rows = [train_one(args, guide, seed, shared) for seed in args.seeds for guide in recipes()[args.model].guides]
     summary = summarise(rows)
     for row in summary:
-        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        show(row)
+    guides = recipes()[args.model].guides
+    refits = [r for seed in args.seeds for trained in guides for r in refit_rows(args, trained, seed)] if args.refit_epochs else []
     figure = os.path.join(args.runs, args.model, "guides.png")
     plots.bars_by_name({r["guide"]: r["test_elbo_mean"] for r in summary}, figure,
                        f"{args.model}: held-out ELBO by guide ({args.epochs} epochs, seeds {args.seeds}, bars: range)",
                        "held-out ELBO (nats)", spread={r["guide"]: (r["test_elbo_min"], r["test_elbo_max"]) for r in summary})
     write_json(args.out or os.path.join(RESULTS, f"guides_{args.model}.json"),
                {"model": args.model, "epochs": args.epochs, "seeds": args.seeds, "train_args": shared, "rows": rows,
-                "summary": summary, "figure": figure, **machine_info()})
+                "summary": summary, "refit_epochs": args.refit_epochs, "refit_lr": args.refit_lr, "refits": refits, "figure": figure, **machine_info()})
     return 0
 
 

@@ -76,6 +76,16 @@ class RunSpec:
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
 
 
+def normalised_config(stored: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored ``config.json`` with the fields added to the configs since it was written at their
+    defaults (which keep what the run did), so that comparing it with a new spec sees real changes only;
+    one this library cannot read is returned as it is (the comparison then reports it)."""
+    try:
+        return {**stored, **json.loads(json.dumps(RunSpec.from_json(stored).to_json()))}
+    except (KeyError, TypeError, ValueError):
+        return stored
+
+
 def model_inputs(data, split: str):
     """The model's arguments for ``split`` ("train" or "test") of ``data``: the examples, or ``(x, mask)``
     when the sequences have gaps in either split (a split without gaps gets an all-True mask)."""
@@ -134,7 +144,7 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
 def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distributed.World) -> List[Dict[str, Any]]:
     recipe = spec.recipe  # the spec checked compilability and consistency when it was made
     if out is not None:  # before any work: a wrong folder fails fast
-        distributed.on_main(lambda: RunDir.preflight(out, spec.to_json(), resume), world)
+        distributed.on_main(lambda: RunDir.preflight(out, spec.to_json(), resume, normalised_config), world)
     if data is None:  # rank 0 first (it may generate and cache the data), then the others
         data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
         data = data if data is not None else spec.data.load(seed=spec.train.seed)
@@ -143,7 +153,7 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
     if out is not None:
         def open_run() -> bool:
             nonlocal run
-            run = RunDir(out, spec.to_json(), resume=resume)
+            run = RunDir(out, spec.to_json(), resume=resume, normalise=normalised_config)
             return run.resuming
         resuming = distributed.on_main(open_run, world)  # every rank learns rank 0's mode
     else:

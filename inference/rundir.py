@@ -8,7 +8,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -70,10 +70,11 @@ class RunDir:
     may differ from the stored one only in :data:`RESUMABLE_CHANGES`, and each change is recorded.
     """
 
-    def __init__(self, path: str, config: Dict[str, Any], resume: bool = False):
+    def __init__(self, path: str, config: Dict[str, Any], resume: bool = False,
+                 normalise: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None):
         self.path = path
         self.figures = os.path.join(path, "figures")
-        self.mode = self.preflight(path, config, resume)
+        self.mode = self.preflight(path, config, resume, normalise)
         os.makedirs(self.figures, exist_ok=True)
         for name in os.listdir(path):  # temporary files of writes a kill interrupted
             if name.startswith(TMP_PREFIX):
@@ -91,14 +92,19 @@ class RunDir:
 
     # ----------------------------------------------------------------------------------- the mode
     @classmethod
-    def preflight(cls, path: str, config: Dict[str, Any], resume: bool = False) -> str:
+    def preflight(cls, path: str, config: Dict[str, Any], resume: bool = False,
+                  normalise: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> str:
         """The mode a run of ``config`` in ``path`` would start in (see the class docstring); raises,
         before any work, what creating the run directory would raise: a folder that is a file, a new run
         in a folder holding another run, or a resume with a config changed beyond
-        :data:`RESUMABLE_CHANGES` or with fewer epochs than done."""
+        :data:`RESUMABLE_CHANGES` or with fewer epochs than done. ``normalise`` maps a stored config to
+        the form ``config`` has (e.g. fields added since it was written, at their defaults) before they
+        are compared."""
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"path: {path} exists and is not a folder")
         stored = cls._stored_config(path)
+        if stored is not None and normalise is not None:
+            stored = normalise(stored)
         done = cls.epochs_done(path)
         if stored is None and done == 0:
             if resume and os.path.isdir(path) and os.listdir(path):

@@ -339,3 +339,28 @@ def test_mean_loss_divides_the_gradient(tiny_images):
         trainer.step(x)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None]))
     assert torch.allclose(grads[0] / 30, grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_run_stored_before_a_field_existed_continues(tmp_path):
+    """A config.json written before a config field was added (here: tensorboard and the VAE's
+    num_flows) still matches the same spec: missing fields are read at their defaults, not as changes."""
+    from pyro_models.datasets.configs import ImageDataConfig
+
+    def spec(epochs):
+        return RunSpec("vae", VAEConfig(z_dim=2, hidden_dims=(8,)), TrainConfig(epochs=epochs, progress=False, batch_size=10),
+                       ImageDataConfig(data="shapes", num_shapes=30))
+    out = str(tmp_path / "run")
+    train(spec(1), out)
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        stored = json.load(f)
+    del stored["train"]["tensorboard"], stored["config"]["num_flows"]
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    assert train(spec(1), out) == []  # the same run, done: not refused as another run
+    assert [m["epoch"] for m in train(spec(2), out, resume=True)] == [2]
+    stored["config"]["z_dim"] = 3  # a real change is still one
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(FileExistsError, match="different run"):
+        train(spec(2), out)

@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace, world: World, device: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        trainer.step(x)
+        trainer.step(x, validate=False)
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pyro
 import pytest
 import torch
 
@@ -364,3 +365,37 @@ def test_a_run_stored_before_a_field_existed_continues(tmp_path):
         json.dump(stored, f)
     with pytest.raises(FileExistsError, match="different run"):
         train(spec(2), out)
+
+
+
+class ValidationProbe(torch.nn.Module):
+    """z ~ N(loc, 1), x ~ N(z, 1) (model) or z ~ N(loc, 1) (guide), recording at each training-mode call
+    whether Pyro's and torch's argument validation were on."""
+
+    def __init__(self, name, seen, observe):
+        super().__init__()
+        self.name, self.seen, self.observe = name, seen, observe
+        self.loc = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        from pyro.infer.util import is_validation_enabled
+
+        pyro.module(self.name, self)
+        if self.training and self.observe:
+            self.seen.append((is_validation_enabled(), torch.distributions.Distribution._validate_args))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(self.loc, 1.0))
+            if self.observe:
+                pyro.sample("x", pyro.distributions.Normal(z, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_argument_validation_runs_on_each_epochs_first_step_or_every_step(every_step):
+    seen = []
+    model, guide = ValidationProbe("model", seen, True), ValidationProbe("guide", seen, False)
+    data = torch.randn(40)
+    Trainer(model, guide, config(epochs=2, batch_size=10, elbo="trace", check_every_step=every_step)).fit(data, data[:10])
+    first_epoch = [True] * 4 if every_step else [True, False, False, False]
+    assert [on for on, _ in seen] == first_epoch * 2  # 2 epochs of 4 steps
+    assert all(torch_on == on for on, torch_on in seen)  # torch's distributions follow Pyro's switch
+    assert pyro.infer.util.is_validation_enabled()  # the global setting (conftest's) is left as it was

@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping
 
 import pyro
 import torch
+from pyro import poutine
 
 from pyro_models.modes import eval_mode
 
@@ -70,6 +71,43 @@ def held_out_elbo(model, guide, inputs: Inputs, batch_size: int = 64) -> Dict[st
             totals += torch.stack(list(terms)).detach()
     elbo, log_lik, kl = (totals / size).tolist()
     return {"elbo": elbo, "log_lik": log_lik, "kl": kl}
+
+
+def example_elbos(model, guide, inputs: Inputs, num_samples: int = 1, batch_size: int = 64) -> torch.Tensor:
+    """The true ELBO of every example ``(N,)``, nats, averaged over ``num_samples`` draws of the guide (model
+    and guide in eval mode; their modes are restored). Per example, so that two guides scored with the same
+    seed can be compared pairwise (their difference's standard error over the examples). Sites must be
+    batched over the examples on their first axis (a plate), as every model here is; a site without
+    that axis (a global latent) is shared equally among the examples."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    size = inputs[0].shape[0]
+    out = torch.zeros(size)
+    with eval_mode(model, guide), torch.no_grad():
+        for start in range(0, size, batch_size):
+            batch = take(inputs, slice(start, start + batch_size))
+            n = batch[0].shape[0]
+            for _ in range(num_samples):
+                guide_trace = poutine.trace(guide).get_trace(*batch)
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
+                total = _per_example(model_trace, n) - _per_example(guide_trace, n)
+                out[start:start + n] += total.cpu() / num_samples
+    return out
+
+
+def _per_example(trace, n: int) -> torch.Tensor:
+    """Sum over a trace's sample sites of log p (scaled), per example ``(n,)``."""
+    trace.compute_log_prob()
+    total = torch.zeros(n)
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        log_prob = site["log_prob"].detach().cpu()
+        if log_prob.dim() >= 1 and log_prob.shape[0] == n:
+            total += log_prob.reshape(n, -1).sum(-1)
+        else:
+            total += log_prob.sum() / n
+    return total
 
 
 def fit_guide(model, guide, inputs: Inputs, config: GuideFitConfig) -> List[float]:

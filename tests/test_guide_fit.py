@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference.guide_fit import GuideFitConfig, fit_guide, held_out_elbo, load_matching
+from inference.guide_fit import GuideFitConfig, example_elbos, fit_guide, held_out_elbo, load_matching
 
 N_TRAIN, N_TEST = 2000, 20000
 FIXED_SCALE_GAP = 0.5 * (2.0 - 1.0 + math.log(0.5))
@@ -99,3 +99,19 @@ def test_load_matching_copies_what_fits_and_keeps_the_rest():
             assert torch.equal(state[key], source.state_dict()[key])
         else:
             assert torch.equal(state[key], before[key])
+
+
+def test_example_elbos_are_the_analytic_evidence_under_the_exact_posterior():
+    """With q(z | x) = p(z | x) every draw's ELBO is log p(x) exactly; and their mean over examples is
+    the held-out ELBO of the same draws."""
+    model, guide = Model(), Guide(learn_scale=True)
+    with torch.no_grad():
+        guide.w.fill_(0.5), guide.log_scale.fill_(0.5 * math.log(0.5))
+    x = data(50, 3)
+    per_example = example_elbos(model, guide, x, num_samples=3, batch_size=16)
+    assert per_example.shape == (50,)
+    assert torch.allclose(per_example, dist.Normal(0.0, math.sqrt(2.0)).log_prob(x[0]), atol=1e-4)
+    pyro.set_rng_seed(0)
+    mean = held_out_elbo(Model(), Guide(learn_scale=False), x)["elbo"]
+    pyro.set_rng_seed(0)
+    assert abs(example_elbos(Model(), Guide(learn_scale=False), x, batch_size=64).mean().item() - mean) < 1e-4

@@ -40,25 +40,37 @@ def _to_display(images: torch.Tensor, observed: Optional[torch.Tensor] = None) -
     return rgb.numpy()
 
 
+FRAME_GREY = 0.55  # the thin frame drawn around each image, so white image borders stay visible
+
+
+def _strip(shown: np.ndarray, num_cols: int) -> np.ndarray:
+    """Images ``(n, H, W)`` or ``(n, H, W, 3)`` side by side in one array, each in a one-pixel grey frame,
+    padded with white to ``num_cols`` images."""
+    n, height, width = shown.shape[:3]
+    strip = np.ones((height + 2, num_cols * (width + 1) + 1, *shown.shape[3:]))  # white
+    for c in range(n):
+        left = c * (width + 1)
+        strip[:, left : left + width + 2] = FRAME_GREY
+        strip[1 : height + 1, left + 1 : left + width + 1] = shown[c]
+    return strip
+
+
 def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: Optional[str] = None,
                observed: Optional[Sequence[Optional[torch.Tensor]]] = None) -> str:
     """A grid whose row ``i`` shows the images ``rows[i] (N, C, H, W)``, labelled ``labels[i]``;
-    ``observed[i]`` (optional bool masks) marks row ``i``'s missing pixels in colour."""
+    ``observed[i]`` (optional bool masks) marks row ``i``'s missing pixels in colour. Each row is one
+    image (its frames tiled), so a strip of many frames costs one ``imshow``."""
     num_cols = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), num_cols, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
     observed = list(observed) if observed is not None else [None] * len(rows)
     for r, (images, label) in enumerate(zip(rows, labels)):
-        shown = _to_display(images, observed[r])
-        for c in range(num_cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():  # a thin frame, so white image borders stay visible
-                spine.set_color("0.55")
-                spine.set_linewidth(0.6)
-            if c < len(shown):
-                ax.imshow(shown[c], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        ax = axes[r, 0]
+        ax.imshow(_strip(_to_display(images, observed[r]), num_cols), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

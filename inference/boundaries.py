@@ -81,3 +81,29 @@ def boundary_metrics(starts: torch.Tensor, events: torch.Tensor, tolerance: int 
         scores = boundary_scores(starts, events, tolerance, one_to_one)
         metrics.update({f"boundary_{name}{suffix}": getattr(scores, name) for name in ("precision", "recall", "f1")})
     return metrics
+
+
+# ----------------------------------------------------------------------------- choosing among runs
+SELECTION_RULES = ("segmentation-gap", "elbo")
+
+
+def segmentation_gap(result: Dict) -> float:
+    """How much the model prefers its own boundaries to none (nats per sequence): the ELBO with q(M | X) a
+    point mass on the guide's boundaries minus the ELBO with no boundary at all, from a run's
+    ``boundaries.json`` (``scripts/evaluate.py boundaries``). Label-free: no true event is used. A model
+    whose segments carry no information (e.g. boundaries at the walls' bounces or at random) gains
+    little from them; one whose abstract states track the events gains the cost of re-describing each
+    event without a new z."""
+    elbo = result["segmentation_elbo"]
+    return float(elbo["own"] - elbo["none"])
+
+
+def rank_runs(results: Dict[str, Dict], rule: str = "segmentation-gap") -> list:
+    """The run names of ``results`` (name -> its ``boundaries.json``), best first by ``rule``:
+    ``segmentation-gap`` (:func:`segmentation_gap`) or ``elbo`` (the held-out ELBO)."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule: expected one of {SELECTION_RULES}, got {rule!r}")
+    if not results:
+        raise ValueError("results: expected at least one run")
+    key = segmentation_gap if rule == "segmentation-gap" else (lambda r: float(r["test_elbo"]))
+    return sorted(results, key=lambda name: key(results[name]), reverse=True)

@@ -24,13 +24,14 @@ from inference.experiment import RunSpec, load_run, train
 from inference.registry import get_recipe
 
 DEMO_FRACTION_FROZEN = 4  # the LSTM is frozen for the first quarter of the epochs (the recipe: 10 of 80)
+DEMO_TRAIN_EVAL_SIZE = 100  # training sequences scored each epoch (train_elbo): the curve, at a fifth of all 500's cost
 
 
 def kvae_spec(args) -> RunSpec:
     recipe = get_recipe("kvae")
     return RunSpec(
         "kvae", recipe.config(decoder_channels=args.decoder_channels),
-        replace(recipe.train_defaults, epochs=args.epochs, seed=args.seed),
+        replace(recipe.train_defaults, epochs=args.epochs, seed=args.seed, train_eval_size=DEMO_TRAIN_EVAL_SIZE),
         replace(recipe.data_config, num_sequences=args.num_sequences, cache_dir=args.cache_dir),
         recipe.options(lstm_frozen_epochs=max(1, args.epochs // DEMO_FRACTION_FROZEN),
                        warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps),

@@ -60,3 +60,20 @@ def test_true_events_score_one_and_random_boundaries_score_low():
     # rule); one-to-one matching scores lower.
     window, matched = boundary_scores(random, events), boundary_scores(random, events, one_to_one=True)
     assert 0.32 < window.f1 < 0.42 and 0.25 < matched.f1 < window.f1
+
+
+def _result(own, none, elbo):
+    return {"segmentation_elbo": {"own": own, "true_events": own, "none": none}, "test_elbo": elbo}
+
+
+def test_rank_runs_by_segmentation_gap_or_elbo():
+    from inference.boundaries import rank_runs, segmentation_gap
+
+    results = {"a": _result(-100.0, -120.0, -110.0), "b": _result(-90.0, -92.0, -95.0), "c": _result(-50.0, -55.0, -60.0)}
+    assert segmentation_gap(results["a"]) == 20.0
+    assert rank_runs(results) == ["a", "c", "b"]  # gaps 20, 5, 2
+    assert rank_runs(results, "elbo") == ["c", "b", "a"]
+    with pytest.raises(ValueError, match="rule"):
+        rank_runs(results, "f1")
+    with pytest.raises(ValueError, match="results"):
+        rank_runs({})

@@ -31,8 +31,7 @@ def test_train_script(tmp_path, model, extra):
     # --resume reads the run's flags from its config.json: only what changes is given again
     result = run("scripts/train.py", model, "--out", out, "--epochs", "2", "--resume", "--no-progress")
     assert "epoch 2" in result.stdout
-    mismatch = subprocess.run([sys.executable, "scripts/train.py", model, "--out", out, "--resume", "--z-dim", "4"],
-                              capture_output=True, text=True)
+    mismatch = run("scripts/train.py", model, "--out", out, "--resume", "--z-dim", "4", ok=False)
     assert mismatch.returncode == 2 and "z_dim" in mismatch.stderr.replace("-", "_"), mismatch.stderr
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -226,3 +225,18 @@ def test_torchrun_trains_one_run_directory(tmp_path):
     assert result.stdout.count("done: epoch 2") == 1  # rank 0 reports
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
     assert json.load(open(os.path.join(out, "state.json")))["epoch"] == 2
+
+
+def test_select_run_script(tmp_path):
+    runs = []
+    for name, own, none in (("good", -100.0, -130.0), ("bad", -90.0, -91.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "boundaries.json").write_text(json.dumps({
+            "segmentation_elbo": {"own": own, "true_events": own, "none": none}, "test_elbo": own,
+            "boundary_f1": 0.9 if name == "good" else 0.4, "mean_segments": 3.0}))
+        runs.append(str(folder))
+    assert run("scripts/select_run.py", *runs).stdout.strip().endswith(f"pick (segmentation-gap): {runs[0]}")
+    assert run("scripts/select_run.py", *runs, "--rule", "elbo").stdout.strip().endswith(f"pick (elbo): {runs[1]}")
+    missing = run("scripts/select_run.py", str(tmp_path), ok=False)
+    assert missing.returncode == 2 and "boundaries.json" in missing.stderr and "Traceback" not in missing.stderr

@@ -325,3 +325,19 @@ def test_corrupt_cache_file_is_regenerated(tmp_path):
     path.write_bytes(b"not a zip file")
     second, _ = generate_sequences("bouncing-balls", cache_dir=str(tmp_path), **arguments)
     assert torch.equal(first, second) and path.stat().st_size > len(b"not a zip file")
+
+
+def test_constant_colour_control_keeps_trajectories_and_marks_wall_hits(tmp_path):
+    """color-balls-constant: the same balls as color-balls (same positions and wall hits), one colour
+    per sequence; its events are the wall hits of color-balls, where the colour would have changed."""
+    from pyro_models.datasets.sequences import load_sequence_data
+
+    changing = load_sequence_data("color-balls", num_train=30, num_test=5, cache_dir=str(tmp_path))
+    constant = load_sequence_data("color-balls-constant", num_train=30, num_test=5, cache_dir=str(tmp_path))
+    lit = lambda x: x.amax(dim=2) > 0  # (N, T, H, W): where the ball is
+    assert torch.equal(lit(changing.train), lit(constant.train))
+    assert torch.equal(changing.train_events, constant.train_events) and constant.train_events.sum() > 0
+    colour = constant.train.amax(dim=(3, 4))  # (N, T, 3): the ball's colour in each frame
+    assert torch.equal(colour, colour[:, :1].expand_as(colour))  # never changes
+    changed = changing.train.amax(dim=(3, 4))
+    assert (changed[:, 1:] != changed[:, :-1]).any(-1).sum() > 0

@@ -136,6 +136,7 @@ def color_balls(
     speed: Tuple[float, float] = (2.0, 3.5),
     num_colors: int = 4,
     seed: int = 0,
+    change_colors: bool = True,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """VTA-style coloured ball: frames float32 ``(N, T, 3, size, size)`` in {0, 1} and events int64 ``(N, T)``.
 
@@ -145,6 +146,10 @@ def color_balls(
     change also when two walls are hit at a corner) it changes to a different one.
     ``events[n, t] = 1`` iff the colour of frame ``t`` differs from that of frame ``t - 1``
     (``events[:, 0] = 0``): 2.49 per 20-frame sequence on average with the defaults.
+
+    ``change_colors=False`` is the control: the same trajectories (the same ``seed`` gives the same
+    positions and wall hits) with the first colour kept throughout; ``events`` then marks the wall hits,
+    where the colour would have changed, so boundaries can be scored against what is *not* an event.
     """
     _check_common("color_balls", num_sequences, num_steps, radius, speed)
     if not MIN_COLORS <= num_colors <= len(PALETTE):
@@ -156,7 +161,7 @@ def color_balls(
     centres, folds = _trajectories(start, _velocities(rng, num_sequences, speed), num_steps, 1.0, low, high)
     events = np.zeros((num_sequences, num_steps), dtype=np.int64)
     events[:, 1:] = (np.diff(folds, axis=1) != 0).any(axis=2)
-    colors = PALETTE[_color_indices(rng, events, num_colors)]  # (N, T, 3)
+    colors = PALETTE[_color_indices(rng, events if change_colors else np.zeros_like(events), num_colors)]  # (N, T, 3)
     frames = np.empty((num_sequences, num_steps, RGB_CHANNELS, size, size), dtype=np.float32)
     for begin in range(0, num_sequences, CHUNK_SEQUENCES):
         end = begin + CHUNK_SEQUENCES

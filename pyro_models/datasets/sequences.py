@@ -26,7 +26,7 @@ from .balls import bouncing_balls, color_balls
 from ..imputation import random_frame_mask, zero_missing
 from .mnist import load_mnist
 
-SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "mnist-rows", "npz")
+SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "color-balls-constant", "mnist-rows", "npz")
 DEFAULT_SEED = 1234  # the Kalman VAE's training seed
 TEST_SEED_OFFSET = 4444  # held-out data use seed + TEST_SEED_OFFSET: 5678 by default, as the KVAE
 TEST_FRACTION = 0.1  # of a user's .npz sequences held out (the last ones, at least one)
@@ -147,10 +147,16 @@ def _colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return color_balls(**arguments)
 
 
+def _constant_colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The control: ``color-balls`` with no colour change; its events are the wall hits (no event happens)."""
+    return color_balls(change_colors=False, **arguments)
+
+
 # name -> (generator whose signature defines the cache key, adapter returning ((N, T, C, H, W), events))
 GENERATORS: Dict[str, Tuple[Callable, Callable]] = {
     "bouncing-balls": (bouncing_balls, _bouncing),
     "color-balls": (color_balls, _colors),
+    "color-balls-constant": (color_balls, _constant_colors),
 }
 
 

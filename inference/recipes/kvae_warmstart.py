@@ -24,7 +24,7 @@ Then training proceeds with the recipe (ELBO, LSTM freeze, learning-rate decay) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,16 +129,26 @@ def standardise_codes(model: KVAE, guide: KVAEGuide, train: torch.Tensor, chunk:
     return mean, std
 
 
+@torch.no_grad()
+def posterior_params(guide: KVAEGuide, train: torch.Tensor, chunk: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loc and scale of q(a | x) for every sequence of ``train (N, T, *frame_shape)``, each
+    ``(N, T, a_dim)``, encoded ``chunk`` sequences at a time."""
+    parts = [guide.posterior(train[i : i + chunk]).base_dist for i in range(0, len(train), chunk)]
+    return torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
+
+
 def fit_dynamics(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: WarmStartConfig,
                  progress: bool = False) -> float:
     """Stage 3: maximise log p(a) over A^(k), C^(k), a_0 for a ~ q(a | x) (detached), x from
-    ``train (N, T, *frame_shape)``. Returns the last loss, nats per frame."""
+    ``train (N, T, *frame_shape)``. Returns the last loss, nats per frame. The encoder does not change in
+    this stage, so q(a | x) of every sequence is computed once and each step draws from its batch's."""
     dynamics = model.dynamics
     optimiser = torch.optim.Adam([dynamics.trans_bases, dynamics.obs_bases, dynamics.a0], lr=config.lr)
+    loc, scale = posterior_params(guide, train)  # each (N, T, a_dim)
     loss = torch.tensor(float("nan"))
     for index in _batches(len(train), config.batch_size, config.dynamics_steps, config.seed, "warm start: dynamics", progress):
         with torch.no_grad():
-            a = guide.posterior(train[index]).sample()  # (batch, T, a_dim)
+            a = torch.distributions.Normal(loc[index], scale[index]).sample()  # (batch, T, a_dim)
         prior = KalmanPrior(dynamics, a.shape[:1], a.shape[1], a.shape[2])
         loss = -prior.log_prob(a).mean() / a.shape[1]
         optimiser.zero_grad()

@@ -16,7 +16,7 @@ as JSON. The official code is not shipped here: ``--vta-dir`` is a checkout of i
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -51,13 +51,25 @@ def ours(x: torch.Tensor, width: int, state: int, validate: bool = False):
     return step
 
 
+def _official_modules(vta_dir: str) -> dict:
+    """The official code's modules, loaded from their files: it is a folder of top-level modules
+    (``hssm`` imports ``modules`` and ``utils`` by name), registered under those names."""
+    loaded = {}
+    for name in ("utils", "modules", "hssm"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(vta_dir, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    return loaded
+
+
 def official(vta_dir: str, x: torch.Tensor, width: int, state: int, init_size: int, args):
     """The official step on ``x`` with ``init_size`` context frames added at each end (copies of the
     first and last frames), pixels mapped to [-1, 1] as its ``preprocess`` does."""
     if not os.path.isfile(os.path.join(vta_dir, "hssm.py")):
         raise SystemExit(f"error: --vta-dir: expected a checkout of taesupkim/vta (hssm.py), got {vta_dir!r}")
-    sys.path.insert(0, os.path.abspath(vta_dir))  # the official code is a folder of modules, not a package
-    EnvModel = importlib.import_module("hssm").EnvModel
+    EnvModel = _official_modules(vta_dir)["hssm"].EnvModel
     model = EnvModel(belief_size=width, state_size=state, num_layers=args.num_layers, max_seg_len=args.max_length,
                      max_seg_num=args.max_segments)
     optimizer = torch.optim.Adam(model.parameters(), lr=HRSSM_TRAIN_DEFAULTS.lr, amsgrad=True)

@@ -116,6 +116,9 @@ class RunDir:
             if leftovers and changes:
                 raise FileExistsError(f"path: {path} holds another run whose checkpoints are unreadable; remove the "
                                       "folder or choose another")
+            if leftovers and resume:  # asked to continue: starting afresh would not be what was asked
+                raise ValueError(f"resume: the checkpoints in {path} are unreadable, so there is nothing to continue; "
+                                 "remove them to start the run again")
             return RESTART
         if not resume and changes:
             raise FileExistsError(f"path: {path} already holds a different run ({done} epochs done); pass resume=True "

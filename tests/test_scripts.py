@@ -182,7 +182,7 @@ def test_revisions_benchmark(tmp_path):
 def test_guides_benchmark(tmp_path):
     out = str(tmp_path / "guides.json")
     run("benchmarks/guides.py", "dmm", "--epochs", "1", "--num-test", "3", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
-        "--out", out, "--", "--num-sequences", "10", "--num-steps", "6", "--z-dim", "3", "--rnn-dim", "8",
+        "--refit-epochs", "1", "--refit-samples", "2", "--out", out, "--", "--num-sequences", "10", "--num-steps", "6", "--z-dim", "3", "--rnn-dim", "8",
         "--transition-dim", "8", "--emission-hidden", "8", "--batch-size", "5", "--cache-dir", str(tmp_path / "cache"))
     result = json.load(open(out))
     rows, summary = result["rows"], result["summary"]
@@ -192,7 +192,24 @@ def test_guides_benchmark(tmp_path):
         elbos = [r["test_elbo"] for r in rows if r["guide"] == entry["guide"]]
         assert entry["test_elbo_min"] == min(elbos) and entry["test_elbo_max"] == max(elbos)
         assert abs(entry["test_elbo_mean"] - sum(elbos) / 2) < 1e-9
+    refits = result["refits"]  # every guide fitted to every trained model, at each seed
+    guides = ("st-r", "st-lr", "mf-lr")
+    assert [(r["seed"], r["model_trained_with"], r["guide"]) for r in refits] == [
+        (s, t, g) for s in (0, 1) for t in guides for g in guides]
+    assert all(r["minus_first_guide"] == 0.0 for r in refits if r["guide"] == guides[0])
     assert os.path.exists(tmp_path / "runs" / "dmm" / "guides.png")
+
+
+def test_hrssm_vs_vta_benchmark(tmp_path):
+    """Needs a checkout of the official code (VTA_DIR); the refusal of a folder without it always runs."""
+    refused = run("benchmarks/hrssm_vs_vta.py", "--vta-dir", str(tmp_path), ok=False)
+    assert refused.returncode != 0 and "--vta-dir" in refused.stderr
+    vta = os.environ.get("VTA_DIR")
+    if not vta:
+        pytest.skip("VTA_DIR (a checkout of taesupkim/vta) not set")
+    out = str(tmp_path / "vta.json")
+    run("benchmarks/hrssm_vs_vta.py", "--vta-dir", vta, "--rounds", "1", "--init-sizes", "1", "--belief-size", "8", "--out", out)
+    assert json.load(open(out))["ours_over_official"]["official_init1"] > 0
 
 
 def test_model_steps_benchmark(tmp_path):

@@ -95,7 +95,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard extra)
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
     progress: bool = True  # tqdm progress bars and one line per epoch
-    check_every_step: bool = False  # every SVI step under Pyro's and torch's argument validation; off: each epoch's first step only (the checks cost 10-20% of a small model's step; non-finite losses and gradients are caught at every step either way)
+    check_every_step: bool = False  # every SVI step under Pyro's and torch's argument validation; off: each epoch's first step only (the checks cost 6-8% of an HRSSM step, docs/benchmarks.md; non-finite losses and gradients are caught at every step either way)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles"):

@@ -63,3 +63,17 @@ def trainer_on_batch(spec, rows: slice, world=None):
     x = take(place(as_inputs(model_inputs(context.data, "train")), trainer.device), rows, trainer.device)
     trainer._setup_optimizer(x)
     return trainer, x
+
+
+def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu"):
+    """The library's trainer for an HRSSM of ``config`` on the batch ``x (batch, T, C, H, W)``, with the
+    recipe's training defaults and temperature annealing, its optimiser set up on ``x``."""
+    from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
+    from inference.trainer import Trainer
+    from pyro_models.hrssm import build_hrssm
+
+    model, guide = build_hrssm(tuple(x.shape[2:]), config)
+    trainer = Trainer(model, guide, dataclasses.replace(HRSSM_TRAIN_DEFAULTS, device=device, progress=False),
+                      callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
+    trainer._setup_optimizer(x)
+    return trainer

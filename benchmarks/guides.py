@@ -32,6 +32,7 @@ from inference.command_line import parse_train_args
 from inference.experiment import load_run, model_inputs, train
 from inference.guide_fit import GuideFitConfig, example_elbos, fit_guide, load_matching
 from inference.registry import recipes
+from inference.trainer import as_inputs
 
 DROP_PROB = 0.5  # the imputation metric's drop probability
 
@@ -78,8 +79,7 @@ def refit_rows(args, trained_with: str, seed: int) -> list:
     fitted one's paired difference from the first guide's, with its standard error over the held-out
     sequences (every guide scored on the same draws of the noise: common random numbers)."""
     run = load_run(run_folder(args, trained_with, seed))
-    train_inputs, test_inputs = (model_inputs(run.data, split) for split in ("train", "test"))
-    train_inputs, test_inputs = (t if isinstance(t, tuple) else (t,) for t in (train_inputs, test_inputs))
+    train_inputs, test_inputs = (as_inputs(model_inputs(run.data, split)) for split in ("train", "test"))
 
     def scores(guide):
         pyro.set_rng_seed(seed)

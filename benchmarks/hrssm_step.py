@@ -18,12 +18,11 @@ from dataclasses import replace
 import torch
 
 
-from common import RESULTS, reset_peak_rss, rss_mib, write_json
+from common import RESULTS, hrssm_trainer, reset_peak_rss, rss_mib, write_json
 
-from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
-from inference.trainer import Trainer
+from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS
 from pyro_models.datasets import color_balls
-from pyro_models.hrssm import HRSSMConfig, build_hrssm
+from pyro_models.hrssm import HRSSMConfig
 
 
 def main(argv=None):
@@ -42,10 +41,7 @@ def main(argv=None):
                      feature_size=args.belief_size, conv_channels=args.conv_channels)
     frames, _ = color_balls(args.batch_size, args.num_steps, seed=0)
     x = torch.from_numpy(frames).to(args.device)
-    model, guide = build_hrssm(tuple(x.shape[2:]), config)
-    trainer = Trainer(model, guide, replace(HRSSM_TRAIN_DEFAULTS, device=args.device, progress=False),
-                      callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=args.num_steps)
-    trainer._setup_optimizer(x)
+    trainer = hrssm_trainer(x, config, args.device)
     trainer.step(x)  # warm-up (validated: the first step of an epoch is)
     cuda = args.device.startswith("cuda")
     before = rss_mib("VmRSS")

@@ -25,12 +25,11 @@ from dataclasses import replace
 
 import torch
 
-from common import RESULTS, machine_info, write_json
+from common import RESULTS, hrssm_trainer, machine_info, write_json
 
-from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
-from inference.trainer import Trainer
+from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS
 from pyro_models.datasets import color_balls
-from pyro_models.hrssm import HRSSMConfig, build_hrssm
+from pyro_models.hrssm import HRSSMConfig
 
 
 def ours(x: torch.Tensor, width: int, state: int, validate: bool = False):
@@ -39,10 +38,7 @@ def ours(x: torch.Tensor, width: int, state: int, validate: bool = False):
     step was before ``TrainConfig.check_every_step`` existed."""
     config = replace(HRSSMConfig(), abstract_belief_size=width, observation_belief_size=width, feature_size=width,
                      conv_channels=width, abstract_state_size=state, observation_state_size=state)
-    model, guide = build_hrssm(tuple(x.shape[2:]), config)
-    trainer = Trainer(model, guide, replace(HRSSM_TRAIN_DEFAULTS, progress=False),
-                      callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
-    trainer._setup_optimizer(x)
+    trainer = hrssm_trainer(x, config)
 
     def step():
         for callback in trainer.callbacks:

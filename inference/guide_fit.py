@@ -14,7 +14,7 @@ Pure functions of a model, a guide and inputs: nothing here knows of run directo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping
+from typing import List, Mapping
 
 import pyro
 import torch
@@ -22,7 +22,7 @@ from pyro import poutine
 
 from pyro_models.modes import eval_mode
 
-from .elbo import elbo_terms, make_elbo
+from .elbo import make_elbo
 from .trainer import Inputs, take
 
 
@@ -58,19 +58,6 @@ def load_matching(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
     shared = {k: v for k, v in state.items() if fits(k, v)}  # extra states (not tensors) copied by name
     module.load_state_dict({**own, **shared})
     return sorted(shared)
-
-
-def held_out_elbo(model, guide, inputs: Inputs, batch_size: int = 64) -> Dict[str, float]:
-    """The true ELBO, log-likelihood and KL in nats per example (model and guide in eval mode; the modes
-    they had are restored). ``inputs``: the model's arguments, each with the examples first."""
-    size = inputs[0].shape[0]
-    totals = torch.zeros(3)
-    with eval_mode(model, guide), torch.no_grad():
-        for start in range(0, size, batch_size):
-            terms = elbo_terms(model, guide, *take(inputs, slice(start, start + batch_size)))
-            totals += torch.stack(list(terms)).detach()
-    elbo, log_lik, kl = (totals / size).tolist()
-    return {"elbo": elbo, "log_lik": log_lik, "kl": kl}
 
 
 def example_elbos(model, guide, inputs: Inputs, num_samples: int = 1, batch_size: int = 64) -> torch.Tensor:

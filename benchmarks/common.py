@@ -65,15 +65,16 @@ def trainer_on_batch(spec, rows: slice, world=None):
     return trainer, x
 
 
-def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu"):
+def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu", **train_overrides):
     """The library's trainer for an HRSSM of ``config`` on the batch ``x (batch, T, C, H, W)``, with the
-    recipe's training defaults and temperature annealing, its optimiser set up on ``x``."""
+    recipe's training defaults (``train_overrides`` replacing fields, e.g. ``jit=False``) and temperature
+    annealing, its optimiser set up on ``x``."""
     from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
     from inference.trainer import Trainer
     from pyro_models.hrssm import build_hrssm
 
     model, guide = build_hrssm(tuple(x.shape[2:]), config)
-    trainer = Trainer(model, guide, dataclasses.replace(HRSSM_TRAIN_DEFAULTS, device=device, progress=False),
+    trainer = Trainer(model, guide, dataclasses.replace(HRSSM_TRAIN_DEFAULTS, device=device, progress=False, **train_overrides),
                       callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
     trainer._setup_optimizer(x)
     return trainer

@@ -2,8 +2,9 @@
 """HRSSM training speed and peak memory at the default (official) sizes.
 
 Times SVI steps of the trainer on generated colour-ball sequences (batch 16, T = 20, 32x32 RGB) and
-reports steps per second and the peak memory during the steps (RSS above the level before them on
-CPU; ``torch.cuda.max_memory_allocated`` on CUDA), as JSON.
+reports steps per second of the compiled step (``TrainConfig.jit``, the recipe's default) and of the
+eager one, alternating, their ratio, and the peak memory during the steps (RSS above the level before
+them on CPU, both trainers together; ``torch.cuda.max_memory_allocated`` on CUDA), as JSON.
 
     python benchmarks/hrssm_step.py [--belief-size 128] [--steps 5] [--device cpu]
 """
@@ -13,6 +14,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 from dataclasses import replace
 
 import torch
@@ -20,7 +22,7 @@ import torch
 
 from common import RESULTS, hrssm_trainer, reset_peak_rss, rss_mib, write_json
 
-from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS
+from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, MEAN_FIELD_WARNING
 from pyro_models.datasets import color_balls
 from pyro_models.hrssm import HRSSMConfig
 
@@ -36,38 +38,50 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.path.join(RESULTS, "hrssm_step.json"))
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", MEAN_FIELD_WARNING)  # the recipe's filter (docs/hrssm.md)
     torch.manual_seed(0)
     config = replace(defaults, abstract_belief_size=args.belief_size, observation_belief_size=args.belief_size,
                      feature_size=args.belief_size, conv_channels=args.conv_channels)
     frames, _ = color_balls(args.batch_size, args.num_steps, seed=0)
     x = torch.from_numpy(frames).to(args.device)
-    trainer = hrssm_trainer(x, config, args.device)
-    trainer.step(x)  # warm-up (validated: the first step of an epoch is)
+    modes = {"compiled": True, "eager": False}  # TrainConfig.jit (the recipe's default: compiled)
+    trainers = {mode: hrssm_trainer(x, config, args.device, jit=jit) for mode, jit in modes.items()}
+    for trainer in trainers.values():
+        trainer.step(x)  # warm-up (the compiled one traces here)
     cuda = args.device.startswith("cuda")
     before = rss_mib("VmRSS")
     reset_peak_rss() if not cuda else torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for callback in trainer.callbacks:
-            callback.before_step(trainer, x)
-        trainer.step(x, validate=False)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    times = {mode: [] for mode in modes}
+    for _ in range(args.steps):  # alternating, so a neighbour's load hits both alike
+        for mode, trainer in trainers.items():
+            times[mode].append(timed_step(trainer, x, cuda))
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    ratio = statistics.median(c / e for c, e in zip(times["compiled"], times["eager"]))
     memory = ({"peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20} if cuda else
               {"rss_before_steps_mib": before, "peak_rss_during_steps_mib": rss_mib("VmHWM"),
                "step_peak_over_baseline_mib": rss_mib("VmHWM") - before})
     result = {"belief_size": args.belief_size, "conv_channels": args.conv_channels, "batch_size": args.batch_size,
               "num_steps": args.num_steps, "device": args.device, "threads": torch.get_num_threads(),
-              "parameters": sum(p.numel() for p in trainer.params), "median_step_s": median,
-              "steps_per_second": 1 / median, "memory": memory}
-    print(f"HRSSM step {1e3 * median:.0f} ms ({1 / median:.2f} steps/s), "
+              "parameters": sum(p.numel() for p in trainers["eager"].params), "median_step_s": median["compiled"],
+              "median_step_s_eager": median["eager"], "compiled_over_eager": ratio,
+              "steps_per_second": 1 / median["compiled"], "memory": memory, "times_s": times}
+    print(f"HRSSM step {1e3 * median['compiled']:.0f} ms compiled ({1 / median['compiled']:.2f} steps/s), "
+          f"{1e3 * median['eager']:.0f} ms eager: compiled / eager = {ratio:.3f}; "
           + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
     write_json(args.out, result)
+
+
+def timed_step(trainer, x: torch.Tensor, cuda: bool) -> float:
+    """Seconds of one training step as training takes it (the callbacks' ``before_step``, no validation)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for callback in trainer.callbacks:
+        callback.before_step(trainer, x)
+    trainer.step(x, validate=False)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

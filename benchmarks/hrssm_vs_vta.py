@@ -8,9 +8,9 @@ taesupkim/vta, unpatched), side by side in one process on the same batch of colo
 Both at the same sizes (belief = feature = conv width, state 8, batch 16, 32x32 RGB, Adam, clip 10). This
 library's step is ``Trainer.step`` on ``T`` frames; the official step is ``EnvModel.forward`` on
 ``T + 2 * init_size`` frames (it encodes ``init_size`` context frames at each end and decodes the ``T``
-in between), ``backward``, clip and ``Adam.step``. This library's step is timed as training takes it (without
-argument validation, which only each epoch's first step runs) and validated (every step before
-``TrainConfig.check_every_step``). The steps alternate, one of each per round, and the ratio is taken per round (so a neighbour's load hits both alike); the medians are printed and written
+in between), ``backward``, clip and ``Adam.step``. This library's step is timed as training takes it (compiled,
+``TrainConfig.jit``, the recipe's default, without argument validation, which only each epoch's first
+step runs), eager, and eager and validated (every step before ``TrainConfig.check_every_step``). The steps alternate, one of each per round, and the ratio is taken per round (so a neighbour's load hits both alike); the medians are printed and written
 as JSON. The official code is not shipped here: ``--vta-dir`` is a checkout of it.
 """
 from __future__ import annotations
@@ -21,24 +21,26 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 
 from common import RESULTS, hrssm_trainer, machine_info, write_json
 
-from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS
+from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, MEAN_FIELD_WARNING
 from pyro_models.datasets import color_balls
 from pyro_models.hrssm import HRSSMConfig
 
 
-def ours(x: torch.Tensor, width: int, state: int, validate: bool = False):
+def ours(x: torch.Tensor, width: int, state: int, validate: bool = False, jit: bool = True):
     """This library's step on ``x (batch, T, 3, 32, 32)`` in [0, 1], as a function of no arguments: as
-    the trainer takes all but an epoch's first step (no argument validation), or ``validate``d as every
-    step was before ``TrainConfig.check_every_step`` existed."""
+    the trainer takes all but an epoch's first step (compiled, the recipe's default, and without argument
+    validation), ``jit=False`` eager, or eager and ``validate``d as every step was before
+    ``TrainConfig.check_every_step`` existed."""
     config = replace(HRSSMConfig(), abstract_belief_size=width, observation_belief_size=width, feature_size=width,
                      conv_channels=width, abstract_state_size=state, observation_state_size=state)
-    trainer = hrssm_trainer(x, config)
+    trainer = hrssm_trainer(x, config, jit=jit)
 
     def step():
         for callback in trainer.callbacks:
@@ -102,11 +104,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=os.path.join(RESULTS, "hrssm_vs_vta.json"))
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", MEAN_FIELD_WARNING)  # the recipe's filter (docs/hrssm.md)
     torch.manual_seed(0)
     frames, _ = color_balls(args.batch_size, args.num_steps, seed=0)
     x = torch.from_numpy(frames)
     steps = {"ours": ours(x, args.belief_size, args.state_size),
-             "ours_validated": ours(x, args.belief_size, args.state_size, validate=True)}
+             "ours_eager": ours(x, args.belief_size, args.state_size, jit=False),
+             "ours_eager_validated": ours(x, args.belief_size, args.state_size, validate=True, jit=False)}
     for init in args.init_sizes:
         steps[f"official_init{init}"] = official(args.vta_dir, x, args.belief_size, args.state_size, init, args)
     for step in steps.values():  # warm-up

@@ -184,16 +184,11 @@ def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:
     raise TypeError(f"observe_pixels: no pixel layout for {type(fn).__name__}")
 
 
-class _HardStraightThrough(torch.autograd.Function):
-    """0/1 in the forward pass, the identity's gradient backward (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
-        return (soft > 0.5).to(soft.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+def _hard_straight_through(soft: torch.Tensor) -> torch.Tensor:
+    """0/1 in the forward pass (``soft > 0.5``), the identity's gradient backward (straight-through).
+    Written with tensor ops only, so that ``torch.jit.trace`` keeps the gradient: ``soft - soft.detach()``
+    is exactly 0 in value, so the result is exactly 0 or 1."""
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
 
 
 class LogitRelaxedBernoulliStraightThrough(dist.TorchDistribution):
@@ -234,7 +229,7 @@ class LogitRelaxedBernoulliStraightThrough(dist.TorchDistribution):
         finfo = torch.finfo(self.logits.dtype)
         u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device).clamp(finfo.tiny, 1.0 - finfo.eps)
         y = self._logistic.loc + self._logistic.scale * (u.log() - torch.log1p(-u))  # the relaxed logit
-        hard = _HardStraightThrough.apply(torch.sigmoid(y))
+        hard = _hard_straight_through(torch.sigmoid(y))
         hard._relaxed_logit = y
         return hard
 

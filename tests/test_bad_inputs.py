@@ -69,7 +69,7 @@ TRAIN_CASES = [
     (["hrssm", "--update-kl-gradient", "2"], "--update-kl-gradient: expected in [0, 1]"),
     (["hrssm", "--max-length", "0"], "--max-length: expected >= 1"),
     (["hrssm", "--boundary-kernel", "2"], "--boundary-kernel: expected an odd size"),
-    (["hrssm", "--jit"], "--jit: hrssm cannot be compiled"),
+    (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
     (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
     (["dmm", "--guide", "made-up"], "--guide"),
     (["dmm", "--kl-annealing-epochs", "3", "--jit"], "--jit: dmm cannot be compiled"),
@@ -174,6 +174,8 @@ def test_library_errors_name_python_arguments():
         model(torch.full((2, 1, 4, 4), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
     with pytest.raises(ValueError, match="lr: expected a finite number > 0, got nan"):
         TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="check_every_step: .* expected jit False with it, got jit True"):
+        TrainConfig(jit=True, check_every_step=True)  # the checks would silently not run
     with pytest.raises(ValueError, match="x: expected shape"):
         model(torch.rand(2, 1, 5, 5))
 

@@ -391,6 +391,38 @@ def test_without_boundaries_every_step_updates():
     assert (generate(model, 2, 7)[1] == 1).all()
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_observation_reset_decides_what_a_segment_start_forgets(reset):
+    # Every step an UPDATE (boundary logits +30, l_max 1 at the end): with the paper's reset, h_t is the
+    # abstract feature a_t and the guide's phi_t sees frame t alone; with observation_reset=False, h_t is
+    # the GRU step from (s_{t-1}, a_t, h_{t-1}) and phi_t reads every earlier frame.
+    steps = 4
+    config = tiny(max_segments=steps, max_length=2, observation_reset=reset)
+    model, guide = build_hrssm(VECTOR, config)
+    set_boundary_bias(model, guide, 30.0)
+    x = torch.rand(2, steps, *VECTOR)
+    guide_trace, model_trace = traces(model, guide, x)
+    states = model_trace.nodes["_RETURN"]["value"]
+    assert (states.starts == 1).all()
+    for t in range(1, steps):
+        a = model.observation.init(states.c[:, t], states.z[:, t])
+        carried = model.observation.update(states.s[:, t - 1], a, states.h[:, t - 1])
+        assert torch.allclose(states.h[:, t], a if reset else carried, atol=1e-6)
+        assert not torch.allclose(states.h[:, t], carried if reset else a, atol=1e-3)
+    # The guide: q(s_t | z_t, M, X) reads phi reset at every start (the paper) or never reset.
+    posterior = guide.observation_posterior
+    with torch.no_grad():
+        e = guide.features(x)
+        phi = {True: posterior.features(e, states.starts), False: posterior.features(e, torch.zeros_like(states.starts))}
+        for t in range(1, steps):
+            loc = guide_trace.nodes[f"s_{t + 1}"]["fn"].base_dist.loc
+            z = guide_trace.nodes[f"z_{t + 1}"]["value"]
+            assert torch.allclose(loc, posterior(phi[reset][:, t], z)[0], atol=1e-6)
+            assert not torch.allclose(loc, posterior(phi[not reset][:, t], z)[0], atol=1e-3)
+    assert math.isfinite(make_elbo("meanfield").differentiable_loss(model, guide, x).item())
+    assert jumpy_rollout(model, guide, x, num_segments=2).shape == (2, 2, *VECTOR)
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_input_is_named():
     model, guide = build_hrssm(VECTOR, tiny(max_segments=2, max_length=3))
@@ -416,7 +448,8 @@ def test_bad_input_is_named():
         build_hrssm((3, 30, 30), tiny())
     for bad, match in [(dict(max_segments=0), "max_segments"), (dict(temperature_min=2.0), "temperature_min"),
                        (dict(boundary_kernel=2), "boundary_kernel"), (dict(obs_scale=0.0), "obs_scale"),
-                       (dict(kl_weight_boundary=-1.0), "kl_weight_boundary")]:
+                       (dict(kl_weight_boundary=-1.0), "kl_weight_boundary"),
+                       (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only")]:
         with pytest.raises(ValueError, match=match):
             tiny(**bad)
     with pytest.raises(ValueError, match="num_segments"):
@@ -451,6 +484,34 @@ def test_trainer_smoke_run_on_color_balls():
             assert math.isfinite(metrics[key]), key
     assert annealing.step == 4 and history[-1]["temperature"] < config.temperature_max
     assert guide.temperature is model.temperature
+
+
+def test_compiled_training_follows_the_annealed_temperature():
+    # The temperature is read from a buffer, so a compiled loss (traced at the first temperature) sees
+    # every annealed value: with the schedule moving it at each step, the compiled run's losses and
+    # parameters equal the eager run's step for step. (A trace reading a Python float would freeze the
+    # first temperature; the boundary KL then differs from the eager one from step 1 on.)
+    steps, frames = 8, torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
+    config = tiny(max_segments=3, max_length=3, temperature_decay=0.5, temperature_decay_steps=1.0)
+    runs = []
+    for jit in (False, True):
+        torch.manual_seed(0)
+        model, guide = build_hrssm((3, 16, 16), config)
+        annealing = TemperatureAnnealing(model.temperature, config)
+        trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[annealing],
+                          units_per_example=5)
+        trainer._setup_optimizer(frames)
+        torch.manual_seed(1)
+        losses, temperatures = [], []
+        for _ in range(steps):
+            annealing.before_step(trainer, frames)
+            temperatures.append(model.temperature.value)
+            losses.append(trainer.step(frames))
+        runs.append((losses, temperatures, torch.cat([p.detach().flatten() for p in trainer.params])))
+    (eager, eager_temperatures, eager_params), (compiled, compiled_temperatures, compiled_params) = runs
+    assert compiled_temperatures == eager_temperatures and eager_temperatures[-1] < 0.2  # it did move
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert torch.allclose(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
 
 
 def test_start_probabilities_match_the_noise_free_boundaries():

@@ -71,7 +71,7 @@ def test_train_script_npz_and_errors(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [  # in a real process (the catalogue, in-process: test_bad_inputs.py)
     (["kvae", "--z-dim", "3"], "--z-dim does not apply to kvae"),
-    (["hrssm", "--jit"], "--jit: hrssm cannot be compiled"),
+    (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
 ])
 def test_train_script_bad_flags_are_one_line_errors(tmp_path, argv, words):
     result = run("scripts/train.py", *argv, "--out", str(tmp_path / "run"), ok=False)

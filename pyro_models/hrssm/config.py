@@ -35,6 +35,7 @@ class HRSSMConfig:
     boundary_layers: int = 3  # hidden Conv1d layers of q(M | X) (official num_layers)
     boundary_kernel: int = 3  # their kernel size over time (odd: centred, non-causal)
     boundaries: bool = True  # False: the RSSM baseline (every step UPDATE)
+    observation_reset: bool = True  # True: a segment's start re-initialises h_t = a_t and the guide's phi (the paper); False: the observation level carries h_t and phi across boundaries (not the paper; docs/hrssm.md)
     max_segments: int = 5  # N_max (official seg_num)
     max_length: int = 8  # l_max (official seg_len)
     temperature_max: float = 1.0  # boundary temperature at step 0 (official max_beta)
@@ -80,6 +81,9 @@ class HRSSMConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if not 0.0 <= self.update_kl_gradient <= 1.0:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
+        if not self.observation_reset and not self.boundaries:
+            raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
+                             "re-initialises h_t at every step")
         if self.guide not in GUIDES:
             raise ValueError(f"guide: expected one of {GUIDES}, got {self.guide!r}")
         for name in ("kl_weight_abstract", "kl_weight_observation", "kl_weight_boundary"):
@@ -100,14 +104,26 @@ def annealed_temperature(step: int, config: HRSSMConfig) -> float:
 
 class BoundaryTemperature(nn.Module):
     """The temperature of the relaxed boundaries, shared by model and guide (q and p of a boundary are
-    scored at the same temperature). ``value`` is a Python float, saved with the modules' state."""
+    scored at the same temperature). ``value`` reads and sets it as a Python float; it is held in a
+    0-d buffer (not persistent: the state dict keeps the float, as before), which the model and guide
+    read, so a compiled loss (``TrainConfig.jit``) takes the current temperature as an input instead of
+    freezing the value it had when traced."""
 
     def __init__(self, value: float):
         super().__init__()
-        self.value = float(value)
+        self.register_buffer("current", torch.tensor(float(value)), persistent=False)
+
+    @property
+    def value(self) -> float:
+        return float(self.current)
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self.current.fill_(float(value))
 
     def tensor(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.value, dtype=like.dtype, device=like.device)
+        """The temperature as a 0-d tensor of ``like``'s dtype and device."""
+        return self.current.to(dtype=like.dtype, device=like.device)
 
     def get_extra_state(self) -> Any:
         return {"value": self.value}

@@ -51,7 +51,8 @@ def jumpy_rollout(model: HRSSM, guide: HRSSMGuide, prefix: torch.Tensor, num_seg
     """Jumpy imagination (paper: jumpy imagination; official ``jumpy_generation``): infer the states of
     ``prefix (batch, T0, *frame_shape)`` with the guide, then roll the abstract level forward from its
     last (c, z), one UPDATE per future segment (``c = GRU_z(z, c)``, ``z ~ p(z | c)``), and decode each
-    segment's first frame (``h = W_a [c, z]``, ``s ~ p(s | h)``). Draws (``sample=True``) or prior means.
+    segment's first frame (``h = W_a [c, z]``, or with ``observation_reset=False`` the GRU step from the
+    previous segment's h and s; ``s ~ p(s | h)``). Draws (``sample=True``) or prior means.
     Returns frame means ``(batch, num_segments, *frame_shape)``; the prefix is taken to end a segment.
     Runs in eval mode (restored after)."""
     if num_segments < 1:
@@ -59,13 +60,14 @@ def jumpy_rollout(model: HRSSM, guide: HRSSMGuide, prefix: torch.Tensor, num_seg
     with _eval_mode(model, guide):
         guide_trace = poutine.trace(guide).get_trace(prefix)
         states = poutine.replay(model, trace=guide_trace)(prefix)
-        c, z = states.c[:, -1], states.z[:, -1]
+        c, z, h, s = states.c[:, -1], states.z[:, -1], states.h[:, -1], states.s[:, -1]
         features = []
         for _ in range(num_segments):
             c = model.abstract.belief(z, c)
             loc, scale = model.abstract(c)
             z = dist.Normal(loc, scale).sample() if sample else loc
-            h = model.observation.init(c, z)
+            a = model.observation.init(c, z)
+            h = a if model.config.observation_reset else model.observation.update(s, a, h)
             loc, scale = model.observation(h)
             s = dist.Normal(loc, scale).sample() if sample else loc
             features.append(model.state_feature(h, s))

@@ -61,7 +61,7 @@ class HRSSMGuide(_KLScaled, nn.Module):
                 starts = starts * steps
             starts = torch.stack(starts, dim=1)  # (batch, T), the gates, not the site values
             psi = self.abstract_posterior.features(e, starts)
-            phi = self.observation_posterior.features(e, starts)
+            phi = self.observation_posterior.features(e, starts if cfg.observation_reset else torch.zeros_like(starts))
             z = None
             for t in pyro.markov(range(steps)):
                 read = starts[:, t]

@@ -51,6 +51,11 @@ signature ``(x, mask=None)``. ``mask (batch, T)`` bool marks observed frames: a 
 likelihood term (model) and is read as the feature e_t = 0 by every posterior factor (guide), so its
 content is never seen; :func:`impute_frames` draws it from the posterior predictive.
 
+``observation_reset=False`` (not the paper's model) keeps the observation level running across
+boundaries: h_t = GRU_s([s_{t-1}, a_t], h_{t-1}) at every t > 1 (an UPDATE changes a_t, not h's history),
+and the guide's phi is not reset at segment starts. A boundary then costs the KL of the new z_t only,
+not a re-encoding of the observation state (see docs/hrssm.md, "What trains the boundaries").
+
 ``boundaries=False`` gives the plain RSSM baseline with the same networks: every step is an UPDATE (no
 boundary sites, no boundary networks, no observation-level GRU).
 """
@@ -139,8 +144,10 @@ class HRSSM(_KLScaled, nn.Module):
             a = self.observation.init(c, z)
             if t == 0 or self.observation.cell is None:  # INIT (the RSSM baseline always is)
                 h = a
-            else:  # INIT at a segment's start, else the observation-level GRU
+            elif cfg.observation_reset:  # INIT at a segment's start, else the observation-level GRU
                 h = gate * a + (1.0 - gate) * self.observation.update(s, a, h)
+            else:  # observation_reset=False: the GRU at every step, reading the new a_t after an UPDATE
+                h = self.observation.update(s, a, h)
             loc, scale = self.observation(h)
             with self._kl_scale(cfg.kl_weight_observation):
                 s = pyro.sample(f"s_{t + 1}", dist.Normal(loc, scale).to_event(1))

@@ -78,3 +78,11 @@ def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu", **train_override
                       callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
     trainer._setup_optimizer(x)
     return trainer
+
+
+def training_step(trainer, x: torch.Tensor, validate: bool = False) -> None:
+    """One step on ``x`` as training takes it: the callbacks' ``before_step`` (e.g. the temperature
+    schedule), then ``Trainer.step`` (not ``validate``d: only an epoch's first step is)."""
+    for callback in trainer.callbacks:
+        callback.before_step(trainer, x)
+    trainer.step(x, validate=validate)

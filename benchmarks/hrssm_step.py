@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 
-from common import RESULTS, hrssm_trainer, reset_peak_rss, rss_mib, write_json
+from common import RESULTS, hrssm_trainer, reset_peak_rss, rss_mib, training_step, write_json
 
 from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, MEAN_FIELD_WARNING
 from pyro_models.datasets import color_balls
@@ -76,9 +76,7 @@ def timed_step(trainer, x: torch.Tensor, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for callback in trainer.callbacks:
-        callback.before_step(trainer, x)
-    trainer.step(x, validate=False)
+    training_step(trainer, x)
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start

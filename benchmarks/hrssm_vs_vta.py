@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from common import RESULTS, hrssm_trainer, machine_info, write_json
+from common import RESULTS, hrssm_trainer, machine_info, training_step, write_json
 
 from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, MEAN_FIELD_WARNING
 from pyro_models.datasets import color_balls
@@ -41,12 +41,7 @@ def ours(x: torch.Tensor, width: int, state: int, validate: bool = False, jit: b
     config = replace(HRSSMConfig(), abstract_belief_size=width, observation_belief_size=width, feature_size=width,
                      conv_channels=width, abstract_state_size=state, observation_state_size=state)
     trainer = hrssm_trainer(x, config, jit=jit)
-
-    def step():
-        for callback in trainer.callbacks:
-            callback.before_step(trainer, x)
-        trainer.step(x, validate=validate)
-    return step
+    return lambda: training_step(trainer, x, validate)
 
 
 def _official_modules(vta_dir: str) -> dict:

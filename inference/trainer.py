@@ -249,22 +249,16 @@ class Trainer:
         with torch.no_grad(), poutine.trace(param_only=True) as param_capture:
             self.elbo.differentiable_loss(self.model, self.guide, *batch)
         self._set_mode(True)
-        params, seen = [], set()
-        for module in _modules(self.model, self.guide):
-            for p in module.parameters():
-                if id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    params.append(p)
+        modules = torch.nn.ModuleList(_modules(self.model, self.guide))  # a submodule both share counts once
+        params = [p for p in modules.parameters() if p.requires_grad]
+        seen = {id(p) for p in params}
         for name, site in param_capture.trace.nodes.items():
             value = site["value"].unconstrained()
             if MODULE_DIVIDER not in name and id(value) not in seen:
                 seen.add(id(value))
                 params.append(value)
         self.params = params
-        shared = {}  # a buffer of a module that model and guide share (e.g. a temperature) is one input
-        for module in _modules(self.model, self.guide):
-            shared.update((id(b), b) for b in module.buffers())
-        self.buffers = list(shared.values())
+        self.buffers = list(modules.buffers())  # the shared temperature once: one graph input
         self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_decay_every, gamma=self.config.lr_decay

@@ -123,7 +123,7 @@ def add_dataclass_flags(parser: argparse._ActionsContainer, cls, defaults, dest_
         default = getattr(defaults, f.name)
         text = helps.get(f.name, f.name.replace("_", " "))
         kwargs: Dict[str, Any] = dict(dest=dest_prefix + f.name, default=argparse.SUPPRESS,
-                                      help=f"{text} (default: {_show(default)})")
+                                      help=f"{text} (default: {_show(default)})".replace("%", "%%"))  # argparse formats help with %
         if is_bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

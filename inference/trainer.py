@@ -82,6 +82,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # examples per SVI step
     lr: float = 1e-3  # Adam's learning rate
+    amsgrad: bool = False  # Adam with the AMSGrad correction (the official VTA recipe's optimiser)
     lr_decay: float = 1.0  # the learning rate is multiplied by this, in (0, 1] ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
     clip_norm: Optional[float] = None  # global gradient-norm clip; none: no clipping
@@ -259,7 +260,7 @@ class Trainer:
                 params.append(value)
         self.params = params
         self.buffers = list(modules.buffers())  # the shared temperature once: one graph input
-        self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, amsgrad=self.config.amsgrad)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_decay_every, gamma=self.config.lr_decay
         )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from inference.command_line import parse_train_args
+from inference.registry import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +36,16 @@ def test_train_script(tmp_path, model, extra):
     assert mismatch.returncode == 2 and "z_dim" in mismatch.stderr.replace("-", "_"), mismatch.stderr
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+@pytest.mark.parametrize("model", sorted(recipes()))
+def test_train_help_lists_every_flag(model, capsys):
+    # argparse formats help texts with %: a field comment such as "6-8% of a step" once broke --help
+    with pytest.raises(SystemExit) as stop:
+        parse_train_args([model, "--help"], "train.py")
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--amsgrad" in shown and "--epochs" in shown and "(default: " in shown
 
 
 def _metrics(folder):

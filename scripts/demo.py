@@ -25,16 +25,20 @@ from inference.registry import get_recipe
 
 DEMO_FRACTION_FROZEN = 4  # the LSTM is frozen for the first quarter of the epochs (the recipe: 10 of 80)
 DEMO_TRAIN_EVAL_SIZE = 100  # training sequences scored each epoch (train_elbo): the curve, at a fifth of all 500's cost
+DEMO_EPOCHS = {"kvae": 4, "vae": 12}  # the warm start does most of the KVAE's work
+DEMO_WARM_START_LR = 0.007  # Adam in the warm start: the recipe's initial rate
 
 
 def kvae_spec(args) -> RunSpec:
     recipe = get_recipe("kvae")
     return RunSpec(
         "kvae", recipe.config(decoder_channels=args.decoder_channels),
-        replace(recipe.train_defaults, epochs=args.epochs, seed=args.seed, train_eval_size=DEMO_TRAIN_EVAL_SIZE),
+        replace(recipe.train_defaults, epochs=args.epochs, lr=args.lr, seed=args.seed, train_eval_size=DEMO_TRAIN_EVAL_SIZE),
         replace(recipe.data_config, num_sequences=args.num_sequences, cache_dir=args.cache_dir),
         recipe.options(lstm_frozen_epochs=max(1, args.epochs // DEMO_FRACTION_FROZEN),
-                       warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps),
+                       warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps,
+                       dynamics_lstm_steps=args.dynamics_lstm_steps, trajectory_penalty=args.trajectory_penalty,
+                       warm_start_lr=DEMO_WARM_START_LR),
     )
 
 
@@ -68,21 +72,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder of the demo's run directories")
     p.add_argument("--model", choices=("kvae", "vae"), default="kvae", help="the demo to run")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {DEMO_EPOCHS}; kvae: after the warm start)")
+    p.add_argument("--lr", type=float, default=0.002, help="kvae: Adam's learning rate after the warm start (the recipe: 0.007, which "
+                   "first undoes much of what the warm start learned)")
     p.add_argument("--num-sequences", type=int, default=500, help="kvae: generated training sequences")
     p.add_argument("--decoder-channels", type=int, default=32, help="kvae: sub-pixel block width (the paper: 128)")
     p.add_argument("--num-impute", type=int, default=100, help="kvae: held-out sequences scored for imputation")
     p.add_argument("--cache-dir", default="data/cache", help="where generated sequence sets are cached")
-    p.add_argument("--warm-start-steps", type=int, default=kvae.options.warm_start_steps,
+    p.add_argument("--warm-start-steps", type=int, default=1500,
                    help="kvae: autoencoder steps of the warm start (0: from scratch as the original recipe, which often collapses)")
+    p.add_argument("--trajectory-penalty", type=float, default=30.0,
+                   help="kvae: warm start, weight of the straight-trajectory penalty on the codes (0: off, the train.py default)")
     p.add_argument("--dynamics-fit-steps", type=int, default=kvae.options.dynamics_fit_steps, help="kvae: warm start, LGSSM fitting steps")
+    p.add_argument("--dynamics-lstm-steps", type=int, default=1500, help="kvae: warm start, then steps fitting the LSTM with the LGSSM")
     p.add_argument("--seed", type=int, default=0, help="seed of the run")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    args.epochs = DEMO_EPOCHS[args.model] if args.epochs is None else args.epochs
     for name in ("epochs", "num_sequences", "decoder_channels"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    for name in ("num_impute", "warm_start_steps", "dynamics_fit_steps", "seed"):
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr: expected a finite number > 0, got {args.lr}")
+    if not args.trajectory_penalty >= 0:
+        p.error(f"--trajectory-penalty: expected >= 0, got {args.trajectory_penalty}")
+    for name in ("num_impute", "warm_start_steps", "dynamics_fit_steps", "dynamics_lstm_steps", "seed"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
     return args

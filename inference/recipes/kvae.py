@@ -3,7 +3,7 @@ optional KL warm-up, the warm start against posterior collapse, the per-epoch re
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -35,12 +35,18 @@ class KVAEOptions:
     lstm_frozen_epochs: int = LSTM_FROZEN_EPOCHS  # epochs during which the dynamics LSTM is not trained (the recipe)
     kl_warmup_epochs: int = 0  # scale the KL by min(1, epoch / N) (0: off, the recipe)
     warm_start_steps: int = WarmStartConfig.autoencoder_steps  # autoencoder steps of the warm start against collapse (0: no warm start, the original recipe)
-    dynamics_fit_steps: int = WarmStartConfig.dynamics_steps  # warm start: steps fitting the LGSSM to the codes
+    dynamics_fit_steps: int = WarmStartConfig.dynamics_steps  # warm start: steps fitting the LGSSM bases to the codes
+    dynamics_lstm_steps: int = WarmStartConfig.lstm_steps  # warm start: then steps fitting every dynamics parameter, the LSTM included
+    warm_start_lr: Optional[float] = None  # warm start: Adam's learning rate (none: the run's lr)
+    trajectory_penalty: float = WarmStartConfig.trajectory_penalty  # warm start: weight of the straight-trajectory penalty on the autoencoder's codes (0: off)
 
     def __post_init__(self):
-        for name in ("lstm_frozen_epochs", "kl_warmup_epochs", "warm_start_steps", "dynamics_fit_steps"):
-            if getattr(self, name) < 0:
+        for name in ("lstm_frozen_epochs", "kl_warmup_epochs", "warm_start_steps", "dynamics_fit_steps", "dynamics_lstm_steps",
+                     "trajectory_penalty"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.warm_start_lr is not None and not 0 < self.warm_start_lr < float("inf"):
+            raise ValueError(f"warm_start_lr: expected a finite number > 0 or None, got {self.warm_start_lr}")
 
 
 class FreezeParameters(Callback):
@@ -116,7 +122,9 @@ def _callbacks(context: Context) -> List[Callback]:
 
 def _warm_start(context: Context) -> None:
     """The warm start (``warm_start.py``), its losses written to ``RUN/warm_start.json``."""
-    warm = warm_start_for(context.train, context.options.warm_start_steps, context.options.dynamics_fit_steps)
+    options = context.options
+    warm = warm_start_for(context.train, options.warm_start_steps, options.dynamics_fit_steps, options.dynamics_lstm_steps,
+                          options.trajectory_penalty, options.warm_start_lr)
     if warm is None:
         return
     result = warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,

@@ -12,12 +12,18 @@ The warm start removes both before the recipe begins, in three stages:
 
 1. **Autoencoder**: the encoder's mean and the decoder are trained as a deterministic autoencoder
    (a_t = mu(x_t), loss -log p(x_t | a_t) per frame; no prior, no noise) for ``autoencoder_steps`` on
-   batches of ``frames_per_step`` frames drawn from all training frames.
+   batches of ``frames_per_step`` frames drawn from all training frames. With ``trajectory_penalty``
+   w > 0 the batches are whole sequences (``frames_per_step // T`` of them) and the loss adds
+   w * mean_t sum_d |a_{t+1,d} - 2 a_{t,d} + a_{t-1,d}| / std_d(a): codes whose trajectories are straight
+   between sparse kinks (a ball's position between bounces) are preferred to any other invertible warp
+   of them, which a linear-Gaussian prior could not follow. Dividing by the batch's code spread keeps
+   the penalty from being dodged by shrinking the codes.
 2. **Standardise**: the encoder's mean layer is rescaled so that the codes have zero mean and unit
    standard deviation per dimension over the training frames; the decoder's first dense layer absorbs
    the inverse map, so the decoded frames are unchanged.
 3. **Dynamics**: the LGSSM's bases A^(k), C^(k) and a_0 (the LSTM stays as initialised) are fitted by
-   maximising log p(a) of codes drawn from the guide q(a | x) (detached) for ``dynamics_steps``.
+   maximising log p(a) of codes drawn from the guide q(a | x) (detached) for ``dynamics_steps``; then,
+   for ``lstm_steps`` more, every dynamics parameter, the LSTM that mixes the bases included.
 
 Then training proceeds with the recipe (ELBO, LSTM freeze, learning-rate decay) from these weights.
 """
@@ -43,27 +49,32 @@ class WarmStartConfig:
 
     autoencoder_steps: int = 1000  # stage 1; the plateau on bouncing balls lasts ~150-300 steps
     frames_per_step: int = 160  # stage 1 batch: frames drawn from all training frames
-    dynamics_steps: int = 300  # stage 3
+    trajectory_penalty: float = 0.0  # stage 1: weight of the straight-trajectory penalty (0: frames, no penalty)
+    dynamics_steps: int = 300  # stage 3: the bases
+    lstm_steps: int = 0  # stage 3, then: every dynamics parameter, the LSTM included
     batch_size: int = 32  # stage 3 batch: sequences
     lr: float = 0.007  # Adam, both stages (the recipe's initial rate)
     seed: int = 0  # order of the batches
 
     def __post_init__(self):
-        for name in ("autoencoder_steps", "dynamics_steps"):
-            if getattr(self, name) < 0:
+        for name in ("autoencoder_steps", "dynamics_steps", "lstm_steps", "trajectory_penalty"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.batch_size < 1 or self.frames_per_step < 1 or not self.lr > 0:
             raise ValueError(f"batch_size, frames_per_step, lr: expected >= 1, >= 1 and > 0, "
                              f"got {self.batch_size}, {self.frames_per_step}, {self.lr}")
 
 
-def warm_start_for(train_config: TrainConfig, autoencoder_steps: int, dynamics_steps: int) -> Optional[WarmStartConfig]:
-    """The warm start of a run: ``autoencoder_steps`` and ``dynamics_steps`` long, on the run's batch size,
-    learning rate and seed; None for ``autoencoder_steps == 0`` (the original recipe, no warm start)."""
+def warm_start_for(train_config: TrainConfig, autoencoder_steps: int, dynamics_steps: int, lstm_steps: int = 0,
+                   trajectory_penalty: float = 0.0, lr: Optional[float] = None) -> Optional[WarmStartConfig]:
+    """The warm start of a run: ``autoencoder_steps``, ``dynamics_steps`` and ``lstm_steps`` long, on the
+    run's batch size and seed and its learning rate unless ``lr`` is given; None for
+    ``autoencoder_steps == 0`` (the original recipe, no warm start)."""
     if autoencoder_steps == 0:
         return None
-    return WarmStartConfig(autoencoder_steps=autoencoder_steps, dynamics_steps=dynamics_steps,
-                           batch_size=train_config.batch_size, lr=train_config.lr, seed=train_config.seed)
+    return WarmStartConfig(autoencoder_steps=autoencoder_steps, dynamics_steps=dynamics_steps, lstm_steps=lstm_steps,
+                           trajectory_penalty=trajectory_penalty, batch_size=train_config.batch_size,
+                           lr=train_config.lr if lr is None else lr, seed=train_config.seed)
 
 
 class WarmStartResult(NamedTuple):
@@ -98,6 +109,8 @@ def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, con
     None: all): returns the last loss, nats per frame."""
     encoder, decoder = guide.encoder, model.decoder
     optimiser = torch.optim.Adam([*encoder.body.parameters(), *encoder.head.loc.parameters(), *decoder.parameters()], lr=config.lr)
+    if config.trajectory_penalty > 0:
+        return _pretrain_on_sequences(encoder, decoder, optimiser, train, config, progress, mask)
     all_frames = observed_frames(train, mask)  # (frames, *frame_shape)
     loss = torch.tensor(float("nan"))
     batches = _batches(len(all_frames), config.frames_per_step, config.autoencoder_steps, config.seed, "warm start: autoencoder", progress)
@@ -106,6 +119,40 @@ def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, con
         loc, _ = encoder(frames)
         logits = decoder(loc)
         loss = F.binary_cross_entropy_with_logits(logits, frames, reduction="sum") / frames.shape[0]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return float(loss.detach())
+
+
+def trajectory_kinks(codes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The stage-1 penalty: mean over triples of frames of sum_d |a_{t+1} - 2 a_t + a_{t-1}|_d / std_d,
+    for ``codes (batch, T, a_dim)``, the std over the batch's (observed) codes; with ``mask (batch, T)``
+    only triples of observed frames count."""
+    spread = (codes[mask] if mask is not None else codes.reshape(-1, codes.shape[-1])).std(0).clamp_min(torch.finfo(codes.dtype).eps)
+    kinks = ((codes[:, 2:] - 2 * codes[:, 1:-1] + codes[:, :-2]).abs() / spread).sum(-1)  # (batch, T - 2)
+    if mask is None:
+        return kinks.mean()
+    triples = (mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2]).to(kinks.dtype)  # (batch, T - 2)
+    return (kinks * triples).sum() / triples.sum().clamp_min(1)
+
+
+def _pretrain_on_sequences(encoder, decoder, optimiser, train: torch.Tensor, config: WarmStartConfig, progress: bool,
+                           mask: Optional[torch.Tensor]) -> float:
+    """Stage 1 with the trajectory penalty: batches of ``frames_per_step // T`` whole sequences of
+    ``train (N, T, *frame_shape)``; the reconstruction term counts observed frames only."""
+    num, steps = train.shape[0], train.shape[1]
+    loss = torch.tensor(float("nan"))
+    batches = _batches(num, max(1, config.frames_per_step // steps), config.autoencoder_steps, config.seed, "warm start: autoencoder", progress)
+    for index in batches:
+        x = train[index]  # (seqs, T, *frame_shape)
+        observed = None if mask is None else mask[index].to(x.device)  # (seqs, T)
+        frames = x.reshape((-1,) + x.shape[2:])  # (seqs * T, *frame_shape)
+        loc, _ = encoder(frames)  # (seqs * T, a_dim)
+        pixels = F.binary_cross_entropy_with_logits(decoder(loc), frames, reduction="none").flatten(1).sum(-1)  # (seqs * T,)
+        weights = torch.ones_like(pixels) if observed is None else observed.reshape(-1).to(pixels.dtype)
+        codes = loc.reshape(x.shape[0], steps, -1)  # (seqs, T, a_dim)
+        loss = (pixels * weights).sum() / weights.sum().clamp_min(1) + config.trajectory_penalty * trajectory_kinks(codes, observed)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -143,10 +190,21 @@ def fit_dynamics(model: KVAE, guide: KVAEGuide, train: torch.Tensor, config: War
     ``train (N, T, *frame_shape)``. Returns the last loss, nats per frame. The encoder does not change in
     this stage, so q(a | x) of every sequence is computed once and each step draws from its batch's."""
     dynamics = model.dynamics
-    optimiser = torch.optim.Adam([dynamics.trans_bases, dynamics.obs_bases, dynamics.a0], lr=config.lr)
     loc, scale = posterior_params(guide, train)  # each (N, T, a_dim)
+    loss = _fit_prior(dynamics, [dynamics.trans_bases, dynamics.obs_bases, dynamics.a0], loc, scale, config,
+                      config.dynamics_steps, config.seed, "warm start: dynamics", progress)
+    if config.lstm_steps > 0:
+        loss = _fit_prior(dynamics, list(dynamics.parameters()), loc, scale, config, config.lstm_steps, config.seed + 1,
+                          "warm start: dynamics with the LSTM", progress)
+    return loss
+
+
+def _fit_prior(dynamics, parameters, loc: torch.Tensor, scale: torch.Tensor, config: WarmStartConfig, steps: int,
+               seed: int, desc: str, progress: bool) -> float:
+    """Adam on ``parameters`` for ``steps``, maximising log p(a) for a ~ N(loc, scale) (each ``(N, T, a_dim)``)."""
+    optimiser = torch.optim.Adam(parameters, lr=config.lr)
     loss = torch.tensor(float("nan"))
-    for index in _batches(len(train), config.batch_size, config.dynamics_steps, config.seed, "warm start: dynamics", progress):
+    for index in _batches(len(loc), config.batch_size, steps, seed, desc, progress):
         with torch.no_grad():
             a = torch.distributions.Normal(loc[index], scale[index]).sample()  # (batch, T, a_dim)
         prior = KalmanPrior(dynamics, a.shape[:1], a.shape[1], a.shape[2])

@@ -95,3 +95,31 @@ def test_warm_start_for_takes_the_runs_batch_lr_and_seed():
     run = TrainConfig(batch_size=7, lr=0.003, seed=5)
     assert warm_start_for(run, 0, 300) is None  # 0 autoencoder steps: the original recipe
     assert warm_start_for(run, 40, 20) == WarmStartConfig(autoencoder_steps=40, dynamics_steps=20, batch_size=7, lr=0.003, seed=5)
+
+
+def test_trajectory_kinks_against_a_hand_computation_and_its_mask():
+    from inference.recipes.kvae_warmstart import trajectory_kinks
+    line = torch.arange(6.0).reshape(1, 6, 1) * torch.tensor([2.0, -1.0])  # straight: no kink
+    assert trajectory_kinks(line).item() == 0.0
+    bounce = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0]).reshape(1, 5, 1)  # one kink of |1 - 4 + 1| = 2 at t = 2
+    expected = 2.0 / bounce.reshape(-1).std() / 3  # three triples, divided by the codes' spread
+    assert torch.isclose(trajectory_kinks(bounce), expected)
+    mask = torch.tensor([[True, True, True, True, False]])  # the last triple is not fully observed
+    spread = bounce[0, :4, 0].std()
+    assert torch.isclose(trajectory_kinks(bounce, mask), 2.0 / spread / 2)
+    # scale-free: shrinking the codes cannot dodge the penalty
+    assert torch.isclose(trajectory_kinks(0.01 * bounce), trajectory_kinks(bounce))
+
+
+def test_warm_start_with_the_penalty_and_the_lstm_stage_moves_the_lstm():
+    torch.manual_seed(0)
+    config = KVAEConfig(a_dim=2, state_dim=3, num_bases=2, lstm_hidden=8, encoder_filters=4, encoder_layers=2,
+                        decoder_start_channels=4, decoder_channels=8, decoder_blocks=2)
+    model, guide = build_kvae((1, 16, 16), config)
+    train = (torch.rand(6, 5, 1, 16, 16) > 0.9).float()
+    before = [p.detach().clone() for p in model.dynamics.lstm.parameters()]
+    warm_start(model, guide, train, WarmStartConfig(autoencoder_steps=2, frames_per_step=10, dynamics_steps=1, lstm_steps=2,
+                                                   trajectory_penalty=30.0, batch_size=3))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.dynamics.lstm.parameters()))
+    with pytest.raises(ValueError, match="trajectory_penalty"):
+        WarmStartConfig(trajectory_penalty=float("nan"))

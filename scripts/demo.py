@@ -26,7 +26,6 @@ from inference.registry import get_recipe
 DEMO_FRACTION_FROZEN = 4  # the LSTM is frozen for the first quarter of the epochs (the recipe: 10 of 80)
 DEMO_TRAIN_EVAL_SIZE = 100  # training sequences scored each epoch (train_elbo): the curve, at a fifth of all 500's cost
 DEMO_EPOCHS = {"kvae": 4, "vae": 12}  # the warm start does most of the KVAE's work
-DEMO_WARM_START_LR = 0.007  # Adam in the warm start: the recipe's initial rate
 
 
 def kvae_spec(args) -> RunSpec:
@@ -38,7 +37,7 @@ def kvae_spec(args) -> RunSpec:
         recipe.options(lstm_frozen_epochs=max(1, args.epochs // DEMO_FRACTION_FROZEN),
                        warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps,
                        dynamics_lstm_steps=args.dynamics_lstm_steps, trajectory_penalty=args.trajectory_penalty,
-                       warm_start_lr=DEMO_WARM_START_LR),
+                       warm_start_lr=recipe.train_defaults.lr),  # the warm start at the recipe's initial rate
     )
 
 

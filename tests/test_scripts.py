@@ -95,6 +95,7 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
     # The demo trains a KVAE and runs scripts/impute.py (random masks) on its run directory.
     result = run("scripts/demo.py", "--out", str(tmp_path / "demo"), "--epochs", "1", "--num-sequences", "12",
                  "--decoder-channels", "8", "--num-impute", "3", "--warm-start-steps", "2", "--dynamics-fit-steps", "2",
+                 "--dynamics-lstm-steps", "2",
                  "--cache-dir", str(tmp_path / "cache"))
     assert "smoothing" in result.stdout
     (run_dir,) = os.listdir(tmp_path / "demo")

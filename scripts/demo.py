@@ -36,8 +36,7 @@ def kvae_spec(args) -> RunSpec:
         replace(recipe.data_config, num_sequences=args.num_sequences, cache_dir=args.cache_dir),
         recipe.options(lstm_frozen_epochs=max(1, args.epochs // DEMO_FRACTION_FROZEN),
                        warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps,
-                       dynamics_lstm_steps=args.dynamics_lstm_steps, trajectory_penalty=args.trajectory_penalty,
-                       warm_start_lr=recipe.train_defaults.lr),  # the warm start at the recipe's initial rate
+                       dynamics_lstm_steps=args.dynamics_lstm_steps, trajectory_penalty=args.trajectory_penalty),
     )
 
 
@@ -72,18 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="folder of the demo's run directories")
     p.add_argument("--model", choices=("kvae", "vae"), default="kvae", help="the demo to run")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {DEMO_EPOCHS}; kvae: after the warm start)")
-    p.add_argument("--lr", type=float, default=0.002, help="kvae: Adam's learning rate after the warm start (the recipe: 0.007, which "
-                   "first undoes much of what the warm start learned)")
+    p.add_argument("--lr", type=float, default=kvae.train_defaults.lr, help="kvae: Adam's learning rate after the warm start (the "
+                   "original recipe's 0.007 first undoes much of what the warm start learned)")
     p.add_argument("--num-sequences", type=int, default=500, help="kvae: generated training sequences")
     p.add_argument("--decoder-channels", type=int, default=32, help="kvae: sub-pixel block width (the paper: 128)")
     p.add_argument("--num-impute", type=int, default=100, help="kvae: held-out sequences scored for imputation")
     p.add_argument("--cache-dir", default="data/cache", help="where generated sequence sets are cached")
-    p.add_argument("--warm-start-steps", type=int, default=1500,
+    p.add_argument("--warm-start-steps", type=int, default=kvae.options.warm_start_steps,
                    help="kvae: autoencoder steps of the warm start (0: from scratch as the original recipe, which often collapses)")
-    p.add_argument("--trajectory-penalty", type=float, default=30.0,
-                   help="kvae: warm start, weight of the straight-trajectory penalty on the codes (0: off, the train.py default)")
+    p.add_argument("--trajectory-penalty", type=float, default=kvae.options.trajectory_penalty,
+                   help="kvae: warm start, weight of the straight-trajectory penalty on the codes (0: off)")
     p.add_argument("--dynamics-fit-steps", type=int, default=kvae.options.dynamics_fit_steps, help="kvae: warm start, LGSSM fitting steps")
-    p.add_argument("--dynamics-lstm-steps", type=int, default=1500, help="kvae: warm start, then steps fitting the LSTM with the LGSSM")
+    p.add_argument("--dynamics-lstm-steps", type=int, default=kvae.options.dynamics_lstm_steps, help="kvae: warm start, then steps fitting the LSTM with the LGSSM")
     p.add_argument("--seed", type=int, default=0, help="seed of the run")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)

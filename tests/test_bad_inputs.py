@@ -192,7 +192,7 @@ def test_one_training_sequence_trains_and_reports(tmp_path, capsys):
     # A degenerate but valid request ends with a correct result, not a crash after the work is done.
     out = tmp_path / "run"
     code, err = run_script("train.py", ["kvae", "--num-sequences", "1", "--num-steps", "6", "--decoder-channels", "8",
-                                        "--epochs", "1", "--warm-start-steps", "2", "--dynamics-fit-steps", "2",
+                                        "--epochs", "1", "--warm-start-steps", "2", "--dynamics-fit-steps", "2", "--dynamics-lstm-steps", "2",
                                         "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(out)], capsys)
     assert code == 0, err
     metrics = (out / "metrics.jsonl").read_text()

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAE = ["vae", "--data", "shapes", "--num-shapes", "120", "--z-dim", "3", "--hidden-dims", "16", "--batch-size", "20",
        "--epochs", "3", "--kl-schedule", "linear"]
 KVAE = ["kvae", "--num-sequences", "10", "--num-steps", "6", "--decoder-channels", "8", "--epochs", "2", "--batch-size", "5",
-        "--warm-start-steps", "4", "--dynamics-fit-steps", "3", "--lstm-frozen-epochs", "1"]
+        "--warm-start-steps", "4", "--dynamics-fit-steps", "3", "--dynamics-lstm-steps", "3", "--lstm-frozen-epochs", "1"]
 
 
 def train(args, out, failpoint=None):

@@ -116,7 +116,7 @@ def test_masked_elbo_reads_observed_frames_only(name, guide):
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
 def test_every_sequence_model_trains_on_gaps_without_reading_them(name, tmp_path):
     recipe = recipes()[name]
-    options = recipe.options(**({"warm_start_steps": 2, "dynamics_fit_steps": 2} if hasattr(recipe.options(), "warm_start_steps") else {}))
+    options = recipe.options(**({"warm_start_steps": 2, "dynamics_fit_steps": 2, "dynamics_lstm_steps": 2} if hasattr(recipe.options(), "warm_start_steps") else {}))
     histories = []
     for run, junk in (("zeros", None), ("junk", 0.7)):
         config, data = gappy_data(recipe, junk=junk)

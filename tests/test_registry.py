@@ -207,7 +207,7 @@ def test_every_model_and_guide_trains_loads_and_imputes_through_one_path(name, g
     recipe = recipes()[name]
     config, data = example_data(recipe)
     config = dataclasses.replace(config, guide=guide)
-    options = recipe.options(**({"warm_start_steps": 2, "dynamics_fit_steps": 2} if hasattr(recipe.options(), "warm_start_steps") else {}))
+    options = recipe.options(**({"warm_start_steps": 2, "dynamics_fit_steps": 2, "dynamics_lstm_steps": 2} if hasattr(recipe.options(), "warm_start_steps") else {}))
     out = str(tmp_path / "run")
     history = train(RunSpec(name, config, tiny_train(), options=options), out, data=data)
     assert math.isfinite(history[-1]["test_elbo"])

@@ -109,7 +109,8 @@ def test_kvae_demo_train_and_impute_scripts(tmp_path):
     assert "consecutive 15" in result.stdout
     out = str(tmp_path / "kvae")
     run("scripts/train.py", "kvae", "--num-sequences", "10", "--num-steps", "6", "--decoder-channels", "8", "--epochs", "1",
-        "--batch-size", "5", "--warm-start-steps", "2", "--dynamics-fit-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--batch-size", "5", "--warm-start-steps", "2", "--dynamics-fit-steps", "2", "--dynamics-lstm-steps", "2",
+        "--cache-dir", str(tmp_path / "cache"),
         "--no-progress", "--out", out)
     warm = json.load(open(os.path.join(out, "warm_start.json")))
     assert len(warm["code_std"]) == 2 and warm["config"]["autoencoder_steps"] == 2

@@ -4,11 +4,13 @@ import torch
 
 from inference.recipes.kvae_warmstart import (
     WarmStartConfig,
+    best_warm_start,
     fit_dynamics,
     pretrain_autoencoder,
     standardise_codes,
     warm_start,
     warm_start_for,
+    warm_start_score,
 )
 from inference.trainer import TrainConfig
 from pyro_models.kvae import KalmanPrior, KVAEConfig, build_kvae
@@ -123,3 +125,67 @@ def test_warm_start_with_the_penalty_and_the_lstm_stage_moves_the_lstm():
     assert any(not torch.equal(b, p) for b, p in zip(before, model.dynamics.lstm.parameters()))
     with pytest.raises(ValueError, match="trajectory_penalty"):
         WarmStartConfig(trajectory_penalty=float("nan"))
+
+
+def test_warm_start_score_against_a_hand_computation_and_its_mask():
+    torch.manual_seed(0)
+    model, guide = build((6,))
+    x = frames((6,), n=4)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3] = False
+    with torch.no_grad():
+        codes = guide.posterior(x).mean  # (4, 5, 2)
+        pixels = torch.nn.functional.binary_cross_entropy_with_logits(model.frame_logits(codes), x, reduction="none").sum(-1)  # (4, 5)
+        log_prior = sum(KalmanPrior(model.dynamics, (1,), 5, 2).log_prob(codes[i : i + 1]).sum() for i in range(4))
+    assert warm_start_score(model, guide, x) == pytest.approx(float((pixels.sum() - log_prior) / 20), rel=1e-5)
+    assert warm_start_score(model, guide, x, mask) == pytest.approx(float((pixels[mask].sum() - log_prior) / 18), rel=1e-5)
+
+
+def _weights(*modules):
+    return [t.detach().clone() for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def _restarted(restarts: int, x: torch.Tensor):
+    """A sabotaged first model (its decoder's output bias at -50: every pixel off), warm-started with
+    ``restarts`` tries and no autoencoder stage, so the sabotage survives and a fresh try must win.
+    Returns the model, guide, result, fresh pairs built and the next three draws of the random stream."""
+    torch.manual_seed(1)
+    model, guide = build((6,))
+    with torch.no_grad():
+        model.decoder.net[-1].bias.fill_(-50.0)
+    rebuilt = []
+
+    def rebuild():
+        rebuilt.append(build((6,)))
+        return rebuilt[-1]
+
+    config = WarmStartConfig(autoencoder_steps=0, dynamics_steps=2, batch_size=4, seed=3, restarts=restarts)
+    result = best_warm_start(model, guide, x, config, rebuild=rebuild)
+    return model, guide, result, rebuilt, torch.rand(3)
+
+
+def test_best_warm_start_of_one_is_the_plain_warm_start():
+    config = WarmStartConfig(autoencoder_steps=4, frames_per_step=20, dynamics_steps=2, batch_size=4, seed=3)
+    x = frames((6,), n=8)
+    pairs, results = [], []
+    for run in (warm_start, lambda m, g, x, c: best_warm_start(m, g, x, c, rebuild=lambda: build((6,)))):
+        torch.manual_seed(1)
+        model, guide = build((6,))
+        results.append(run(model, guide, x, config))
+        pairs.append(_weights(model, guide))
+    assert results[0].scores == results[1].scores and len(results[0].scores) == 1 and results[1].chosen == 0
+    assert all(torch.equal(a, b) for a, b in zip(*pairs))
+
+
+def test_best_warm_start_keeps_the_lowest_score_and_the_runs_random_stream():
+    x = frames((6,), n=8)
+    _, _, single, _, stream_after_one = _restarted(1, x)
+    model, guide, result, rebuilt, stream_after_three = _restarted(3, x)
+    assert len(result.scores) == 3 and len(rebuilt) == 2 and result.scores[0] == single.scores[0]
+    assert result.chosen > 0 and result.scores[result.chosen] == min(result.scores) < result.scores[0]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model, guide), _weights(*rebuilt[result.chosen - 1])))
+    assert warm_start_score(model, guide, x) == pytest.approx(min(result.scores), rel=1e-5)
+    # the fresh tries run in a forked random state: afterwards the run draws what it would after one
+    assert torch.equal(stream_after_one, stream_after_three)
+    with pytest.raises(ValueError, match="restarts"):
+        WarmStartConfig(restarts=0)

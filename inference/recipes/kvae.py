@@ -18,7 +18,7 @@ from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence
 from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
 from ..trainer import Callback, TrainConfig, Trainer
-from .kvae_warmstart import WarmStartConfig, warm_start, warm_start_for
+from .kvae_warmstart import WarmStartConfig, best_warm_start, warm_start_for
 
 # The optimisation recipe of the original code (simonkamronn/kvae): Adam at 0.007, x0.85 every 20 epochs,
 # clip 150, batch 32, 80 epochs, LSTM frozen 10 epochs. Its loss is the mean per frame, which its gradient
@@ -32,6 +32,8 @@ LSTM_FROZEN_EPOCHS = 2
 # The warm start of the default run: 1,500 autoencoder steps with the straight-trajectory penalty, the
 # bases, then 1,500 steps fitting the LSTM too, all at the recipe's initial rate.
 WARM_START_STEPS, TRAJECTORY_PENALTY, DYNAMICS_LSTM_STEPS = 1500, 30.0, 1500
+# Warm starts tried from fresh initialisations, the best by its own score kept (kvae_warmstart.py).
+WARM_START_RESTARTS = 3
 WARM_START_FILE = "warm_start.json"
 
 
@@ -46,12 +48,15 @@ class KVAEOptions:
     dynamics_lstm_steps: int = DYNAMICS_LSTM_STEPS  # warm start: then steps fitting every dynamics parameter, the LSTM included
     warm_start_lr: Optional[float] = RECIPE_LR  # warm start: Adam's learning rate (none: the run's lr)
     trajectory_penalty: float = TRAJECTORY_PENALTY  # warm start: weight of the straight-trajectory penalty on the autoencoder's codes (0: off)
+    warm_start_restarts: int = WARM_START_RESTARTS  # warm start: tries from fresh initialisations, the lowest score kept (1: one try)
 
     def __post_init__(self):
         for name in ("lstm_frozen_epochs", "kl_warmup_epochs", "warm_start_steps", "dynamics_fit_steps", "dynamics_lstm_steps",
                      "trajectory_penalty"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.warm_start_restarts >= 1:
+            raise ValueError(f"warm_start_restarts: expected an integer >= 1, got {self.warm_start_restarts}")
         if self.warm_start_lr is not None and not 0 < self.warm_start_lr < float("inf"):
             raise ValueError(f"warm_start_lr: expected a finite number > 0 or None, got {self.warm_start_lr}")
 
@@ -131,14 +136,19 @@ def _warm_start(context: Context) -> None:
     """The warm start (``warm_start.py``), its losses written to ``RUN/warm_start.json``."""
     options = context.options
     warm = warm_start_for(context.train, options.warm_start_steps, options.dynamics_fit_steps, options.dynamics_lstm_steps,
-                          options.trajectory_penalty, options.warm_start_lr)
+                          options.trajectory_penalty, options.warm_start_lr, options.warm_start_restarts)
     if warm is None:
         return
-    result = warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,
-                        progress=context.train.progress, mask=context.data.train_mask)
+    shape = tuple(context.data.train.shape[1:])  # (T, *frame_shape)
+    result = best_warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,
+                             rebuild=lambda: _build(shape, context.config), progress=context.train.progress,
+                             mask=context.data.train_mask)
     if context.run is not None:
         record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}
         context.run.write_json(WARM_START_FILE, {**record, "config": asdict(warm)})
+
+
+_build = sequence_builder(build_kvae)
 
 
 def _example():
@@ -149,7 +159,7 @@ def _example():
 
 RECIPES = (
     Recipe(
-        name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=sequence_builder(build_kvae),
+        name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=_build,
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=KVAE_TRAIN_DEFAULTS, guides=GUIDES,
         options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
         compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",

@@ -131,6 +131,84 @@ def test_apply_constraints_fills_forced_values():
     assert apply_constraints(torch.zeros(1, 4), config)[0].tolist() == [1, 0, 1, 0, 1]
 
 
+def test_boundary_warmup_draws_only_the_forced_boundaries():
+    """With free boundaries switched off (the warm-up), prior and posterior samples and the noise-free
+    segmentation have exactly the l_max-forced boundaries and no boundary site is scored; switched back
+    on, the same networks (biased towards boundaries) draw free ones again."""
+    config = tiny(max_segments=3, max_length=3)
+    batch, steps = 50, 8
+    model, guide = build_hrssm(VECTOR, config)
+    set_boundary_bias(model, guide, 5.0)  # a boundary wherever one is free
+    x = torch.rand(batch, steps, *VECTOR)
+    forced_only = apply_constraints(torch.zeros(batch, steps - 1), config)  # frames 1, 4, 7 start
+
+    def segmentations():
+        guide_trace, model_trace = traces(model, guide, x)
+        _, prior_starts = generate(model, batch, steps)
+        drawn = [guide_trace.nodes["_RETURN"]["value"], prior_starts,
+                 boundaries_from_trace(guide_trace, config, model.temperature.free_tensor(x)).starts,
+                 posterior_boundaries(guide, x).starts, posterior_boundaries(guide, x, sample=True).starts]
+        scored = [bool(trace.nodes[f"m_{t}"]["mask"].any()) for trace in (guide_trace, model_trace) for t in range(1, steps)]
+        return drawn, any(scored)
+
+    model.temperature.free_boundaries = False
+    assert guide.temperature.free_boundaries is False  # shared
+    drawn, scored = segmentations()
+    for starts in drawn:
+        assert torch.equal(starts, forced_only)
+    assert not scored
+    model.temperature.free_boundaries = True
+    drawn, scored = segmentations()
+    for starts in drawn:
+        assert not torch.equal(starts, forced_only) and check_constraints(starts, config)[0]  # N_max reached
+    assert scored
+
+
+def test_boundary_warmup_schedule_and_checkpoint():
+    config = tiny(boundary_warmup_steps=3)
+    model, guide = build_hrssm(VECTOR, config)
+    assert model.temperature.free_boundaries  # a built model is not in warm-up until training starts
+    schedule = TemperatureAnnealing(model.temperature, config)
+    free = []
+    for _ in range(5):
+        schedule.before_step(None, None)
+        free.append(model.temperature.free_boundaries)
+    assert free == [False, False, False, True, True]
+    model.temperature.free_boundaries = False
+    restored, _ = build_hrssm(VECTOR, config)
+    restored.load_state_dict(model.state_dict())
+    assert restored.temperature.free_boundaries is False and restored.temperature.value == model.temperature.value
+
+
+def test_compiled_training_follows_the_boundary_warmup():
+    # The switch is read from a buffer like the temperature: a loss compiled during the warm-up (no free
+    # boundary) draws free boundaries after it, step for step as the eager run; a warm-up of 0 steps
+    # gives other losses from the first step (the warm-up did act).
+    steps, frames = 6, torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
+    runs = {}
+    for warmup, jit in ((3, False), (3, True), (0, False)):
+        config = tiny(max_segments=3, max_length=3, boundary_warmup_steps=warmup)
+        torch.manual_seed(0)
+        model, guide = build_hrssm((3, 16, 16), config)
+        set_boundary_bias(model, guide, 2.0)
+        schedule = TemperatureAnnealing(model.temperature, config)
+        trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
+                          units_per_example=5)
+        trainer._setup_optimizer(frames)
+        torch.manual_seed(1)
+        losses, free = [], []
+        for _ in range(steps):
+            schedule.before_step(trainer, frames)
+            free.append(model.temperature.free_boundaries)
+            losses.append(trainer.step(frames))
+        runs[warmup, jit] = losses, free, torch.cat([p.detach().flatten() for p in trainer.params])
+    (eager, eager_free, eager_params), (compiled, compiled_free, compiled_params) = runs[3, False], runs[3, True]
+    assert eager_free == compiled_free == [False] * 3 + [True] * 3
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert torch.allclose(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
+    assert all(other != pytest.approx(warm, rel=1e-5) for other, warm in zip(runs[0, False][0][:3], eager[:3]))
+
+
 # --------------------------------------------------------------------------------- COPY steps
 def test_copy_step_keeps_z_and_adds_no_kl():
     config = tiny(max_segments=4, max_length=4)
@@ -449,6 +527,8 @@ def test_bad_input_is_named():
     for bad, match in [(dict(max_segments=0), "max_segments"), (dict(temperature_min=2.0), "temperature_min"),
                        (dict(boundary_kernel=2), "boundary_kernel"), (dict(obs_scale=0.0), "obs_scale"),
                        (dict(kl_weight_boundary=-1.0), "kl_weight_boundary"),
+                       (dict(boundary_warmup_steps=-1), "boundary_warmup_steps: expected >= 0, got -1"),
+                       (dict(boundary_warmup_steps=5, boundaries=False), "boundary_warmup_steps: applies to boundaries only"),
                        (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only")]:
         with pytest.raises(ValueError, match=match):
             tiny(**bad)

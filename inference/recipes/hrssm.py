@@ -33,14 +33,16 @@ MEAN_FIELD_WARNING = "Failed to verify mean field restriction"
 
 
 class TemperatureAnnealing(Callback):
-    """Sets the boundary temperature to :func:`annealed_temperature` before every training step (its
-    own step count is saved in checkpoints) and reports it each epoch."""
+    """The boundary schedule: before every training step, sets the boundary temperature to
+    :func:`annealed_temperature` and allows free boundaries once ``config.boundary_warmup_steps`` steps
+    are done (its own step count is saved in checkpoints); reports the temperature each epoch."""
 
     def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
         self.temperature, self.config, self.step = temperature, config, 0
 
     def before_step(self, trainer: Trainer, batch) -> None:
         self.temperature.value = annealed_temperature(self.step, self.config)
+        self.temperature.free_boundaries = self.step >= self.config.boundary_warmup_steps
         self.step += 1
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ read from traces."""
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import pyro
 import torch
@@ -31,11 +31,16 @@ class SegmentCounter:
     For ``T <= max_segments * max_length`` the two are never forced at once and every sequence ends with
     at most N_max segments of at most l_max frames (by induction on the invariant
     ``r <= (l_max - l) + (N_max - n) l_max``).
+    ``free`` (a 0-d bool tensor, default True) False forces COPY wherever l_max does not force a READ
+    (the boundary warm-up, ``HRSSMConfig.boundary_warmup_steps``): segments are then l_max frames long,
+    ceil(T / l_max) <= N_max of them. A tensor, not a Python bool, so that a compiled loss reads it.
     Counts are integers and never carry gradients.
     """
 
-    def __init__(self, batch_size: int, num_steps: int, config: HRSSMConfig, device=None):
+    def __init__(self, batch_size: int, num_steps: int, config: HRSSMConfig, device=None,
+                 free: Optional[torch.Tensor] = None):
         self.num_steps, self.max_segments, self.max_length = num_steps, config.max_segments, config.max_length
+        self.free = free
         self.count = torch.ones(batch_size, dtype=torch.long, device=device)
         self.length = torch.ones(batch_size, dtype=torch.long, device=device)
 
@@ -45,6 +50,8 @@ class SegmentCounter:
         force_read = self.length >= self.max_length
         room = (self.max_segments - self.count) * self.max_length  # frames the segments still allowed can hold
         force_copy = (self.count >= self.max_segments) | (remaining > room)
+        if self.free is not None:
+            force_copy = force_copy | ~self.free
         return force_copy & ~force_read, force_read
 
     def update(self, read: torch.Tensor) -> None:
@@ -93,12 +100,12 @@ def update_site(read: torch.Tensor, gradient_weight: float):
     return stack
 
 
-def apply_constraints(raw: torch.Tensor, config: HRSSMConfig) -> torch.Tensor:
+def apply_constraints(raw: torch.Tensor, config: HRSSMConfig, free: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Segment starts ``(batch, T)`` (1 where a frame starts a segment; frame 1 always does) from raw 0/1
     boundaries ``raw (batch, T - 1)`` (``raw[:, t]``: after frame t + 1), with the forced values of
-    :class:`SegmentCounter` filled in, as the model and guide do."""
+    :class:`SegmentCounter` (``free`` as there) filled in, as the model and guide do."""
     batch, steps = raw.shape[0], raw.shape[1] + 1
-    counter = SegmentCounter(batch, steps, config, raw.device)
+    counter = SegmentCounter(batch, steps, config, raw.device, free)
     starts = [raw.new_ones(batch)]
     for index in range(steps - 1):
         force_copy, force_read = counter.forced(index)
@@ -127,13 +134,14 @@ def _num_steps(trace: Trace) -> int:
     return max(steps)
 
 
-def boundaries_from_trace(trace: Trace, config: HRSSMConfig) -> Segmentation:
+def boundaries_from_trace(trace: Trace, config: HRSSMConfig, free: Optional[torch.Tensor] = None) -> Segmentation:
     """The segmentation drawn in a trace of the guide (or of the model): the ``m_t`` site values with the
-    constraints re-applied (at forced steps the site holds the unused raw draw)."""
+    constraints re-applied (at forced steps the site holds the unused raw draw); ``free`` as the trace's
+    (``BoundaryTemperature.free_tensor``, during the boundary warm-up)."""
     steps = _num_steps(trace)
     z_value = trace.nodes["z_1"]["value"]
     batch = z_value.shape[-2]
     if not config.boundaries or steps == 1:
         return _segmentation(z_value.new_ones(batch, steps))
     raw = torch.stack([trace.nodes[f"m_{t}"]["value"].detach() for t in range(1, steps)], dim=-1)
-    return _segmentation(apply_constraints(raw, config))
+    return _segmentation(apply_constraints(raw, config, free))

@@ -42,6 +42,9 @@ class HRSSMConfig:
     temperature_min: float = 0.1  # its floor (official min_beta)
     temperature_decay: float = 0.999  # the boundary temperature is multiplied by this ...
     temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
+    # Training steps at the start with no free boundary: every m_t is a COPY unless l_max forces a READ,
+    # so the observation level learns the dynamics before any boundary is drawn (not official; 0: off).
+    boundary_warmup_steps: int = 0
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     kl_weight_abstract: float = 1.0  # training weight of the z-KL terms (official: all three KL weights 1)
     kl_weight_observation: float = 1.0  # training weight of the s-KL terms
@@ -81,6 +84,11 @@ class HRSSMConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if not 0.0 <= self.update_kl_gradient <= 1.0:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
+        if self.boundary_warmup_steps < 0:
+            raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
+        if self.boundary_warmup_steps and not self.boundaries:
+            raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
+                             f"got {self.boundary_warmup_steps}")
         if not self.observation_reset and not self.boundaries:
             raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
                              "re-initialises h_t at every step")
@@ -103,15 +111,18 @@ def annealed_temperature(step: int, config: HRSSMConfig) -> float:
 
 
 class BoundaryTemperature(nn.Module):
-    """The temperature of the relaxed boundaries, shared by model and guide (q and p of a boundary are
-    scored at the same temperature). ``value`` reads and sets it as a Python float; it is held in a
-    0-d buffer (not persistent: the state dict keeps the float, as before), which the model and guide
-    read, so a compiled loss (``TrainConfig.jit``) takes the current temperature as an input instead of
-    freezing the value it had when traced."""
+    """The boundary schedule's state, shared by model and guide: the temperature of the relaxed
+    boundaries (q and p of a boundary are scored at the same temperature) and whether free boundaries
+    may be drawn (``free_boundaries``; False during ``boundary_warmup_steps``, when every boundary the
+    constraints do not force is a COPY). ``value`` and ``free_boundaries`` read and set them as Python
+    values; both are held in 0-d buffers (not persistent: the state dict keeps the Python values, as
+    before), which the model and guide read, so a compiled loss (``TrainConfig.jit``) takes their
+    current values as inputs instead of freezing the ones it had when traced."""
 
-    def __init__(self, value: float):
+    def __init__(self, value: float, free_boundaries: bool = True):
         super().__init__()
         self.register_buffer("current", torch.tensor(float(value)), persistent=False)
+        self.register_buffer("free", torch.tensor(float(free_boundaries)), persistent=False)
 
     @property
     def value(self) -> float:
@@ -121,15 +132,28 @@ class BoundaryTemperature(nn.Module):
     def value(self, value: float) -> None:
         self.current.fill_(float(value))
 
+    @property
+    def free_boundaries(self) -> bool:
+        return bool(self.free > BINARY_THRESHOLD)
+
+    @free_boundaries.setter
+    def free_boundaries(self, free: bool) -> None:
+        self.free.fill_(float(free))
+
     def tensor(self, like: torch.Tensor) -> torch.Tensor:
         """The temperature as a 0-d tensor of ``like``'s dtype and device."""
         return self.current.to(dtype=like.dtype, device=like.device)
 
+    def free_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """Whether free boundaries may be drawn, a 0-d bool tensor on ``like``'s device."""
+        return self.free.to(device=like.device) > BINARY_THRESHOLD
+
     def get_extra_state(self) -> Any:
-        return {"value": self.value}
+        return {"value": self.value, "free_boundaries": self.free_boundaries}
 
     def set_extra_state(self, state: Any) -> None:
         self.value = float(state["value"])
+        self.free_boundaries = bool(state.get("free_boundaries", True))  # checkpoints from before the warm-up
 
 
 def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...],

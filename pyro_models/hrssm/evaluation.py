@@ -28,11 +28,13 @@ def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = Fals
     check_input(x, mask, guide.frame_shape, guide.config)
     with torch.no_grad(), _eval_mode(guide):
         if sample:
-            return boundaries_from_trace(poutine.trace(guide).get_trace(x, mask), guide.config)
+            return boundaries_from_trace(poutine.trace(guide).get_trace(x, mask), guide.config,
+                                         guide.temperature.free_tensor(x))
         if guide.boundary_posterior is None or x.shape[1] == 1:
             return _segmentation(x.new_ones(x.shape[:2]))
         logits = guide.boundary_logits(x, mask)
-        return _segmentation(apply_constraints((logits[:, 1:] > 0).to(x.dtype), guide.config))
+        raw = (logits[:, 1:] > 0).to(x.dtype)
+        return _segmentation(apply_constraints(raw, guide.config, guide.temperature.free_tensor(x)))
 
 
 def start_probabilities(guide: HRSSMGuide, x: torch.Tensor) -> torch.Tensor:

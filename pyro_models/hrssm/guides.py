@@ -53,7 +53,8 @@ class HRSSMGuide(_KLScaled, nn.Module):
             starts = [x.new_ones(batch)]
             if self.boundary_posterior is not None and steps > 1:
                 logits = self.boundary_posterior(e)
-                counter, temperature = SegmentCounter(batch, steps, cfg, x.device), self.temperature.tensor(x)
+                free = self.temperature.free_tensor(x)
+                counter, temperature = SegmentCounter(batch, steps, cfg, x.device, free), self.temperature.tensor(x)
                 for t in pyro.markov(range(steps - 1)):
                     with self._kl_scale(cfg.kl_weight_boundary):
                         starts.append(sample_boundary(f"m_{t + 1}", logits[:, t + 1], temperature, counter, t))

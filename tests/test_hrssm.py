@@ -625,3 +625,29 @@ def test_causal_guide_segments_online(guide_name):
     else:
         assert changed[:, 3].max() > 0  # the centred convolutions read ahead
     assert torch.isfinite(make_elbo("meanfield").differentiable_loss(model, guide, x))
+
+
+def test_epoch_report_has_the_segmentation_gap_and_leaves_training_draws_alone():
+    from inference.recipes.hrssm import HRSSMReport, epoch_segmentation_gap
+
+    frames, events = color_balls(6, num_steps=5, size=16, seed=0)
+    x = torch.from_numpy(frames)
+    model, guide = build_hrssm((3, 16, 16), tiny(max_segments=3, max_length=3))
+    set_boundary_bias(model, guide, 1.0)
+
+    class FakeTrainer:  # what the report reads of a Trainer
+        test_data, test_mask, device, run = x, None, torch.device("cpu"), None
+
+    FakeTrainer.model, FakeTrainer.guide = model, guide
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    metrics = HRSSMReport(torch.from_numpy(events), gap_sequences=4).on_epoch_end(FakeTrainer, 1)
+    assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
+    starts = posterior_boundaries(guide, x[:4]).starts
+    assert metrics["segmentation_gap"] == epoch_segmentation_gap(model, guide, x[:4], starts)  # common random numbers
+    torch.manual_seed(0)
+    own = segmentation_elbo(model, guide, x[:4], starts, 2).elbo.mean()
+    torch.manual_seed(0)
+    none = segmentation_elbo(model, guide, x[:4], torch.zeros_like(starts), 2).elbo.mean()
+    assert metrics["segmentation_gap"] == pytest.approx(float(own - none), rel=1e-6)
+    assert metrics["segmentation_gap"] != 0.0 and "boundary_f1" in metrics

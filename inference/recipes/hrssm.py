@@ -57,12 +57,14 @@ class TemperatureAnnealing(Callback):
 
 class HRSSMReport(Callback):
     """Each epoch, on the first held-out sequences: boundary precision / recall / F1 (+-1 frame; window
-    rule, and one-to-one as ``*_one_to_one``) against the true events when the data have them, and the
-    mean number of segments (metrics); the frames of two sequences with their inferred boundaries
-    (figure)."""
+    rule, and one-to-one as ``*_one_to_one``) against the true events when the data have them, the
+    mean number of segments and the label-free segmentation gap (:func:`epoch_segmentation_gap`) as
+    metrics; the frames of two sequences with their inferred boundaries (figure)."""
 
-    def __init__(self, test_events: Optional[torch.Tensor], num_sequences: int = 200, tolerance: int = 1):
+    def __init__(self, test_events: Optional[torch.Tensor], num_sequences: int = 200, tolerance: int = 1,
+                 gap_sequences: int = 100):
         self.test_events, self.num_sequences, self.tolerance = test_events, num_sequences, tolerance
+        self.gap_sequences = gap_sequences
 
     @torch.no_grad()
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
@@ -72,10 +74,30 @@ class HRSSMReport(Callback):
         metrics: Dict[str, Any] = {"mean_segments": float(starts.sum(1).mean())}
         if self.test_events is not None:
             metrics.update(boundary_metrics(starts, self.test_events[: x.shape[0]], self.tolerance))
+        if mask is None and self.gap_sequences > 0 and trainer.guide.boundary_posterior is not None:
+            n = min(self.gap_sequences, x.shape[0])
+            metrics["segmentation_gap"] = epoch_segmentation_gap(trainer.model, trainer.guide, x[:n], starts[:n].to(x.device))
         if trainer.run is not None and x.dim() == 5:
             boundary_figure(trainer.run.figure_path("boundaries", epoch), x, starts, self.test_events,
                             f"epoch {epoch}: frames starting a segment in blue")
         return metrics
+
+
+GAP_SEED = 0  # common random numbers for the two segmentations of the per-epoch gap
+GAP_SAMPLES = 2  # draws of (Z, S) per segmentation in the per-epoch gap
+
+
+def epoch_segmentation_gap(model, guide, x: torch.Tensor, starts: torch.Tensor) -> float:
+    """The segmentation gap (``inference.boundaries.segmentation_gap``: the ELBO with q(M | X) a point
+    mass on the guide's own boundaries ``starts (batch, T)`` minus that with none; nats per sequence)
+    of ``x (batch, T, *frame_shape)``, both with the same random draws (seed ``GAP_SEED``), in a forked
+    random state so that training draws what it would have drawn without it. Label-free."""
+    elbos = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for segmentation in (starts, torch.zeros_like(starts)):
+            torch.manual_seed(GAP_SEED)
+            elbos.append(float(segmentation_elbo(model, guide, x, segmentation, GAP_SAMPLES).elbo.mean()))
+    return elbos[0] - elbos[1]
 
 
 def boundary_figure(path: str, x: torch.Tensor, starts: torch.Tensor, events: Optional[torch.Tensor], title: str,

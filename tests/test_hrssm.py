@@ -651,3 +651,33 @@ def test_epoch_report_has_the_segmentation_gap_and_leaves_training_draws_alone()
     none = segmentation_elbo(model, guide, x[:4], torch.zeros_like(starts), 2).elbo.mean()
     assert metrics["segmentation_gap"] == pytest.approx(float(own - none), rel=1e-6)
     assert metrics["segmentation_gap"] != 0.0 and "boundary_f1" in metrics
+
+
+def _train_steps(config, jit, steps=4):
+    """Boundary-posterior parameters after ``steps`` training steps of a tiny HRSSM (fixed seeds)."""
+    frames = torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide = build_hrssm((3, 16, 16), config)
+    schedule = TemperatureAnnealing(model.temperature, config)
+    trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
+                      units_per_example=5)
+    trainer._setup_optimizer(frames)
+    torch.manual_seed(1)
+    for _ in range(steps):
+        schedule.before_step(trainer, frames)
+        trainer.step(frames)
+    return torch.cat([p.detach().flatten() for p in guide.boundary_posterior.parameters()])
+
+
+@pytest.mark.parametrize("option", [dict(update_kl_gradient=0.5), dict(kl_weight_observation=1.5),
+                                    dict(boundary_warmup_steps=2)])
+def test_compiled_training_keeps_every_training_option(option):
+    # Each option changes what q(M | X) learns in the eager run, and the compiled run learns the same.
+    # (A compiled loss is traced on inputs that need no gradient: a branch on ``requires_grad`` in the
+    # model took the wrong way there, and update_kl_gradient did nothing when compiled.)
+    base = tiny(max_segments=3, max_length=3)
+    changed = tiny(max_segments=3, max_length=3, **option)
+    eager, compiled = _train_steps(changed, jit=False), _train_steps(changed, jit=True)
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(compiled, _train_steps(base, jit=True), rtol=1e-4, atol=1e-6)

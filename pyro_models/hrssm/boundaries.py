@@ -94,7 +94,7 @@ def update_site(read: torch.Tensor, gradient_weight: float):
     update = read.detach() > BINARY_THRESHOLD
     stack = contextlib.ExitStack()
     stack.enter_context(poutine.mask(mask=update))
-    if gradient_weight > 0 and read.requires_grad:
+    if gradient_weight > 0:  # not read.requires_grad: a compiled loss is traced on inputs that need no grad
         gate = gradient_weight * read + (1.0 - gradient_weight) * read.detach()
         stack.enter_context(poutine.scale(scale=torch.where(update, gate, torch.ones_like(read))))
     return stack

@@ -2,6 +2,7 @@
 steps (z unchanged, no KL), gradients through the relaxed boundaries, shapes, the RSSM baseline, input
 errors and a Trainer smoke run. Tiny sizes throughout."""
 import math
+from typing import NamedTuple
 
 import pyro
 import pytest
@@ -131,6 +132,41 @@ def test_apply_constraints_fills_forced_values():
     assert apply_constraints(torch.zeros(1, 4), config)[0].tolist() == [1, 0, 1, 0, 1]
 
 
+class TrainedSteps(NamedTuple):
+    """What :func:`train_steps` records: the loss, temperature and free-boundary switch of every step,
+    and the trained parameters (all, and those of q(M | X))."""
+
+    losses: list
+    temperatures: list
+    free: list
+    params: torch.Tensor
+    boundary_params: torch.Tensor
+
+
+def train_steps(config, jit, steps, bias=None):
+    """``steps`` training steps of a tiny HRSSM on 4 colour-ball sequences (fixed seeds), the boundary
+    schedule set before each, eager or compiled; ``bias``: boundary logits' bias in model and guide."""
+    frames = torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide = build_hrssm((3, 16, 16), config)
+    if bias is not None:
+        set_boundary_bias(model, guide, bias)
+    schedule = TemperatureAnnealing(model.temperature, config)
+    trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
+                      units_per_example=5)
+    trainer._setup_optimizer(frames)
+    torch.manual_seed(1)
+    losses, temperatures, free = [], [], []
+    for _ in range(steps):
+        schedule.before_step(trainer, frames)
+        temperatures.append(model.temperature.value)
+        free.append(model.temperature.free_boundaries)
+        losses.append(trainer.step(frames))
+    flat = lambda params: torch.cat([p.detach().flatten() for p in params])  # noqa: E731
+    return TrainedSteps(losses, temperatures, free, flat(trainer.params), flat(guide.boundary_posterior.parameters()))
+
+
 def test_boundary_warmup_draws_only_the_forced_boundaries():
     """With free boundaries switched off (the warm-up), prior and posterior samples and the noise-free
     segmentation have exactly the l_max-forced boundaries and no boundary site is scored; switched back
@@ -184,29 +220,13 @@ def test_compiled_training_follows_the_boundary_warmup():
     # The switch is read from a buffer like the temperature: a loss compiled during the warm-up (no free
     # boundary) draws free boundaries after it, step for step as the eager run; a warm-up of 0 steps
     # gives other losses from the first step (the warm-up did act).
-    steps, frames = 6, torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
-    runs = {}
-    for warmup, jit in ((3, False), (3, True), (0, False)):
-        config = tiny(max_segments=3, max_length=3, boundary_warmup_steps=warmup)
-        torch.manual_seed(0)
-        model, guide = build_hrssm((3, 16, 16), config)
-        set_boundary_bias(model, guide, 2.0)
-        schedule = TemperatureAnnealing(model.temperature, config)
-        trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
-                          units_per_example=5)
-        trainer._setup_optimizer(frames)
-        torch.manual_seed(1)
-        losses, free = [], []
-        for _ in range(steps):
-            schedule.before_step(trainer, frames)
-            free.append(model.temperature.free_boundaries)
-            losses.append(trainer.step(frames))
-        runs[warmup, jit] = losses, free, torch.cat([p.detach().flatten() for p in trainer.params])
-    (eager, eager_free, eager_params), (compiled, compiled_free, compiled_params) = runs[3, False], runs[3, True]
-    assert eager_free == compiled_free == [False] * 3 + [True] * 3
-    assert compiled == pytest.approx(eager, rel=1e-5)
-    assert torch.allclose(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
-    assert all(other != pytest.approx(warm, rel=1e-5) for other, warm in zip(runs[0, False][0][:3], eager[:3]))
+    runs = {(warmup, jit): train_steps(tiny(max_segments=3, max_length=3, boundary_warmup_steps=warmup), jit, 6, bias=2.0)
+            for warmup, jit in ((3, False), (3, True), (0, False))}
+    eager, compiled = runs[3, False], runs[3, True]
+    assert eager.free == compiled.free == [False] * 3 + [True] * 3
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert torch.allclose(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
+    assert all(other != pytest.approx(warm, rel=1e-5) for other, warm in zip(runs[0, False].losses[:3], eager.losses[:3]))
 
 
 # --------------------------------------------------------------------------------- COPY steps
@@ -571,27 +591,11 @@ def test_compiled_training_follows_the_annealed_temperature():
     # every annealed value: with the schedule moving it at each step, the compiled run's losses and
     # parameters equal the eager run's step for step. (A trace reading a Python float would freeze the
     # first temperature; the boundary KL then differs from the eager one from step 1 on.)
-    steps, frames = 8, torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
     config = tiny(max_segments=3, max_length=3, temperature_decay=0.5, temperature_decay_steps=1.0)
-    runs = []
-    for jit in (False, True):
-        torch.manual_seed(0)
-        model, guide = build_hrssm((3, 16, 16), config)
-        annealing = TemperatureAnnealing(model.temperature, config)
-        trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[annealing],
-                          units_per_example=5)
-        trainer._setup_optimizer(frames)
-        torch.manual_seed(1)
-        losses, temperatures = [], []
-        for _ in range(steps):
-            annealing.before_step(trainer, frames)
-            temperatures.append(model.temperature.value)
-            losses.append(trainer.step(frames))
-        runs.append((losses, temperatures, torch.cat([p.detach().flatten() for p in trainer.params])))
-    (eager, eager_temperatures, eager_params), (compiled, compiled_temperatures, compiled_params) = runs
-    assert compiled_temperatures == eager_temperatures and eager_temperatures[-1] < 0.2  # it did move
-    assert compiled == pytest.approx(eager, rel=1e-5)
-    assert torch.allclose(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
+    eager, compiled = (train_steps(config, jit, 8) for jit in (False, True))
+    assert compiled.temperatures == eager.temperatures and eager.temperatures[-1] < 0.2  # it did move
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert torch.allclose(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
 
 
 def test_start_probabilities_match_the_noise_free_boundaries():
@@ -653,23 +657,6 @@ def test_epoch_report_has_the_segmentation_gap_and_leaves_training_draws_alone()
     assert metrics["segmentation_gap"] != 0.0 and "boundary_f1" in metrics
 
 
-def _train_steps(config, jit, steps=4):
-    """Boundary-posterior parameters after ``steps`` training steps of a tiny HRSSM (fixed seeds)."""
-    frames = torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    model, guide = build_hrssm((3, 16, 16), config)
-    schedule = TemperatureAnnealing(model.temperature, config)
-    trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
-                      units_per_example=5)
-    trainer._setup_optimizer(frames)
-    torch.manual_seed(1)
-    for _ in range(steps):
-        schedule.before_step(trainer, frames)
-        trainer.step(frames)
-    return torch.cat([p.detach().flatten() for p in guide.boundary_posterior.parameters()])
-
-
 @pytest.mark.parametrize("option", [dict(update_kl_gradient=0.5), dict(kl_weight_observation=1.5),
                                     dict(boundary_warmup_steps=2)])
 def test_compiled_training_keeps_every_training_option(option):
@@ -678,6 +665,6 @@ def test_compiled_training_keeps_every_training_option(option):
     # model took the wrong way there, and update_kl_gradient did nothing when compiled.)
     base = tiny(max_segments=3, max_length=3)
     changed = tiny(max_segments=3, max_length=3, **option)
-    eager, compiled = _train_steps(changed, jit=False), _train_steps(changed, jit=True)
+    eager, compiled, unchanged = (train_steps(c, jit, 4).boundary_params for c, jit in ((changed, False), (changed, True), (base, True)))
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(compiled, _train_steps(base, jit=True), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(compiled, unchanged, rtol=1e-4, atol=1e-6)

@@ -129,7 +129,8 @@ class HRSSM(_KLScaled, nn.Module):
         cfg = self.config
         c = like.new_zeros(batch_size, cfg.abstract_belief_size)
         read = like.new_ones(batch_size)  # frame 1 starts a segment
-        counter = SegmentCounter(batch_size, num_steps, cfg, like.device, self.temperature.free_tensor(like)) if cfg.boundaries else None
+        free = self.temperature.free_tensor(like)
+        counter = SegmentCounter(batch_size, num_steps, cfg, like.device, free) if cfg.boundaries else None
         temperature = self.temperature.tensor(like)
         z = h = s = None
         trajectory: List[Tuple[torch.Tensor, ...]] = []

@@ -27,14 +27,19 @@ from pyro_models.hrssm import (
     segmentation_elbo,
     start_probabilities,
 )
+from pyro_models.hrssm.config import BOUNDARY_WARMUP_STEPS
 
 # The guide draws every boundary before the states (q(z_t | M, X) needs them all), the model draws each
 # after its state, so TraceMeanField_ELBO's site-order heuristic warns; the analytic KLs are still valid
 # (docs/hrssm.md).
 pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
 
+# The official training settings (every KL weight 1, the UPDATE's z-KL gate detached, no warm-up), so
+# that the training loss is the negative ELBO the tests compute by hand; tests of the defaults' levers
+# set them explicitly.
 TINY = dict(abstract_belief_size=6, observation_belief_size=6, abstract_state_size=3, observation_state_size=3,
-            feature_size=6, conv_channels=4, mlp_hidden=(8,), boundary_layers=1)
+            feature_size=6, conv_channels=4, mlp_hidden=(8,), boundary_layers=1,
+            kl_weight_abstract=1.0, update_kl_gradient=0.0, boundary_warmup_steps=0)
 IMAGE, VECTOR = (3, 32, 32), (12,)
 
 
@@ -556,6 +561,13 @@ def test_bad_input_is_named():
         jumpy_rollout(model, guide, x, 0)
     with pytest.raises(ValueError, match="num_steps"):
         generate(model, 2, 7)
+
+
+def test_default_warmup_is_off_for_the_rssm_baseline():
+    """The default boundary warm-up holds back boundaries; the RSSM baseline has none, so its default is 0
+    (an explicit warm-up there is refused, above)."""
+    assert HRSSMConfig().boundary_warmup_steps == BOUNDARY_WARMUP_STEPS > 0
+    assert HRSSMConfig(boundaries=False).boundary_warmup_steps == 0
 
 
 # ------------------------------------------------------------------------------------- training

@@ -16,6 +16,7 @@ IMAGE_DIMS, VECTOR_DIMS = 3, 1  # frame_shape (C, H, W) or (D,)
 # for frame t reads frames 1..t only (left-padded convolutions).
 GUIDES = ("relaxed", "causal")
 BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as booleans with "> 0.5"
+BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up (HRSSMConfig.boundary_warmup_steps)
 
 
 @dataclass
@@ -43,16 +44,19 @@ class HRSSMConfig:
     temperature_decay: float = 0.999  # the boundary temperature is multiplied by this ...
     temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
     # Training steps at the start with no free boundary: every m_t is a COPY unless l_max forces a READ,
-    # so the observation level learns the dynamics before any boundary is drawn (not official; 0: off).
-    boundary_warmup_steps: int = 0
+    # so the observation level learns the dynamics before any boundary is drawn (not official, which is
+    # 0: off; 1,250 = 10 epochs of 2,000 sequences in batches of 16, docs/benchmarks.md).
+    boundary_warmup_steps: int = BOUNDARY_WARMUP_STEPS  # 0 with boundaries=False
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
-    kl_weight_abstract: float = 1.0  # training weight of the z-KL terms (official: all three KL weights 1)
+    # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
+    # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
+    kl_weight_abstract: float = 0.5
     kl_weight_observation: float = 1.0  # training weight of the s-KL terms
     kl_weight_boundary: float = 1.0  # training weight of the boundary (m) KL terms
     # Weight in [0, 1] of the straight-through gradient of an UPDATE step's z-KL: the KL is scaled by
     # w * gate + (1 - w) * detached gate (= 1 forward, so the ELBO's value is unchanged); backward,
-    # q(M | X) sees w times what the UPDATE costs. 0: detached (official).
-    update_kl_gradient: float = 0.0
+    # q(M | X) sees w times what the UPDATE costs. 0: detached (official); 0.25 not official.
+    update_kl_gradient: float = 0.25
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
     guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # relaxed: the paper's q(M | X) over the whole sequence; causal: q(M | X) reads past frames only
 
@@ -86,6 +90,8 @@ class HRSSMConfig:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
         if self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
+        if not self.boundaries and self.boundary_warmup_steps == BOUNDARY_WARMUP_STEPS:
+            self.boundary_warmup_steps = 0  # the default: the RSSM baseline has no boundary to hold back
         if self.boundary_warmup_steps and not self.boundaries:
             raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
                              f"got {self.boundary_warmup_steps}")

@@ -69,6 +69,7 @@ TRAIN_CASES = [
     (["hrssm", "--update-kl-gradient", "2"], "--update-kl-gradient: expected in [0, 1]"),
     (["hrssm", "--max-length", "0"], "--max-length: expected >= 1"),
     (["hrssm", "--boundary-kernel", "2"], "--boundary-kernel: expected an odd size"),
+    (["hrssm", "--no-boundaries", "--boundary-warmup-steps", "1250"], "--boundary-warmup-steps: applies to boundaries only"),
     (["hrssm", "--check-every-step"], "--check-every-step: Pyro's argument checks do not run inside a compiled loss"),
     (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
     (["dmm", "--guide", "made-up"], "--guide"),

@@ -564,10 +564,13 @@ def test_bad_input_is_named():
 
 
 def test_default_warmup_is_off_for_the_rssm_baseline():
-    """The default boundary warm-up holds back boundaries; the RSSM baseline has none, so its default is 0
-    (an explicit warm-up there is refused, above)."""
+    """The default boundary warm-up holds back boundaries; the RSSM baseline has none, so its default is 0.
+    An explicit warm-up there is refused, even one equal to the default with boundaries."""
     assert HRSSMConfig().boundary_warmup_steps == BOUNDARY_WARMUP_STEPS > 0
     assert HRSSMConfig(boundaries=False).boundary_warmup_steps == 0
+    assert HRSSMConfig(boundaries=False, boundary_warmup_steps=0).boundary_warmup_steps == 0
+    with pytest.raises(ValueError, match="boundary_warmup_steps: applies to boundaries only"):
+        HRSSMConfig(boundaries=False, boundary_warmup_steps=BOUNDARY_WARMUP_STEPS)
 
 
 # ------------------------------------------------------------------------------------- training

@@ -16,7 +16,7 @@ IMAGE_DIMS, VECTOR_DIMS = 3, 1  # frame_shape (C, H, W) or (D,)
 # for frame t reads frames 1..t only (left-padded convolutions).
 GUIDES = ("relaxed", "causal")
 BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as booleans with "> 0.5"
-BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up (HRSSMConfig.boundary_warmup_steps)
+BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up with boundaries (HRSSMConfig.boundary_warmup_steps=None)
 
 
 @dataclass
@@ -45,8 +45,9 @@ class HRSSMConfig:
     temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
     # Training steps at the start with no free boundary: every m_t is a COPY unless l_max forces a READ,
     # so the observation level learns the dynamics before any boundary is drawn (not official, which is
-    # 0: off; 1,250 = 10 epochs of 2,000 sequences in batches of 16, docs/benchmarks.md).
-    boundary_warmup_steps: int = BOUNDARY_WARMUP_STEPS  # 0 with boundaries=False
+    # 0: off). None (the default) resolves to 1,250 steps (10 epochs of 2,000 sequences in batches of
+    # 16, docs/benchmarks.md) with boundaries and to 0 for the RSSM baseline (boundaries=False).
+    boundary_warmup_steps: Optional[int] = None
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
     # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
@@ -88,10 +89,10 @@ class HRSSMConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if not 0.0 <= self.update_kl_gradient <= 1.0:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
+        if self.boundary_warmup_steps is None:  # the default: the RSSM baseline has no boundary to hold back
+            self.boundary_warmup_steps = BOUNDARY_WARMUP_STEPS if self.boundaries else 0
         if self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if not self.boundaries and self.boundary_warmup_steps == BOUNDARY_WARMUP_STEPS:
-            self.boundary_warmup_steps = 0  # the default: the RSSM baseline has no boundary to hold back
         if self.boundary_warmup_steps and not self.boundaries:
             raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
                              f"got {self.boundary_warmup_steps}")

@@ -1,6 +1,7 @@
 """The HRSSM (Variational Temporal Abstraction): hard constraints in prior and posterior samples, COPY
 steps (z unchanged, no KL), gradients through the relaxed boundaries, shapes, the RSSM baseline, input
 errors and a Trainer smoke run. Tiny sizes throughout."""
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -566,9 +567,12 @@ def test_bad_input_is_named():
 def test_default_warmup_is_off_for_the_rssm_baseline():
     """The default boundary warm-up holds back boundaries; the RSSM baseline has none, so its default is 0.
     An explicit warm-up there is refused, even one equal to the default with boundaries."""
-    assert HRSSMConfig().boundary_warmup_steps == BOUNDARY_WARMUP_STEPS > 0
-    assert HRSSMConfig(boundaries=False).boundary_warmup_steps == 0
-    assert HRSSMConfig(boundaries=False, boundary_warmup_steps=0).boundary_warmup_steps == 0
+    assert HRSSMConfig().warmup_steps == BOUNDARY_WARMUP_STEPS > 0
+    assert HRSSMConfig(boundaries=False).warmup_steps == 0
+    assert HRSSMConfig(boundaries=False, boundary_warmup_steps=0).warmup_steps == 0
+    assert HRSSMConfig(boundary_warmup_steps=7).warmup_steps == 7
+    # Switching a default config's boundaries off gives the baseline's default, not a refused warm-up.
+    assert dataclasses.replace(HRSSMConfig(), boundaries=False).warmup_steps == 0
     with pytest.raises(ValueError, match="boundary_warmup_steps: applies to boundaries only"):
         HRSSMConfig(boundaries=False, boundary_warmup_steps=BOUNDARY_WARMUP_STEPS)
 

@@ -36,7 +36,7 @@ MEAN_FIELD_WARNING = "Failed to verify mean field restriction"
 
 class TemperatureAnnealing(Callback):
     """The boundary schedule: before every training step, sets the boundary temperature to
-    :func:`annealed_temperature` and allows free boundaries once ``config.boundary_warmup_steps`` steps
+    :func:`annealed_temperature` and allows free boundaries once ``config.warmup_steps`` steps
     are done (its own step count is saved in checkpoints); reports the temperature each epoch."""
 
     def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
@@ -44,7 +44,7 @@ class TemperatureAnnealing(Callback):
 
     def before_step(self, trainer: Trainer, batch) -> None:
         self.temperature.value = annealed_temperature(self.step, self.config)
-        self.temperature.free_boundaries = self.step >= self.config.boundary_warmup_steps
+        self.temperature.free_boundaries = self.step >= self.config.warmup_steps
         self.step += 1
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:

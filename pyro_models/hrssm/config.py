@@ -89,11 +89,11 @@ class HRSSMConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if not 0.0 <= self.update_kl_gradient <= 1.0:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
-        if self.boundary_warmup_steps is None:  # the default: the RSSM baseline has no boundary to hold back
-            self.boundary_warmup_steps = BOUNDARY_WARMUP_STEPS if self.boundaries else 0
-        if self.boundary_warmup_steps < 0:
+        # None stays None (not resolved in place), so dataclasses.replace(config, boundaries=False) of a
+        # default config is still a default config; ``warmup_steps`` resolves it.
+        if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if self.boundary_warmup_steps and not self.boundaries:
+        if self.boundary_warmup_steps is not None and self.boundary_warmup_steps and not self.boundaries:
             raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
                              f"got {self.boundary_warmup_steps}")
         if not self.observation_reset and not self.boundaries:
@@ -104,6 +104,14 @@ class HRSSMConfig:
         for name in ("kl_weight_abstract", "kl_weight_observation", "kl_weight_boundary"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The boundary warm-up in steps: ``boundary_warmup_steps``, or where that is None (the default)
+        ``BOUNDARY_WARMUP_STEPS`` with boundaries and 0 for the RSSM baseline, which has none to hold back."""
+        if self.boundary_warmup_steps is not None:
+            return self.boundary_warmup_steps
+        return BOUNDARY_WARMUP_STEPS if self.boundaries else 0
 
     @property
     def max_steps(self) -> Optional[int]:

@@ -56,8 +56,10 @@ class HRSSMConfig:
     kl_weight_boundary: float = 1.0  # training weight of the boundary (m) KL terms
     # Weight in [0, 1] of the straight-through gradient of an UPDATE step's z-KL: the KL is scaled by
     # w * gate + (1 - w) * detached gate (= 1 forward, so the ELBO's value is unchanged); backward,
-    # q(M | X) sees w times what the UPDATE costs. 0: detached (official); 0.25 not official.
-    update_kl_gradient: float = 0.25
+    # q(M | X) sees w times what the UPDATE costs. 0: detached (official, and the default: w > 0 pushes
+    # q towards fewer segments, and on this library's defaults 0.25 left three seeds of five with too
+    # few, docs/benchmarks.md "w = 0 on every seed").
+    update_kl_gradient: float = 0.0
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
     guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # relaxed: the paper's q(M | X) over the whole sequence; causal: q(M | X) reads past frames only
 

@@ -58,7 +58,7 @@ class HRSSMConfig:
     # w * gate + (1 - w) * detached gate (= 1 forward, so the ELBO's value is unchanged); backward,
     # q(M | X) sees w times what the UPDATE costs. 0: detached (official, and the default: w > 0 pushes
     # q towards fewer segments, and on this library's defaults 0.25 left three seeds of five with too
-    # few, docs/benchmarks.md "w = 0 on every seed").
+    # few, docs/benchmarks.md "w = 0 on seven seeds").
     update_kl_gradient: float = 0.0
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
     guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # relaxed: the paper's q(M | X) over the whole sequence; causal: q(M | X) reads past frames only
@@ -95,7 +95,7 @@ class HRSSMConfig:
         # default config is still a default config; ``warmup_steps`` resolves it.
         if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if self.boundary_warmup_steps is not None and self.boundary_warmup_steps and not self.boundaries:
+        if self.boundary_warmup_steps and not self.boundaries:  # None (the default) and 0 are both falsy
             raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
                              f"got {self.boundary_warmup_steps}")
         if not self.observation_reset and not self.boundaries:

@@ -158,6 +158,7 @@ def test_resume_from_corrupt_checkpoints_is_one_line(files, capsys):
     ("impute.py", ["--run", "{root}/corrupt_run"], "no readable checkpoint"),
     ("evaluate.py", ["boundaries", "--run", "{root}/vae_run"], "holds a vae run; boundaries evaluates hrssm runs"),
     ("evaluate.py", ["boundaries", "--run", "{root}/vae_run", "--num-test", "0"], "--num-test: expected >= 1"),
+    ("evaluate.py", ["boundaries", "--run", "{root}/vae_run", "--threshold", "1.5"], "--threshold: expected in (0, 1), got 1.5"),
     ("evaluate.py", ["nonsense", "--run", "{root}/vae_run"], "invalid choice"),
     ("demo.py", ["--num-impute", "-1", "--out", "{root}/demo"], "--num-impute: expected >= 0, got -1"),
     ("demo.py", ["--epochs", "0", "--out", "{root}/demo"], "--epochs: expected >= 1, got 0"),

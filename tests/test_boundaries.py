@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from inference.boundaries import boundary_scores
+from pyro_models.hrssm import decode_boundaries
 from pyro_models.datasets import color_balls
 
 
@@ -77,3 +78,44 @@ def test_rank_runs_by_segmentation_gap_or_elbo():
         rank_runs(results, "f1")
     with pytest.raises(ValueError, match="results"):
         rank_runs({})
+
+
+# ----------------------------------------------------------------------------- reading q(m_t | X) without noise
+@pytest.mark.parametrize("probs, peaks, threshold, expected", [
+    ([0.45, 0.45, 0.10], True, 0.4, [1, 0, 0]),  # one event split over two frames: one boundary, the earlier
+    ([0.45, 0.45, 0.10], False, 0.5, [0, 0, 0]),  # ... which the per-frame argmax misses
+    ([0.60, 0.70, 0.20], True, 0.4, [0, 1, 0]),  # both above 0.5: one boundary at the peak
+    ([0.60, 0.70, 0.20], False, 0.5, [1, 1, 0]),  # ... which the argmax marks twice
+    ([0.30, 0.35, 0.30], True, 0.4, [0, 0, 0]),  # a peak below the threshold
+    ([0.90, 0.10, 0.90], True, 0.4, [1, 0, 1]),  # two peaks two frames apart are both kept
+    ([0.10, 0.20, 0.50], True, 0.4, [0, 0, 1]),  # the last frame can be a peak
+    ([0.50, 0.20, 0.10], True, 0.4, [1, 0, 0]),  # and the first
+    ([0.50, 0.20, 0.10], True, 0.6, [0, 0, 0]),
+])
+def test_decode_boundaries_by_hand(probs, peaks, threshold, expected):
+    logits = torch.logit(torch.tensor([probs], dtype=torch.float64))
+    assert decode_boundaries(logits, peaks, threshold).tolist() == [[float(v) for v in expected]]
+
+
+@pytest.mark.parametrize("peaks", [False, True])
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+def test_decode_boundaries_against_a_loop(peaks, threshold):
+    torch.manual_seed(0)
+    logits = torch.randn(50, 12)
+    logits[:, 5] = logits[:, 4]  # ties
+    p = torch.sigmoid(logits).tolist()
+    expected = [[float(row[t] > threshold and (not peaks or ((t == 0 or row[t] > row[t - 1])
+                                                           and (t == len(row) - 1 or row[t] >= row[t + 1]))))
+                 for t in range(len(row))] for row in p]
+    assert decode_boundaries(logits, peaks, threshold).tolist() == expected
+    if peaks:  # a free boundary never has a neighbour
+        raw = decode_boundaries(logits, peaks, threshold)
+        assert not (raw[:, 1:] * raw[:, :-1]).any()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.5])
+def test_decode_boundaries_refuses_a_threshold_outside_the_unit_interval(threshold):
+    with pytest.raises(ValueError, match="threshold: expected in \\(0, 1\\)"):
+        decode_boundaries(torch.zeros(2, 3), threshold=threshold)
+    with pytest.raises(ValueError, match="logits: expected"):
+        decode_boundaries(torch.zeros(3))

@@ -107,7 +107,8 @@ def test_constraints_hold_in_prior_and_posterior_samples(bias, steps):
     assert torch.equal(posterior.starts, guide_trace.nodes["_RETURN"]["value"])
     assert torch.equal(posterior.num_segments, posterior.starts.sum(-1).long())
     reached.append(check_constraints(posterior.starts, config))
-    reached.append(check_constraints(posterior_boundaries(guide, x).starts, config))  # noise-free argmax
+    reached.append(check_constraints(posterior_boundaries(guide, x, peaks=False, threshold=0.5).starts, config))  # noise-free argmax
+    check_constraints(posterior_boundaries(guide, x).starts, config)  # the peaks: never more boundaries than the argmax
 
     if bias > 0:
         assert all(n_max for n_max, _ in reached)
@@ -358,7 +359,7 @@ def test_segmentation_elbo_matches_pyro_elbo_of_a_deterministic_posterior(bias):
     set_boundary_bias(model, guide, bias)
     model.eval(), guide.eval()
     x = torch.rand(4, 8, *VECTOR)
-    starts = posterior_boundaries(guide, x).starts
+    starts = posterior_boundaries(guide, x, peaks=False, threshold=0.5).starts  # the argmax: q's point mass
     assert (starts[:, 1:] == (1.0 if bias > 0 else 0.0)).any()  # free steps follow the bias
     draws = 150
     elbo = make_elbo("meanfield")
@@ -617,17 +618,29 @@ def test_compiled_training_follows_the_annealed_temperature():
     assert torch.allclose(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
 
 
-def test_start_probabilities_match_the_noise_free_boundaries():
+def peaks_above(probs, threshold):
+    """Reference for the peak reading, frame by frame: above ``threshold``, above the frame before and
+    not below the frame after."""
+    return torch.tensor([[row[t] > threshold and (t == 0 or row[t] > row[t - 1]) and (t == len(row) - 1 or row[t] >= row[t + 1])
+                          for t in range(len(row))] for row in probs.tolist()])
+
+
+@pytest.mark.parametrize("peaks, threshold", [(False, 0.5), (True, 0.5)])  # an untrained guide is near 1/2
+def test_start_probabilities_match_the_noise_free_boundaries(peaks, threshold):
     """With constraints that never bind (N_max = l_max = T), a frame starts a segment in the noise-free
-    segmentation exactly when its start probability is above 1/2."""
+    segmentation exactly when its start probability is above the threshold (1/2: the per-frame argmax)
+    and, with ``peaks``, a local maximum over time."""
     steps = 9
     model, guide = build_hrssm(VECTOR, tiny(max_segments=steps, max_length=steps))
     x = torch.randn(6, steps, *VECTOR) * 3
     probs = start_probabilities(guide, x)
     assert probs.shape == (6, steps - 1) and ((probs > 0) & (probs < 1)).all()
-    assert 0 < (probs > 0.5).float().mean() < 1  # both sides of 1/2 occur, so the comparison can fail
-    starts = posterior_boundaries(guide, x).starts
-    assert torch.equal(starts[:, 1:].bool(), probs > 0.5) and (starts[:, 0] == 1).all()
+    assert 0 < (probs > threshold).float().mean() < 1  # both sides of the threshold occur, so the comparison can fail
+    expected = peaks_above(probs, threshold) if peaks else probs > threshold
+    if peaks:
+        assert (expected != (probs > threshold)).any()  # the peak reading drops some frames above the threshold
+    starts = posterior_boundaries(guide, x, peaks=peaks, threshold=threshold).starts
+    assert torch.equal(starts[:, 1:].bool(), expected) and (starts[:, 0] == 1).all()
     _, rssm_guide = build_hrssm(VECTOR, tiny(boundaries=False))
     with pytest.raises(ValueError, match="start_probabilities"):
         start_probabilities(rssm_guide, x)

@@ -160,6 +160,7 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     assert 0 <= scores["boundary_f1_one_to_one"] <= scores["boundary_f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
     if not extra:
         assert set(scores["segmentation_elbo"]) == {"own", "true_events", "none"}
+        assert scores["peaks"] and 0 <= scores["argmax"]["boundary_f1"] <= 1 and "boundary_f1_argmax" in metrics
     figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
     figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
     for name in figures:

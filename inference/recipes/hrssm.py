@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
-from pyro_models.hrssm import (GUIDES, HRSSMConfig, annealed_temperature, build_hrssm, impute, jumpy_rollout,
-                                posterior_boundaries, segmentation_elbo, start_probabilities)
-from pyro_models.hrssm.config import BoundaryTemperature
+from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_temperature, build_hrssm, impute,
+                                jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
+from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
 
 from .. import plots
 from ..boundaries import boundary_metrics, boundary_scores
@@ -59,7 +59,9 @@ class TemperatureAnnealing(Callback):
 
 class HRSSMReport(Callback):
     """Each epoch, on the first held-out sequences: boundary precision / recall / F1 (+-1 frame; window
-    rule, and one-to-one as ``*_one_to_one``) against the true events when the data have them, the
+    rule, and one-to-one as ``*_one_to_one``) of the guide's noise-free boundaries (the peaks of
+    q(m_t | X), :func:`posterior_boundaries`; the official per-frame argmax's F1 as
+    ``boundary_f1_argmax``) against the true events when the data have them, the
     mean number of segments and the label-free segmentation gap (:func:`epoch_segmentation_gap`) as
     metrics; the frames of two sequences with their inferred boundaries (figure)."""
 
@@ -75,7 +77,11 @@ class HRSSMReport(Callback):
         starts = posterior_boundaries(trainer.guide, x, mask=mask).starts.cpu()
         metrics: Dict[str, Any] = {"mean_segments": float(starts.sum(1).mean())}
         if self.test_events is not None:
-            metrics.update(boundary_metrics(starts, self.test_events[: x.shape[0]], self.tolerance))
+            events = self.test_events[: x.shape[0]]
+            metrics.update(boundary_metrics(starts, events, self.tolerance))
+            if trainer.guide.boundary_posterior is not None:  # the official per-frame argmax, for comparison
+                argmax = posterior_boundaries(trainer.guide, x, mask=mask, peaks=False, threshold=BINARY_THRESHOLD).starts.cpu()
+                metrics["boundary_f1_argmax"] = boundary_scores(argmax, events, self.tolerance).f1
         if mask is None and self.gap_sequences > 0 and trainer.guide.boundary_posterior is not None:
             n = min(self.gap_sequences, x.shape[0])
             metrics["segmentation_gap"] = epoch_segmentation_gap(trainer.model, trainer.guide, x[:n], starts[:n].to(x.device))
@@ -125,6 +131,8 @@ class BoundaryEvaluation:
     batch_size: int = 64  # sequences per batch
     prefix: int = 5  # frames given to the jumpy rollout
     num_shown: int = 4  # sequences in the boundary-probability figure
+    peaks: bool = True  # a boundary only at a local peak of q(m_t = 1 | X) over time (False: every frame above the threshold)
+    threshold: float = PEAK_THRESHOLD  # a boundary where q(m_t = 1 | X) exceeds this (0.5 without peaks: the official argmax)
 
     def __post_init__(self):
         for name in ("num_test", "batch_size", "prefix", "num_shown"):
@@ -132,6 +140,8 @@ class BoundaryEvaluation:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance: expected >= 0, got {self.tolerance}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold: expected in (0, 1), got {self.threshold}")
 
 
 def _batched(x: torch.Tensor, size: int):
@@ -145,9 +155,10 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     the segmentation ELBOs; and the segment starts ``(N, T)``."""
     model, guide, data = run.model, run.guide, run.data
     x = data.test[: options.num_test]
-    starts = torch.cat([posterior_boundaries(guide, b).starts for b in _batched(x, options.batch_size)])
+    starts = _read_boundaries(guide, x, options.batch_size, options.peaks, options.threshold)
     elbo = sum(float(elbo_terms(model, guide, b).elbo) for b in _batched(x, options.batch_size)) / len(x)
-    result = {"num_test": len(x), "tolerance": options.tolerance, "test_elbo": elbo, "mean_segments": float(starts.sum(1).mean())}
+    result = {"num_test": len(x), "tolerance": options.tolerance, "peaks": options.peaks, "threshold": options.threshold,
+              "test_elbo": elbo, "mean_segments": float(starts.sum(1).mean())}
     if data.test_events is None:
         result["note"] = "the data have no true events: no boundary F1"
         return result, starts
@@ -155,9 +166,18 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     scores = boundary_scores(starts, events, options.tolerance)
     result.update(boundary_metrics(starts, events, options.tolerance), num_predicted=scores.num_predicted,
                   num_events=scores.num_events)
+    if guide.boundary_posterior is not None:  # beside it, the official evaluation's per-frame argmax
+        argmax = _read_boundaries(guide, x, options.batch_size, peaks=False, threshold=BINARY_THRESHOLD)
+        result["argmax"] = {"mean_segments": float(argmax.sum(1).mean()), **boundary_metrics(argmax, events, options.tolerance)}
     if guide.boundary_posterior is not None:
         result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, options.batch_size)
     return result, starts
+
+
+def _read_boundaries(guide, x: torch.Tensor, batch_size: int, peaks: bool, threshold: float) -> torch.Tensor:
+    """Noise-free segment starts ``(N, T)`` of ``x (N, T, ...)`` (:func:`posterior_boundaries`), in batches."""
+    return torch.cat([posterior_boundaries(guide, b, peaks=peaks, threshold=threshold).starts
+                      for b in _batched(x, batch_size)])
 
 
 def compare_segmentations(model, guide, x, starts, events, batch_size: int) -> Dict[str, float]:

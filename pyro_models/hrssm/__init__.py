@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, sample_boundary,
-                         update_site)
-from .config import GUIDES, IMAGE_DIMS, VECTOR_DIMS, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
+from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, decode_boundaries,
+                         sample_boundary, update_site)
+from .config import GUIDES, IMAGE_DIMS, PEAK_THRESHOLD, VECTOR_DIMS, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
 from .evaluation import (SegmentationELBO, impute, impute_frames, jumpy_rollout, posterior_boundaries,
                          segmentation_elbo, start_probabilities)
 from .guides import HRSSMGuide
@@ -31,6 +31,7 @@ __all__ = [
     "HRSSMConfig",
     "HRSSMGuide",
     "HRSSMStates",
+    "PEAK_THRESHOLD",
     "impute",
     "BoundaryTemperature",
     "Segmentation",
@@ -41,6 +42,7 @@ __all__ = [
     "boundaries_from_trace",
     "build_hrssm",
     "check_input",
+    "decode_boundaries",
     "generate",
     "impute_frames",
     "jumpy_rollout",

@@ -12,7 +12,7 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 
 from ..distributions import LogitRelaxedBernoulliStraightThrough
-from .config import BINARY_THRESHOLD, HRSSMConfig
+from .config import BINARY_THRESHOLD, PEAK_THRESHOLD, HRSSMConfig
 
 
 class SegmentCounter:
@@ -113,6 +113,25 @@ def apply_constraints(raw: torch.Tensor, config: HRSSMConfig, free: Optional[tor
         counter.update(read)
         starts.append(read)
     return torch.stack(starts, dim=1)
+
+
+def decode_boundaries(logits: torch.Tensor, peaks: bool = True, threshold: float = PEAK_THRESHOLD) -> torch.Tensor:
+    """Noise-free raw boundaries ``(batch, T - 1)`` (float 0/1) from the boundary logits ``logits
+    (batch, T - 1)`` of q(m_t | X) (frames 2..T): where the probability exceeds ``threshold`` and, with
+    ``peaks``, is also a local maximum over time (``>`` the previous frame's, ``>=`` the next one's, so
+    of a tie the earlier frame wins). ``peaks=False, threshold=0.5`` is the per-frame argmax of the
+    official evaluation. The constraints are not applied (:func:`apply_constraints`)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected (batch, T - 1), got shape {tuple(logits.shape)}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold: expected in (0, 1), got {threshold}")
+    raw = logits > torch.logit(torch.tensor(threshold, dtype=logits.dtype, device=logits.device))
+    if peaks:
+        floor = torch.full_like(logits[:, :1], -float("inf"))
+        before = torch.cat([floor, logits[:, :-1]], dim=1)  # (batch, T - 1): logit of the frame before
+        after = torch.cat([logits[:, 1:], floor], dim=1)  # (batch, T - 1): of the frame after
+        raw = raw & (logits > before) & (logits >= after)
+    return raw.to(logits.dtype)
 
 
 class Segmentation(NamedTuple):

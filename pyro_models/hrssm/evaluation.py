@@ -12,19 +12,21 @@ from pyro.distributions.util import scale_and_mask
 
 from ..imputation import Imputation
 from ..modes import eval_mode as _eval_mode
-from .boundaries import Segmentation, _segmentation, apply_constraints, boundaries_from_trace
-from .config import BINARY_THRESHOLD, check_input
+from .boundaries import Segmentation, _segmentation, apply_constraints, boundaries_from_trace, decode_boundaries
+from .config import BINARY_THRESHOLD, PEAK_THRESHOLD, check_input
 from .guides import HRSSMGuide
 from .model import HRSSM
 
 
 def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = False,
-                         mask: Optional[torch.Tensor] = None) -> Segmentation:
+                         mask: Optional[torch.Tensor] = None, peaks: bool = True,
+                         threshold: float = PEAK_THRESHOLD) -> Segmentation:
     """The segmentation of ``x (batch, T, *frame_shape)`` (observed frames ``mask (batch, T)``; None: all)
-    under the guide: ``sample=True`` draws it (one trace of the guide); ``sample=False`` takes the most
-    probable boundary at every free step (logit > 0, the official evaluation's noise-free argmax), the
-    constraints applied as in sampling. Runs in eval mode (batch norm on running statistics; the mode
-    is restored after)."""
+    under the guide: ``sample=True`` draws it (one trace of the guide); ``sample=False`` reads it without
+    noise (:func:`~.boundaries.decode_boundaries`): a boundary where q(m_t = 1 | X) exceeds ``threshold``
+    at a local peak over time (``peaks``; ``peaks=False, threshold=0.5`` is the official evaluation's
+    per-frame argmax), the constraints applied as in sampling. Runs in eval mode (batch norm on running
+    statistics; the mode is restored after)."""
     check_input(x, mask, guide.frame_shape, guide.config)
     with torch.no_grad(), _eval_mode(guide):
         if sample:
@@ -32,8 +34,7 @@ def posterior_boundaries(guide: HRSSMGuide, x: torch.Tensor, sample: bool = Fals
                                          guide.temperature.free_tensor(x))
         if guide.boundary_posterior is None or x.shape[1] == 1:
             return _segmentation(x.new_ones(x.shape[:2]))
-        logits = guide.boundary_logits(x, mask)
-        raw = (logits[:, 1:] > 0).to(x.dtype)
+        raw = decode_boundaries(guide.boundary_logits(x, mask)[:, 1:], peaks, threshold)
         return _segmentation(apply_constraints(raw, guide.config, guide.temperature.free_tensor(x)))
 
 

@@ -161,6 +161,7 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     if not extra:
         assert set(scores["segmentation_elbo"]) == {"own", "true_events", "none"}
         assert scores["peaks"] and 0 <= scores["argmax"]["boundary_f1"] <= 1 and "boundary_f1_argmax" in metrics
+        assert scores["control"]["data"] == "color-balls-constant" and 0 <= scores["control"]["boundary_f1"] <= 1
     figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
     figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
     for name in figures:

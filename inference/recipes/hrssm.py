@@ -2,6 +2,7 @@
 temperature schedule, the boundary report, the imputer and the boundary evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
+from pyro_models.datasets.sequences import CONTROLS
 from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_temperature, build_hrssm, impute,
                                 jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
@@ -169,9 +171,27 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     if guide.boundary_posterior is not None:  # beside it, the official evaluation's per-frame argmax
         argmax = _read_boundaries(guide, x, options.batch_size, peaks=False, threshold=BINARY_THRESHOLD)
         result["argmax"] = {"mean_segments": float(argmax.sum(1).mean()), **boundary_metrics(argmax, events, options.tolerance)}
+        control = score_on_control(run, options)
+        if control is not None:
+            result["control"] = control
     if guide.boundary_posterior is not None:
         result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, options.batch_size)
     return result, starts
+
+
+def score_on_control(run, options: BoundaryEvaluation) -> Optional[Dict[str, Any]]:
+    """The same trained guide on the control of the run's data (``CONTROLS``: the same held-out
+    trajectories with nothing happening, e.g. no colour change): segments per sequence and the scores
+    of its boundaries against where the events would have been. High scores there mean the boundaries
+    follow what the events coincide with (the bounces), not the events. None without a control."""
+    data_config = run.spec.data
+    if data_config is None or getattr(data_config, "data", None) not in CONTROLS:
+        return None
+    control = dataclasses.replace(data_config, data=CONTROLS[data_config.data]).load(seed=run.spec.train.seed)
+    x, events = control.test[: options.num_test], control.test_events[: options.num_test]
+    starts = _read_boundaries(run.guide, x, options.batch_size, options.peaks, options.threshold)
+    return {"data": CONTROLS[data_config.data], "mean_segments": float(starts.sum(1).mean()),
+            **boundary_metrics(starts, events, options.tolerance)}
 
 
 def _read_boundaries(guide, x: torch.Tensor, batch_size: int, peaks: bool, threshold: float) -> torch.Tensor:

@@ -159,6 +159,12 @@ GENERATORS: Dict[str, Tuple[Callable, Callable]] = {
     "color-balls-constant": (color_balls, _constant_colors),
 }
 
+# name -> its control: the same trajectories (same generator arguments and seed) in which nothing
+# happens; its "events" mark where the data set's events would have been (the wall hits). Scoring a
+# model trained on the data set on its control shows how far the boundaries follow the events
+# themselves rather than what they coincide with (a colour changes exactly at a bounce).
+CONTROLS: Dict[str, str] = {"color-balls": "color-balls-constant"}
+
 
 def _cache_key(name: str, arguments: dict) -> Tuple[str, str]:
     """The JSON description of a generation (every argument, defaults included) and its file name."""

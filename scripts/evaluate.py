@@ -4,12 +4,13 @@
     python scripts/evaluate.py boundaries --run runs/hrssm [--num-test 500] [--tolerance 1]
 
 ``boundaries`` (HRSSM): precision / recall / F1 of the guide's noise-free segment starts (the peaks of
-q(m_t | X) above --threshold; --no-peaks --threshold 0.5 is the official per-frame argmax, which is also
-reported under "argmax") against the data's true events within +-tolerance frames (on color-balls runs also,
-under "control", on the same held-out balls without colour changes, against the wall hits) (``boundary_f1``: the window rule of the VTA evaluation;
+q(m_t | X) above --threshold; --no-peaks --threshold 0.5 is the official per-frame argmax, also reported
+under "argmax") against the data's true events within +-tolerance frames (``boundary_f1``: the window
+rule of the VTA evaluation;
 ``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/boundaries.py), segments per
 sequence, the held-out ELBO (nats per sequence) and the ELBO with the boundaries fixed to the guide's own,
-to the true events and to none; figures under RUN/figures/: boundaries_eval.png,
+to the true events and to none; on color-balls runs, under "control", the same scores on the same
+held-out balls without colour changes, against the wall hits; figures under RUN/figures/: boundaries_eval.png,
 boundary_probabilities.png, jumpy.png and, when the run logged it, f1_vs_time.png.
 
 Prints the result and writes it to RUN/NAME.json.

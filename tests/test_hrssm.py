@@ -108,7 +108,7 @@ def test_constraints_hold_in_prior_and_posterior_samples(bias, steps):
     assert torch.equal(posterior.num_segments, posterior.starts.sum(-1).long())
     reached.append(check_constraints(posterior.starts, config))
     reached.append(check_constraints(posterior_boundaries(guide, x, peaks=False, threshold=0.5).starts, config))  # noise-free argmax
-    check_constraints(posterior_boundaries(guide, x).starts, config)  # the peaks: never more boundaries than the argmax
+    check_constraints(posterior_boundaries(guide, x).starts, config)  # the peak reading obeys the constraints too
 
     if bias > 0:
         assert all(n_max for n_max, _ in reached)

@@ -14,6 +14,7 @@ from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.datasets.sequences import CONTROLS
 from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_temperature, build_hrssm, impute,
                                 jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
+from pyro_models.hrssm.boundaries import check_threshold
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
 
 from .. import plots
@@ -142,8 +143,7 @@ class BoundaryEvaluation:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance: expected >= 0, got {self.tolerance}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold: expected in (0, 1), got {self.threshold}")
+        check_threshold(self.threshold)
 
 
 def _batched(x: torch.Tensor, size: int):
@@ -168,13 +168,12 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     scores = boundary_scores(starts, events, options.tolerance)
     result.update(boundary_metrics(starts, events, options.tolerance), num_predicted=scores.num_predicted,
                   num_events=scores.num_events)
-    if guide.boundary_posterior is not None:  # beside it, the official evaluation's per-frame argmax
+    if guide.boundary_posterior is not None:  # the official per-frame argmax beside it, the control, the segmentation ELBOs
         argmax = _read_boundaries(guide, x, options.batch_size, peaks=False, threshold=BINARY_THRESHOLD)
         result["argmax"] = {"mean_segments": float(argmax.sum(1).mean()), **boundary_metrics(argmax, events, options.tolerance)}
         control = score_on_control(run, options)
         if control is not None:
             result["control"] = control
-    if guide.boundary_posterior is not None:
         result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, options.batch_size)
     return result, starts
 

@@ -115,6 +115,12 @@ def apply_constraints(raw: torch.Tensor, config: HRSSMConfig, free: Optional[tor
     return torch.stack(starts, dim=1)
 
 
+def check_threshold(threshold: float) -> None:
+    """A probability threshold for :func:`decode_boundaries`: in (0, 1), else ``ValueError``."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold: expected in (0, 1), got {threshold}")
+
+
 def decode_boundaries(logits: torch.Tensor, peaks: bool = True, threshold: float = PEAK_THRESHOLD) -> torch.Tensor:
     """Noise-free raw boundaries ``(batch, T - 1)`` (float 0/1) from the boundary logits ``logits
     (batch, T - 1)`` of q(m_t | X) (frames 2..T): where the probability exceeds ``threshold`` and, with
@@ -123,8 +129,7 @@ def decode_boundaries(logits: torch.Tensor, peaks: bool = True, threshold: float
     official evaluation. The constraints are not applied (:func:`apply_constraints`)."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected (batch, T - 1), got shape {tuple(logits.shape)}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold: expected in (0, 1), got {threshold}")
+    check_threshold(threshold)
     raw = logits > torch.logit(torch.tensor(threshold, dtype=logits.dtype, device=logits.device))
     if peaks:
         floor = torch.full_like(logits[:, :1], -float("inf"))

@@ -223,6 +223,26 @@ def test_boundary_warmup_schedule_and_checkpoint():
     assert restored.temperature.free_boundaries is False and restored.temperature.value == model.temperature.value
 
 
+@pytest.mark.parametrize("warmup, every, expected", [
+    (0, 0, "FFFFFFFF"), (3, 0, "CCCFFFFF"), (0, 2, "FCFCFCFC"), (3, 2, "CCCFCFCF"), (2, 3, "CCFFCFFC")])
+def test_copy_steps_after_the_warmup(warmup, every, expected):
+    """``copy_step_every`` k: after the warm-up, the last step of every k is a COPY step (no free
+    boundary, as in the warm-up); after each step the switch is back on once the warm-up is over, so
+    evaluation and checkpoints between steps always see free boundaries (and none inside the warm-up)."""
+    config = tiny(boundary_warmup_steps=warmup, copy_step_every=every)
+    model, _ = build_hrssm(VECTOR, config)
+    schedule = TemperatureAnnealing(model.temperature, config)
+    during, after = "", []
+    for step in range(len(expected)):
+        schedule.before_step(None, None)
+        during += "F" if model.temperature.free_boundaries else "C"
+        assert config.free_boundaries_at(step) == (during[-1] == "F")
+        schedule.on_step_end(None, 0.0)
+        after.append(model.temperature.free_boundaries)
+    assert during == expected
+    assert after == [step >= warmup for step in range(len(expected))]
+
+
 def test_compiled_training_follows_the_boundary_warmup():
     # The switch is read from a buffer like the temperature: a loss compiled during the warm-up (no free
     # boundary) draws free boundaries after it, step for step as the eager run; a warm-up of 0 steps
@@ -556,7 +576,10 @@ def test_bad_input_is_named():
                        (dict(kl_weight_boundary=-1.0), "kl_weight_boundary"),
                        (dict(boundary_warmup_steps=-1), "boundary_warmup_steps: expected >= 0, got -1"),
                        (dict(boundary_warmup_steps=5, boundaries=False), "boundary_warmup_steps: applies to boundaries only"),
-                       (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only")]:
+                       (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only"),
+                       (dict(copy_step_every=-1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got -1"),
+                       (dict(copy_step_every=1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got 1"),
+                       (dict(copy_step_every=3, boundaries=False), "copy_step_every: applies to boundaries only")]:
         with pytest.raises(ValueError, match=match):
             tiny(**bad)
     with pytest.raises(ValueError, match="num_segments"):
@@ -690,7 +713,7 @@ def test_epoch_report_has_the_segmentation_gap_and_leaves_training_draws_alone()
 
 
 @pytest.mark.parametrize("option", [dict(update_kl_gradient=0.5), dict(kl_weight_observation=1.5),
-                                    dict(boundary_warmup_steps=2)])
+                                    dict(boundary_warmup_steps=2), dict(copy_step_every=2)])
 def test_compiled_training_keeps_every_training_option(option):
     # Each option changes what q(M | X) learns in the eager run, and the compiled run learns the same.
     # (A compiled loss is traced on inputs that need no gradient: a branch on ``requires_grad`` in the

@@ -40,15 +40,20 @@ MEAN_FIELD_WARNING = "Failed to verify mean field restriction"
 class TemperatureAnnealing(Callback):
     """The boundary schedule: before every training step, sets the boundary temperature to
     :func:`annealed_temperature` and allows free boundaries once ``config.warmup_steps`` steps
-    are done (its own step count is saved in checkpoints); reports the temperature each epoch."""
+    are done, except on the COPY steps of ``config.copy_step_every`` (``HRSSMConfig.free_boundaries_at``;
+    after such a step free boundaries are allowed again, so evaluation and checkpoints never see one);
+    its own step count is saved in checkpoints; reports the temperature each epoch."""
 
     def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
         self.temperature, self.config, self.step = temperature, config, 0
 
     def before_step(self, trainer: Trainer, batch) -> None:
         self.temperature.value = annealed_temperature(self.step, self.config)
-        self.temperature.free_boundaries = self.step >= self.config.warmup_steps
+        self.temperature.free_boundaries = self.config.free_boundaries_at(self.step)
         self.step += 1
+
+    def on_step_end(self, trainer: Trainer, loss: float) -> None:
+        self.temperature.free_boundaries = self.step > self.config.warmup_steps  # the step just taken was after the warm-up
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"temperature": self.temperature.value}

@@ -55,6 +55,10 @@ class HRSSMConfig:
     # 0: off). None (the default) resolves to 1,250 steps (10 epochs of 2,000 sequences in batches of
     # 16, docs/benchmarks.md) with boundaries and to 0 for the RSSM baseline (boundaries=False).
     boundary_warmup_steps: Optional[int] = None
+    # After the warm-up, every k-th training step is drawn as a warm-up step (no free boundary), so the
+    # observation level keeps learning the dynamics across the whole sequence instead of only within the
+    # segments the boundaries cut (not official; 0: off, every step after the warm-up has free boundaries).
+    copy_step_every: int = 0
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
     # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
@@ -105,6 +109,12 @@ class HRSSMConfig:
         if self.boundary_warmup_steps and not self.boundaries:  # None (the default) and 0 are both falsy
             raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
                              f"got {self.boundary_warmup_steps}")
+        if self.copy_step_every < 0 or self.copy_step_every == 1:
+            raise ValueError(f"copy_step_every: expected 0 (off) or >= 2 (1 would never draw a free boundary), "
+                             f"got {self.copy_step_every}")
+        if self.copy_step_every and not self.boundaries:
+            raise ValueError(f"copy_step_every: applies to boundaries only; expected 0 with boundaries=False, "
+                             f"got {self.copy_step_every}")
         if not self.observation_reset and not self.boundaries:
             raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
                              "re-initialises h_t at every step")
@@ -121,6 +131,14 @@ class HRSSMConfig:
         if self.boundary_warmup_steps is not None:
             return self.boundary_warmup_steps
         return BOUNDARY_WARMUP_STEPS if self.boundaries else 0
+
+    def free_boundaries_at(self, step: int) -> bool:
+        """Whether training step ``step`` (0-based) draws free boundaries: not during the warm-up, nor on
+        every ``copy_step_every``-th step after it (its last step of each period)."""
+        after = step - self.warmup_steps
+        if after < 0:
+            return False
+        return not (self.copy_step_every and after % self.copy_step_every == self.copy_step_every - 1)
 
     @property
     def max_steps(self) -> Optional[int]:

@@ -106,15 +106,13 @@ class HRSSMConfig:
         # default config is still a default config; ``warmup_steps`` resolves it.
         if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if self.boundary_warmup_steps and not self.boundaries:  # None (the default) and 0 are both falsy
-            raise ValueError(f"boundary_warmup_steps: applies to boundaries only; expected 0 with boundaries=False, "
-                             f"got {self.boundary_warmup_steps}")
         if self.copy_step_every < 0 or self.copy_step_every == 1:
             raise ValueError(f"copy_step_every: expected 0 (off) or >= 2 (1 would never draw a free boundary), "
                              f"got {self.copy_step_every}")
-        if self.copy_step_every and not self.boundaries:
-            raise ValueError(f"copy_step_every: applies to boundaries only; expected 0 with boundaries=False, "
-                             f"got {self.copy_step_every}")
+        for name in ("boundary_warmup_steps", "copy_step_every"):  # boundary schedules; None (the default) and 0 are falsy
+            if getattr(self, name) and not self.boundaries:
+                raise ValueError(f"{name}: applies to boundaries only; expected 0 with boundaries=False, "
+                                 f"got {getattr(self, name)}")
         if not self.observation_reset and not self.boundaries:
             raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
                              "re-initialises h_t at every step")

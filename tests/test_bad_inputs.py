@@ -70,6 +70,8 @@ TRAIN_CASES = [
     (["hrssm", "--max-length", "0"], "--max-length: expected >= 1"),
     (["hrssm", "--boundary-kernel", "2"], "--boundary-kernel: expected an odd size"),
     (["hrssm", "--no-boundaries", "--boundary-warmup-steps", "1250"], "--boundary-warmup-steps: applies to boundaries only"),
+    (["hrssm", "--no-boundaries", "--copy-step-every", "8"], "--copy-step-every: applies to boundaries only"),
+    (["hrssm", "--copy-step-every", "1"], "--copy-step-every: expected 0 (off) or >= 2"),
     (["hrssm", "--check-every-step"], "--check-every-step: Pyro's argument checks do not run inside a compiled loss"),
     (["kvae", "--jit"], "--jit: kvae cannot be compiled"),
     (["dmm", "--guide", "made-up"], "--guide"),

@@ -28,19 +28,19 @@ from pyro_models.hrssm import (
     segmentation_elbo,
     start_probabilities,
 )
-from pyro_models.hrssm.config import BOUNDARY_WARMUP_STEPS
+from pyro_models.hrssm.config import BOUNDARY_WARMUP_STEPS, COPY_STEP_EVERY
 
 # The guide draws every boundary before the states (q(z_t | M, X) needs them all), the model draws each
 # after its state, so TraceMeanField_ELBO's site-order heuristic warns; the analytic KLs are still valid
 # (docs/hrssm.md).
 pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
 
-# The official training settings (every KL weight 1, the UPDATE's z-KL gate detached, no warm-up), so
+# The official training settings (every KL weight 1, the UPDATE's z-KL gate detached, no warm-up, no copy steps), so
 # that the training loss is the negative ELBO the tests compute by hand; tests of the defaults' levers
 # set them explicitly.
 TINY = dict(abstract_belief_size=6, observation_belief_size=6, abstract_state_size=3, observation_state_size=3,
             feature_size=6, conv_channels=4, mlp_hidden=(8,), boundary_layers=1,
-            kl_weight_abstract=1.0, update_kl_gradient=0.0, boundary_warmup_steps=0)
+            kl_weight_abstract=1.0, update_kl_gradient=0.0, boundary_warmup_steps=0, copy_step_every=0)
 IMAGE, VECTOR = (3, 32, 32), (12,)
 
 
@@ -588,17 +588,19 @@ def test_bad_input_is_named():
         generate(model, 2, 7)
 
 
-def test_default_warmup_is_off_for_the_rssm_baseline():
-    """The default boundary warm-up holds back boundaries; the RSSM baseline has none, so its default is 0.
-    An explicit warm-up there is refused, even one equal to the default with boundaries."""
-    assert HRSSMConfig().warmup_steps == BOUNDARY_WARMUP_STEPS > 0
-    assert HRSSMConfig(boundaries=False).warmup_steps == 0
-    assert HRSSMConfig(boundaries=False, boundary_warmup_steps=0).warmup_steps == 0
-    assert HRSSMConfig(boundary_warmup_steps=7).warmup_steps == 7
-    # Switching a default config's boundaries off gives the baseline's default, not a refused warm-up.
-    assert dataclasses.replace(HRSSMConfig(), boundaries=False).warmup_steps == 0
-    with pytest.raises(ValueError, match="boundary_warmup_steps: applies to boundaries only"):
-        HRSSMConfig(boundaries=False, boundary_warmup_steps=BOUNDARY_WARMUP_STEPS)
+@pytest.mark.parametrize("field, resolved, default", [("boundary_warmup_steps", "warmup_steps", BOUNDARY_WARMUP_STEPS),
+                                                      ("copy_step_every", "copy_period", COPY_STEP_EVERY)])
+def test_default_boundary_schedules_are_off_for_the_rssm_baseline(field, resolved, default):
+    """The default boundary warm-up and copy steps hold back boundaries; the RSSM baseline has none, so
+    its defaults are 0. An explicit value there is refused, even one equal to the default with boundaries."""
+    assert getattr(HRSSMConfig(), resolved) == default > 0
+    assert getattr(HRSSMConfig(boundaries=False), resolved) == 0
+    assert getattr(HRSSMConfig(boundaries=False, **{field: 0}), resolved) == 0
+    assert getattr(HRSSMConfig(**{field: 7}), resolved) == 7
+    # Switching a default config's boundaries off gives the baseline's default, not a refused value.
+    assert getattr(dataclasses.replace(HRSSMConfig(), boundaries=False), resolved) == 0
+    with pytest.raises(ValueError, match=f"{field}: applies to boundaries only"):
+        HRSSMConfig(boundaries=False, **{field: default})
 
 
 # ------------------------------------------------------------------------------------- training

@@ -24,6 +24,9 @@ BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as
 # (docs/benchmarks.md, "Reading the boundaries: peaks").
 PEAK_THRESHOLD = 0.4
 BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up with boundaries (HRSSMConfig.boundary_warmup_steps=None)
+# The default copy-step period with boundaries (HRSSMConfig.copy_step_every=None): every 8th step after the
+# warm-up draws no free boundary. 8 was measured against 4 and off (docs/benchmarks.md, "Copy steps").
+COPY_STEP_EVERY = 8
 
 
 @dataclass
@@ -58,7 +61,8 @@ class HRSSMConfig:
     # After the warm-up, every k-th training step is drawn as a warm-up step (no free boundary), so the
     # observation level keeps learning the dynamics across the whole sequence instead of only within the
     # segments the boundaries cut (not official; 0: off, every step after the warm-up has free boundaries).
-    copy_step_every: int = 0
+    # None (the default) resolves to 8 (COPY_STEP_EVERY) with boundaries and to 0 for the RSSM baseline.
+    copy_step_every: Optional[int] = None
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
     # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
@@ -106,7 +110,7 @@ class HRSSMConfig:
         # default config is still a default config; ``warmup_steps`` resolves it.
         if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
             raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if self.copy_step_every < 0 or self.copy_step_every == 1:
+        if self.copy_step_every is not None and (self.copy_step_every < 0 or self.copy_step_every == 1):
             raise ValueError(f"copy_step_every: expected 0 (off) or >= 2 (1 would never draw a free boundary), "
                              f"got {self.copy_step_every}")
         for name in ("boundary_warmup_steps", "copy_step_every"):  # boundary schedules; None (the default) and 0 are falsy
@@ -130,13 +134,21 @@ class HRSSMConfig:
             return self.boundary_warmup_steps
         return BOUNDARY_WARMUP_STEPS if self.boundaries else 0
 
+    @property
+    def copy_period(self) -> int:
+        """The copy-step period k (0: off): ``copy_step_every``, or where that is None (the default)
+        ``COPY_STEP_EVERY`` with boundaries and 0 for the RSSM baseline."""
+        if self.copy_step_every is not None:
+            return self.copy_step_every
+        return COPY_STEP_EVERY if self.boundaries else 0
+
     def free_boundaries_at(self, step: int) -> bool:
         """Whether training step ``step`` (0-based) draws free boundaries: not during the warm-up, nor on
-        every ``copy_step_every``-th step after it (its last step of each period)."""
-        after = step - self.warmup_steps
+        every ``copy_period``-th step after it (its last step of each period)."""
+        after, period = step - self.warmup_steps, self.copy_period
         if after < 0:
             return False
-        return not (self.copy_step_every and after % self.copy_step_every == self.copy_step_every - 1)
+        return not (period and after % period == period - 1)
 
     @property
     def max_steps(self) -> Optional[int]:

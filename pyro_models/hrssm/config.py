@@ -130,17 +130,20 @@ class HRSSMConfig:
     def warmup_steps(self) -> int:
         """The boundary warm-up in steps: ``boundary_warmup_steps``, or where that is None (the default)
         ``BOUNDARY_WARMUP_STEPS`` with boundaries and 0 for the RSSM baseline, which has none to hold back."""
-        if self.boundary_warmup_steps is not None:
-            return self.boundary_warmup_steps
-        return BOUNDARY_WARMUP_STEPS if self.boundaries else 0
+        return self._schedule_default(self.boundary_warmup_steps, BOUNDARY_WARMUP_STEPS)
 
     @property
     def copy_period(self) -> int:
         """The copy-step period k (0: off): ``copy_step_every``, or where that is None (the default)
         ``COPY_STEP_EVERY`` with boundaries and 0 for the RSSM baseline."""
-        if self.copy_step_every is not None:
-            return self.copy_step_every
-        return COPY_STEP_EVERY if self.boundaries else 0
+        return self._schedule_default(self.copy_step_every, COPY_STEP_EVERY)
+
+    def _schedule_default(self, value: Optional[int], default: int) -> int:
+        """A boundary schedule's value: ``value`` where set, else ``default`` with boundaries and 0 for the
+        RSSM baseline, which has no boundaries to hold back."""
+        if value is not None:
+            return value
+        return default if self.boundaries else 0
 
     def free_boundaries_at(self, step: int) -> bool:
         """Whether training step ``step`` (0-based) draws free boundaries: not during the warm-up, nor on

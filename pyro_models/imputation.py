@@ -52,6 +52,18 @@ def check_mask(x: torch.Tensor, mask: torch.Tensor, frames: bool) -> None:
         raise ValueError(f"mask: expected a bool tensor of shape {shape} {what}, got {got}")
 
 
+def check_lengths(lengths: torch.Tensor, batch: int, num_steps: int) -> None:
+    """Raise ``ValueError`` unless ``lengths`` is an integer tensor ``(batch,)`` with values in [1, num_steps]
+    (``num_steps``: the padded length T; a batch is cut to its longest sequence, ``T`` = max)."""
+    if not torch.is_tensor(lengths) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool \
+            or tuple(lengths.shape) != (batch,):
+        got = f"{lengths.dtype} {tuple(lengths.shape)}" if torch.is_tensor(lengths) else type(lengths).__name__
+        raise ValueError(f"lengths: expected an integer tensor of shape ({batch},), got {got}")
+    if batch and (int(lengths.min()) < 1 or int(lengths.max()) > num_steps):
+        raise ValueError(f"lengths: expected values in [1, T = {num_steps}], got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+
+
 def scored_parts(truth: torch.Tensor, mask: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Where an imputation of ``truth`` is scored, ``truth.shape`` bool: the parts missing from ``mask``
     (False) whose truth the data hold (``known``, a mask like ``mask``, e.g. a gappy data set's own

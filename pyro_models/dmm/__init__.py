@@ -1,6 +1,6 @@
 """The deep Markov model (Krishnan, Shalit, Sontag 2017): the model (:mod:`.model`), its guides, the
 paper's inference networks (:mod:`.guides`), networks (:mod:`.networks`), missing-frame imputation
-(:mod:`.impute`) and the exact linear-Gaussian special case (:mod:`.linear`)."""
+(:mod:`.impute`), the latent chain as one site (:mod:`.chains`) and the exact linear-Gaussian special case (:mod:`.linear`)."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -9,7 +9,8 @@ from .config import GUIDES, IMAGE_DIMS, VECTOR_DIMS, DMMConfig, check_input
 from .guides import DMMGuide
 from .impute import impute
 from .linear import LinearGaussianDMM, as_lgssm, exact_log_marginal, sample_exact_posterior
-from .model import DMM, generate, site_names
+from .chains import PosteriorChain, TransitionChain, step_mask
+from .model import DMM, generate
 from .networks import (Combiner, ConvFrameDecoder, ConvFrameEncoder, Emitter, FrameEncoder, GatedTransition,
                        LinearTransition, MeanFieldCombiner, SequenceContext)
 
@@ -39,6 +40,8 @@ __all__ = [
     "LinearTransition",
     "MeanFieldCombiner",
     "SequenceContext",
+    "PosteriorChain",
+    "TransitionChain",
     "as_lgssm",
     "build_dmm",
     "check_input",
@@ -46,5 +49,5 @@ __all__ = [
     "generate",
     "impute",
     "sample_exact_posterior",
-    "site_names",
+    "step_mask",
 ]

@@ -8,9 +8,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..distributions import LIKELIHOODS
-from ..imputation import check_mask
+from ..imputation import check_lengths, check_mask
 
-GUIDES = ("st-r", "st-lr", "mf-lr")  # the paper's inference networks (Table 1) built here
+GUIDES = ("st-r", "st-l", "st-lr", "mf-lr")  # the paper's inference networks (Table 1)
 TRANSITIONS = ("gated", "linear")
 EMISSIONS = ("network", "linear")
 FRAME_NETWORKS = ("mlp", "conv")
@@ -70,9 +70,10 @@ class DMMConfig:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
 
 
-def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...]) -> None:
-    """Raise ``ValueError`` unless ``x`` is a float ``(batch, T, *frame_shape)`` with batch, T >= 1 and
-    ``mask`` (if given) a bool ``(batch, T)``."""
+def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...],
+                lengths: Optional[torch.Tensor] = None) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float ``(batch, T, *frame_shape)`` with batch, T >= 1, ``mask``
+    (if given) a bool ``(batch, T)`` and ``lengths`` (if given) integers ``(batch,)`` in [1, T]."""
     expected = f"(batch, T, {', '.join(map(str, frame_shape))})"
     if not torch.is_tensor(x) or x.dim() != len(frame_shape) + 2 or tuple(x.shape[2:]) != tuple(frame_shape):
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -81,3 +82,5 @@ def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tupl
         raise ValueError(f"x: expected a floating-point tensor with batch, T >= 1, got {x.dtype} {tuple(x.shape)}")
     if mask is not None:
         check_mask(x, mask, frames=True)
+    if lengths is not None:
+        check_lengths(lengths, x.shape[0], x.shape[1])

@@ -1,20 +1,22 @@
-"""Guides of the DMM, each with the model's signature ``(x, mask=None)``: the paper's inference networks
-(Table 1) chosen by ``config.guide``, one of :data:`~.config.GUIDES`::
+"""Guides of the DMM, each with the model's signature ``(x, mask=None, lengths=None)``: the paper's four
+inference networks (Table 1) chosen by ``config.guide``, one of :data:`~.config.GUIDES`::
 
     "st-r"   q(z | x) = prod_t q(z_t | z_{t-1}, x_{t:T})    backward RNN + combiner (the paper's DKS)
+    "st-l"   q(z | x) = prod_t q(z_t | z_{t-1}, x_{1:t})    forward RNN + combiner (left context only)
     "st-lr"  q(z | x) = prod_t q(z_t | z_{t-1}, x_{1:T})    bidirectional RNN + combiner
     "mf-lr"  q(z | x) = prod_t q(z_t | x_{1:T})             bidirectional RNN, no z_{t-1} (mean field)
 
 The structured guides read z_{t-1} from their own previous draw (z_0 of the guide is learned). With
 ``num_flows > 0`` every q(z_t | ...) is an inverse autoregressive flow (Kingma et al. 2016) on top of
 the combiner's Normal, conditioned on the combiner's hidden state h_comb; each step starts as the
-identity (zero-initialised output layer), the steps are shared over time. Sites ``z_1`` .. ``z_T`` in
-time order, as in the model, so ``TraceMeanField_ELBO`` verifies its mean-field restriction and scores
-every KL analytically (flows: the base's analytic KL as a control variate,
+identity (zero-initialised output layer), the steps are shared over time. The chain is one site ``z``
+(event ``(T, z_dim)``, :class:`~.chains.PosteriorChain`), as in the model; ``TraceMeanField_ELBO`` scores
+its KL analytically step by step (flows: the base's analytic KL as a control variate,
 :class:`~pyro_models.distributions.FlowPosterior`).
 
 A missing frame (``mask`` False) is never read: the frame is zeroed before the frame encoder and its
-features are zeroed after, so the RNNs see e_t = 0 there.
+features are zeroed after, so the RNNs see e_t = 0 there. A step past a sequence's end (``lengths``) is
+never read either: the backward RNN starts at each sequence's own last frame.
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ from ..distributions import FlowPosterior
 from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
+from .chains import PosteriorChain, step_mask
 from .config import DMMConfig, check_input
-from .model import site_names
 from .networks import Combiner, FrameEncoder, MeanFieldCombiner, SequenceContext
 
-STRUCTURED = ("st-r", "st-lr")  # guides whose q(z_t | ...) reads z_{t-1}
-BIDIRECTIONAL = ("st-lr", "mf-lr")  # guides whose RNN also reads the past frames
+STRUCTURED = ("st-r", "st-l", "st-lr")  # guides whose q(z_t | ...) reads z_{t-1}
+LEFT = ("st-l", "st-lr", "mf-lr")  # guides whose RNN reads the past frames x_{1:t}
+RIGHT = ("st-r", "st-lr", "mf-lr")  # guides whose RNN reads the future frames x_{t:T}
 
 
 def _identity_flows(config: DMMConfig) -> nn.ModuleList:
@@ -52,13 +55,13 @@ def _identity_flows(config: DMMConfig) -> nn.ModuleList:
 
 class DMMGuide(nn.Module):
     """The guide q(z_{1:T} | x_{1:T}) of ``config.guide`` (see the module docstring). ``forward(x,
-    mask=None)`` returns its draw z ``(batch, T, z_dim)``."""
+    mask=None, lengths=None)`` returns its draw z ``(batch, T, z_dim)``."""
 
     def __init__(self, frame_shape: Sequence[int], config: DMMConfig, kl_weights: Optional[KLWeights] = None):
         super().__init__()
         self.frame_shape, self.config = tuple(frame_shape), config
         self.encoder = FrameEncoder(frame_shape, config)
-        self.context = SequenceContext(self.encoder.feature_dim, config, config.guide in BIDIRECTIONAL)
+        self.context = SequenceContext(self.encoder.feature_dim, config, config.guide in LEFT, config.guide in RIGHT)
         structured = config.guide in STRUCTURED
         self.combiner = Combiner(config) if structured else MeanFieldCombiner(config)
         self.z_0 = nn.Parameter(torch.zeros(config.z_dim)) if structured else None
@@ -83,15 +86,18 @@ class DMMGuide(nn.Module):
             return base
         return FlowPosterior(base, [flow.condition(h) for flow in self.flows])
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_input(x, mask, self.frame_shape)
-        pyro.module("dmm_guide", self)
+    def chain(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              lengths: Optional[torch.Tensor] = None) -> PosteriorChain:
+        """q(z_{1:T} | x): batch ``(batch,)``, event ``(T, z_dim)``, for the guide's arguments."""
         batch, steps = x.shape[:2]
-        context = self.context(self.features(x, mask))  # (batch, T, n, rnn_dim)
-        z = None if self.z_0 is None else self.z_0.expand(batch, -1)  # (batch, z_dim)
-        chain = []
-        with pyro.plate("sequences", batch):
-            for t, name in pyro.markov(list(enumerate(site_names(steps)))):
-                z = sample_latent(name, self.posterior(z, context[:, t]), self.kl_weights)
-                chain.append(z)
-        return torch.stack(chain, dim=-2)
+        context = self.context(self.features(x, mask), lengths)  # (batch, T, n, rnn_dim)
+        return PosteriorChain(lambda z_prev, t: self.posterior(z_prev, context[:, t]), self.z_0, steps,
+                              self.config.z_dim, torch.Size((batch,)), step_mask(lengths, steps))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_input(x, mask, self.frame_shape, lengths)
+        pyro.module("dmm_guide", self)
+        chain = self.chain(x, mask, lengths)
+        with pyro.plate("sequences", x.shape[0]):
+            return sample_latent("z", chain, self.kl_weights)  # (..., batch, T, z_dim)

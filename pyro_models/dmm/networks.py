@@ -185,37 +185,58 @@ class Emitter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ guide factors
+def reverse_padded(e: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each sequence of ``e (batch, T, F)`` reversed within its own length (``lengths (batch,)``; None: T),
+    the padding left where it was: its own inverse."""
+    if lengths is None:
+        return e.flip(1)
+    steps = torch.arange(e.shape[1], device=e.device)  # (T,)
+    index = torch.where(steps < lengths.unsqueeze(-1), lengths.unsqueeze(-1) - 1 - steps, steps)  # (batch, T)
+    return e.gather(1, index.unsqueeze(-1).expand_as(e))
+
+
 class SequenceContext(nn.Module):
-    """The RNN states the combiner reads, from frame features ``e (batch, T, F)``: ``"st-r"``: h^right_t of a
-    backward RNN over e_{t:T}; ``"st-lr"``, ``"mf-lr"``: (h^left_t, h^right_t) of a bidirectional RNN,
-    h^left_t over e_{1:t}. Learned initial states. Returns ``(batch, T, directions, rnn_dim)``, left first."""
+    """The RNN states the combiner reads, from frame features ``e (batch, T, F)``: h^left_t of a forward RNN
+    over e_{1:t} (``left``: st-l, st-lr, mf-lr) and h^right_t of a backward RNN over e_{t:T} (``right``:
+    st-r, st-lr, mf-lr), each with a learned initial state. With ``lengths (batch,)`` the backward RNN
+    starts at each sequence's own last frame, so padding is never read. Returns ``(batch, T, directions,
+    rnn_dim)``, left first."""
 
-    def __init__(self, feature_dim: int, config: DMMConfig, bidirectional: bool):
+    def __init__(self, feature_dim: int, config: DMMConfig, left: bool, right: bool):
         super().__init__()
-        self.bidirectional = bidirectional
-        directions = 2 if bidirectional else 1
-        self.rnn = nn.RNN(feature_dim, config.rnn_dim, config.rnn_layers, nonlinearity=config.rnn_nonlinearity,
-                          batch_first=True, bidirectional=bidirectional)
-        self.h_0 = nn.Parameter(torch.zeros(config.rnn_layers * directions, 1, config.rnn_dim))
+        if not (left or right):
+            raise ValueError("SequenceContext: expected left, right or both, got neither")
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        batch, steps = e.shape[:2]
-        h_0 = self.h_0.expand(-1, batch, -1).contiguous()  # (layers * directions, batch, rnn_dim)
-        if self.bidirectional:
-            out, _ = self.rnn(e, h_0)  # (batch, T, 2 * rnn_dim): forward direction, then backward
-            return out.reshape(batch, steps, 2, -1)  # (batch, T, 2 * H) -> (batch, T, 2, H)
-        out, _ = self.rnn(e.flip(1), h_0)  # over e_T, ..., e_1
-        return out.flip(1).unsqueeze(2)  # back in time order: (batch, T, 1, rnn_dim)
+        def rnn() -> nn.RNN:
+            return nn.RNN(feature_dim, config.rnn_dim, config.rnn_layers, nonlinearity=config.rnn_nonlinearity,
+                          batch_first=True)
+
+        self.left = rnn() if left else None
+        self.right = rnn() if right else None
+        shape = (int(left) + int(right), config.rnn_layers, 1, config.rnn_dim)
+        self.h_0 = nn.Parameter(torch.zeros(shape))  # (directions, layers, 1, rnn_dim)
+
+    def forward(self, e: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch = e.shape[0]
+        h_0 = self.h_0.expand(-1, -1, batch, -1).contiguous()  # (directions, layers, batch, rnn_dim)
+        states = []
+        if self.left is not None:
+            states.append(self.left(e, h_0[0])[0])  # (batch, T, rnn_dim)
+        if self.right is not None:
+            backward, _ = self.right(reverse_padded(e, lengths), h_0[-1])  # over e_L, ..., e_1 (then padding)
+            states.append(reverse_padded(backward, lengths))  # back in time order
+        return torch.stack(states, dim=2)  # (batch, T, directions, rnn_dim)
 
 
 class Combiner(nn.Module):
-    """Factor q(z_t | z_{t-1}, x_{t:T}) (``"st-r"``) or q(z_t | z_{t-1}, x_{1:T}) (``"st-lr"``), the combiner
-    function (paper: "Combiner function")::
+    """Factor q(z_t | z_{t-1}, x_{t:T}) (``"st-r"``), q(z_t | z_{t-1}, x_{1:t}) (``"st-l"``) or
+    q(z_t | z_{t-1}, x_{1:T}) (``"st-lr"``), the combiner function (paper: "Combiner function")::
 
         h_comb = (tanh(W z_{t-1} + b) + sum of the RNN states at t) / (1 + number of states)
         q = N(W_mu h_comb + b_mu, diag(softplus(W_s h_comb + b_s) + min_scale)^2)
 
-    i.e. 1/2 (tanh(.) + h^right_t) for st-r and 1/3 (tanh(.) + h^left_t + h^right_t) for st-lr."""
+    i.e. 1/2 (tanh(.) + h^right_t) for st-r, 1/2 (tanh(.) + h^left_t) for st-l and 1/3 (tanh(.) +
+    h^left_t + h^right_t) for st-lr."""
 
     def __init__(self, config: DMMConfig):
         super().__init__()

@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import pyro
 import torch
 
 from pyro_models.datasets import SequenceData
+from pyro_models.datasets.sequences import check_lengths_array
 from pyro_models.datasets.configs import MIN_STEPS
 
 from . import distributed
 from .recipe import Context, Recipe
 from .registry import get_recipe
-from .rundir import CONFIG, RunDir, read_checkpoint
+from .rundir import BEST, CONFIG, RunDir, read_checkpoint
 from .trainer import TrainConfig, Trainer
 
 RUN_FORMAT = 2  # config.json layout: model, format, config, options, train, data
@@ -86,15 +87,26 @@ def normalised_config(stored: Dict[str, Any]) -> Dict[str, Any]:
         return stored
 
 
+LENGTHS_ARG = 2  # ragged sequences: the model's arguments are (x, mask, lengths)
+
+
 def model_inputs(data, split: str):
-    """The model's arguments for ``split`` ("train" or "test") of ``data``: the examples, or ``(x, mask)``
-    when the sequences have gaps in either split (a split without gaps gets an all-True mask)."""
+    """The model's arguments for ``split`` ("train", "valid" or "test") of ``data``: the examples;
+    ``(x, mask)`` when the sequences have gaps in any split (a split without gaps gets an all-True mask);
+    ``(x, mask or None, lengths)`` when the sequences have lengths of their own."""
     x = getattr(data, split)
-    masks = [getattr(data, f"{name}_mask", None) for name in ("train", "test")]
+    mask = getattr(data, f"{split}_mask", None)
+    if getattr(data, "ragged", False):
+        return x, mask, getattr(data, f"{split}_lengths")
+    masks = [getattr(data, f"{name}_mask", None) for name in ("train", "valid", "test")]
     if all(m is None for m in masks):
         return x
-    mask = getattr(data, f"{split}_mask")
     return x, (torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask)
+
+
+def data_splits(data) -> Tuple[str, ...]:
+    """The splits ``data`` holds: ("train", "test"), with "valid" between them when it has one."""
+    return ("train", "valid", "test") if getattr(data, "valid", None) is not None else ("train", "test")
 
 
 def check_data(recipe: Recipe, data, config=None) -> None:
@@ -108,11 +120,21 @@ def check_data(recipe: Recipe, data, config=None) -> None:
         raise ValueError(f"data: expected >= 1 training and held-out examples, got {data.train.shape[0]} and {data.test.shape[0]}")
     if sequences and data.train.shape[1] < MIN_STEPS:
         raise ValueError(f"data: {recipe.name} needs sequences of >= {MIN_STEPS} frames, got T = {data.train.shape[1]}")
-    for split in ("train", "test") if sequences else ():
+    for split in data_splits(data) if sequences else ():
         mask, x = getattr(data, f"{split}_mask"), getattr(data, split)
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
             raise ValueError(f"data: {split}_mask must be bool of shape (N, T) = {tuple(x.shape[:2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
+        lengths = getattr(data, f"{split}_lengths")
+        if (lengths is None) != (data.train_lengths is None):
+            raise ValueError(f"data: every split or none needs lengths; train_lengths is "
+                             f"{'set' if data.train_lengths is not None else 'None'}, {split}_lengths is not")
+        if lengths is not None:
+            check_lengths_array(lengths, tuple(x.shape[:2]), f"data: {split}_lengths")
+    if sequences and data.ragged and not recipe.ragged:
+        raise ValueError(f"data: {recipe.name} does not model sequences of different lengths yet; the data "
+                         f"{data.name!r} have them (train on equal lengths, or pad them and mark the padding as "
+                         "missing frames with a mask)")
     if recipe.validate_data is not None and config is not None:
         recipe.validate_data(config, data)
 
@@ -164,9 +186,14 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
         context.model.to(device), context.guide.to(device)
         recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
     transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
+    ragged = getattr(context.data, "ragged", False)
     trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
-                      units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out)
-    return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming)
+                      units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out,
+                      lengths_arg=LENGTHS_ARG if ragged else None)
+    splits = data_splits(context.data)
+    valid = model_inputs(context.data, "valid") if "valid" in splits else None
+    return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming,
+                       valid=valid)
 
 
 class Run(NamedTuple):
@@ -192,12 +219,24 @@ def read_spec(path: str) -> RunSpec:
         return RunSpec.from_json(json.load(f))
 
 
-def load_run(path: str, data_dir: Optional[str] = None, data=None) -> Run:
+CHECKPOINTS = ("last", "best")
+
+
+def load_run(path: str, data_dir: Optional[str] = None, data=None, checkpoint: str = "last") -> Run:
     """Model, guide (eval mode, trained weights), spec and data of the run directory ``path`` of any
-    registered model. ``data_dir`` overrides where the stored data config finds MNIST; ``data``
-    replaces the stored data altogether (required when the run was trained on data handed in)."""
+    registered model. ``data_dir`` overrides where the stored data config finds its files; ``data``
+    replaces the stored data altogether (required when the run was trained on data handed in).
+    ``checkpoint``: "last" (the newest epoch) or "best" (the epoch with the best validation ELBO, for runs
+    on data with a validation split)."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint: expected one of {CHECKPOINTS}, got {checkpoint!r}")
     spec = read_spec(path)
     state = read_checkpoint(path, map_location="cpu")  # before the data: a run without weights fails fast
+    if checkpoint == "best":
+        best = os.path.join(path, BEST)
+        if not os.path.isfile(best):
+            raise FileNotFoundError(f"checkpoint: {path} has no {BEST} (only runs on data with a validation split keep one)")
+        state = torch.load(best, map_location="cpu", weights_only=False)
     if data is None:
         if spec.data is None:
             raise ValueError(f"data: the run in {path} was trained on data handed in directly; pass them as data")

@@ -46,9 +46,11 @@ def _one_unit(data) -> int:
     return 1
 
 
-def frames_per_sequence(data) -> int:
-    """``units_per_example`` of a sequence model: the frames T of ``data.train (N, T, *frame)``."""
-    return data.train.shape[1]
+def frames_per_sequence(data) -> float:
+    """``units_per_example`` of a sequence model: the frames T of ``data.train (N, T, *frame)``, or for
+    sequences of different lengths their mean length (so a sequence's loss is weighted by its length)."""
+    lengths = getattr(data, "train_lengths", None)
+    return data.train.shape[1] if lengths is None else float(lengths.float().mean())
 
 
 def report_mask(trainer, num_sequences: int, drop_prob: float, seed: int):
@@ -98,6 +100,8 @@ class Recipe:
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
     ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
+    ``ragged``: whether the model takes ``lengths (batch,)`` after ``mask`` (sequences of different lengths,
+    nothing scored past a sequence's end); data with lengths are refused for a model without.
     ``width_fields``: the config fields (ints, or tuples of ints) that set the networks' width, which
     :func:`widened` scales (for benchmarks of how time and memory grow with width).
     """
@@ -126,6 +130,7 @@ class Recipe:
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
     width_fields: Tuple[str, ...] = ()
+    ragged: bool = False
 
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""

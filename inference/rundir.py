@@ -15,6 +15,7 @@ import torch
 from . import failpoints
 
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
+BEST = "best.pt"  # the weights of the epoch with the best validation ELBO (runs with a validation split)
 PREVIOUS_CHECKPOINT, STATE = "checkpoint.prev.pt", "state.json"  # the checkpoint before; {"epoch": N} of the newest
 HISTORY_KEY = "resumes"  # config.json: the changes made at each resume
 # Training settings that may change when a run is resumed: they change neither the model nor the data,
@@ -236,6 +237,10 @@ class RunDir:
                 os.remove(tmp)
             raise
         self.write_json(STATE, {"epoch": state.get("epoch", 0)})
+
+    def save_best(self, state: Dict[str, Any]) -> None:
+        """Write ``state`` (the weights of the best epoch so far) as ``best.pt``, atomically."""
+        atomic_write_bytes(os.path.join(self.path, BEST), lambda f: torch.save(state, f))
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
         """The newest readable checkpoint (see :func:`read_checkpoint`)."""

@@ -33,6 +33,7 @@ from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as MODULE_DIVIDER
 from tqdm.auto import tqdm
 
 from . import distributed, failpoints, plots
+from .batching import bucketed_order, cut_to_length
 from .distributed import World
 from .elbo import ELBOS, elbo_terms, make_elbo
 from .rundir import RunDir, read_checkpoint
@@ -40,16 +41,17 @@ from .rundir import RunDir, read_checkpoint
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 Data = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # examples on axis 0; a tuple: the model's arguments
 DEVICE_DATA_SHARE = 0.25  # a data set up to this share of a GPU's memory is held on the GPU (see place)
-Inputs = Tuple[torch.Tensor, ...]
+Inputs = Tuple[Optional[torch.Tensor], ...]  # the model's arguments; None: left at its default
 
 
 def as_inputs(data: Data, argument: str = "data") -> Inputs:
-    """``data`` as a tuple of the model's arguments, checked to have the same examples on axis 0."""
+    """``data`` as a tuple of the model's arguments, checked to have the same examples on axis 0. An
+    argument may be None (left at its default, e.g. no frame mask) except the first."""
     inputs = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-    sizes = {t.shape[0] for t in inputs}
-    if not inputs or len(sizes) != 1:
+    sizes = {t.shape[0] for t in inputs if t is not None}
+    if not inputs or inputs[0] is None or len(sizes) != 1:
         raise ValueError(f"{argument}: expected a tensor or a tuple of tensors with the same first axis, "
-                         f"got shapes {[tuple(t.shape) for t in inputs]}")
+                         f"got shapes {[None if t is None else tuple(t.shape) for t in inputs]}")
     return inputs
 
 
@@ -58,6 +60,9 @@ def take(inputs: Inputs, index, device=None) -> Inputs:
     to a GPU is asynchronous (``non_blocking``: the data are pinned or already there, see :func:`place`)."""
     out = []
     for t in inputs:
+        if t is None:
+            out.append(None)
+            continue
         rows = t[index.to(t.device) if torch.is_tensor(index) else index]
         out.append(rows.to(device, non_blocking=True) if device is not None else rows)
     return tuple(out)
@@ -69,10 +74,10 @@ def place(inputs: Inputs, device: torch.device) -> Inputs:
     pinned host memory (each batch copied asynchronously); on the CPU as it is."""
     if device.type != "cuda":
         return inputs
-    size = sum(t.numel() * t.element_size() for t in inputs)
+    size = sum(t.numel() * t.element_size() for t in inputs if t is not None)
     if size <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory:
-        return tuple(t.to(device) for t in inputs)
-    return tuple(t.pin_memory() for t in inputs)
+        return tuple(None if t is None else t.to(device) for t in inputs)
+    return tuple(None if t is None else t.pin_memory() for t in inputs)
 
 
 @dataclass
@@ -96,10 +101,12 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard extra)
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
     progress: bool = True  # tqdm progress bars and one line per epoch
+    bucket_batches: int = 8  # sequences of different lengths: each batch is drawn from a window of this many batches sorted by length, so a batch's sequences have similar lengths (1: no bucketing)
     check_every_step: bool = False  # every SVI step under Pyro's and torch's argument validation; off: each epoch's first step only (the checks cost 6-8% of an HRSSM step, docs/benchmarks.md; non-finite losses and gradients are caught at every step either way)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles"):
+        for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles",
+                     "bucket_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
@@ -189,6 +196,10 @@ class Trainer:
     ``units_per_example``: with ``config.mean_loss``, the gradient step uses the loss divided by
     ``batch * units_per_example`` (e.g. the number of frames of a sequence), the convention of the
     original KVAE and VTA code, which their gradient-clipping thresholds assume.
+    ``lengths_arg``: for sequences of different lengths, the position of their lengths ``(N,)`` among the
+    model's arguments. Batches are then formed from sequences of similar length (:func:`bucketed_order`)
+    and every batch, in training and evaluation, is cut to its own longest sequence
+    (:func:`cut_to_length`); metrics gain per-step values (``*_per_step``: nats per time step).
     """
 
     def __init__(
@@ -202,8 +213,11 @@ class Trainer:
         units_per_example: int = 1,
         world: Optional[World] = None,
         resume_dir: Optional[str] = None,
+        lengths_arg: Optional[int] = None,
     ):
         self.model, self.guide, self.config, self.run = model, guide, config, run
+        self.lengths_arg = lengths_arg
+        self.best: Optional[float] = None  # the best validation ELBO so far (with a validation split)
         self.units_per_example = units_per_example
         self.callbacks = list(callbacks)
         if config.tensorboard and run is not None:  # rank 0's run directory; last, to see every metric
@@ -284,22 +298,25 @@ class Trainer:
         batch = as_inputs(batch, "batch")
         if not self.config.jit:
             return self.elbo.differentiable_loss(self.model, self.guide, *batch)
-        key = tuple((tuple(t.shape), t.dtype) for t in batch)
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in batch)
+        given = [t for t in batch if t is not None]  # the graph's data inputs; None arguments stay None
         if key not in self._compiled:
             def loss_fn(*inputs):  # inputs: params, buffers, batch; used by identity in the traces
-                return self.elbo.differentiable_loss(self.model, self.guide, *inputs[len(inputs) - len(batch):])
+                data = iter(inputs[len(inputs) - len(given):])
+                return self.elbo.differentiable_loss(self.model, self.guide,
+                                                     *(None if t is None else next(data) for t in key))
 
             # Tracing runs the loss once: undo its side effects (random draws, batch-norm statistics) so
             # the compiled step that follows is the step an eager run would take.
             rng_state, buffers = torch.get_rng_state(), [b.clone() for b in self.buffers]
             with pyro.validation_enabled(False), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                self._compiled[key] = torch.jit.trace(loss_fn, (*self.params, *self.buffers, *batch), check_trace=False)
+                self._compiled[key] = torch.jit.trace(loss_fn, (*self.params, *self.buffers, *given), check_trace=False)
                 for buffer, saved in zip(self.buffers, buffers):
                     buffer.copy_(saved)
             torch.set_rng_state(rng_state)
         with torch.jit.optimized_execution(False):  # the recorded op order: the eager run's random draws
-            return self._compiled[key](*self.params, *self.buffers, *batch)
+            return self._compiled[key](*self.params, *self.buffers, *given)
 
     def step(self, batch: Data, validate: bool = True) -> float:
         """One SVI step on ``batch``; returns the loss per example (the negative training objective).
@@ -340,14 +357,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Data) -> Dict[str, float]:
-        """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO)."""
+        """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO); for ragged
+        sequences also ``elbo_per_step`` (nats per time step: the sum over sequences divided by the sum of
+        their lengths), scored in batches of sequences of similar length."""
         inputs = as_inputs(data)
         size = inputs[0].shape[0]
         mine = take(inputs, distributed.rows_of(size, self.world))  # this rank's examples (all in one process)
+        if self.lengths_arg is not None:  # longest first: each batch cut to similar lengths
+            mine = take(mine, torch.argsort(mine[self.lengths_arg], descending=True, stable=True))
         self._set_mode(False)
         totals = torch.zeros(3)
         for start in range(0, mine[0].shape[0], self.config.eval_batch_size):
-            batch = take(mine, slice(start, start + self.config.eval_batch_size), self.device)
+            batch = cut_to_length(take(mine, slice(start, start + self.config.eval_batch_size), self.device),
+                                  self.lengths_arg)
             terms = elbo_terms(self.model, self.guide, *batch)
             totals += torch.stack(list(terms)).detach().cpu()
         self._set_mode(True)
@@ -355,11 +377,23 @@ class Trainer:
         elbo, log_lik, kl = (totals / size).tolist()
         if not all(map(math.isfinite, (elbo, log_lik, kl))):
             self._diverged(f"held-out ELBO is {elbo}")
-        return {"elbo": elbo, "log_lik": log_lik, "kl": kl}
+        result = {"elbo": elbo, "log_lik": log_lik, "kl": kl}
+        if self.lengths_arg is not None:
+            result["elbo_per_step"] = float(totals[0]) / int(inputs[self.lengths_arg].sum())
+        return result
+
+    def _epoch_order(self, train: Inputs) -> torch.Tensor:
+        """This rank's examples of the epoch in batch order, drawn from ``self.generator`` (so a resumed run
+        draws the same): a random permutation, or for ragged sequences :func:`bucketed_order`."""
+        if self.lengths_arg is None:
+            return distributed.shard(torch.randperm(train[0].shape[0], generator=self.generator), self.world)
+        global_batch = self.config.batch_size * self.world.size  # consecutive global batches, then sharded
+        order = bucketed_order(train[self.lengths_arg].cpu(), global_batch, self.config.bucket_batches, self.generator)
+        return distributed.shard(order, self.world)
 
     def _train_epoch(self, train: Inputs, epoch: int) -> float:
         self._set_mode(True)
-        order = distributed.shard(torch.randperm(train[0].shape[0], generator=self.generator), self.world)
+        order = self._epoch_order(train)
         num_batches = math.ceil(order.numel() / self.config.batch_size)
         total = 0.0
         bar = tqdm(
@@ -368,7 +402,7 @@ class Trainer:
         )
         for i in bar:
             index = order[i * self.config.batch_size : (i + 1) * self.config.batch_size]
-            batch = take(train, index, self.device)
+            batch = cut_to_length(take(train, index, self.device), self.lengths_arg)
             if self.batch_transform is not None:
                 batch = (self.batch_transform(batch[0], self.transform_generator), *batch[1:])
             for callback in self.callbacks:
@@ -393,6 +427,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "rng": _rng_state(),
             "config": asdict(self.config),
+            "best_valid_elbo": self.best,
             **self._rank_states(),
         }
 
@@ -414,6 +449,7 @@ class Trainer:
             callback.load_state_dict(callback_state)
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
+        self.best = state.get("best_valid_elbo")
         if not self.world.parallel:
             _set_rng_state(state["rng"])
         elif state.get("world_size") == self.world.size:
@@ -433,21 +469,25 @@ class Trainer:
         self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------------------------- the loop
-    def fit(self, train: Data, test: Data, resume: bool = False) -> List[Dict[str, Any]]:
+    def fit(self, train: Data, test: Data, resume: bool = False, valid: Optional[Data] = None) -> List[Dict[str, Any]]:
         """Train for ``config.epochs`` epochs (continuing a stored run when ``resume``) on ``train``, scoring
-        ``test`` (tensors or tuples of the model's arguments); returns the metrics of every epoch run here."""
+        ``test`` (tensors or tuples of the model's arguments); returns the metrics of every epoch run here.
+        With ``valid`` (a validation split), each epoch also scores it (``valid_elbo``) and the run keeps the
+        weights of the epoch with the best validation ELBO as ``best.pt`` (model selection)."""
         train, test = as_inputs(train, "train"), as_inputs(test, "test")
+        valid = as_inputs(valid, "valid") if valid is not None else None
         if train[0].shape[0] == 0 or test[0].shape[0] == 0:
             raise ValueError(f"train and test need examples, got {train[0].shape[0]} and {test[0].shape[0]}")
         if len(train) != len(test):
             raise ValueError(f"train and test: expected the same model arguments, got {len(train)} and {len(test)} tensors")
         pyro.set_rng_seed(distributed.rank_seed(self.config.seed, self.world))
         train, test = place(train, self.device), place(test, self.device)
+        valid = place(valid, self.device) if valid is not None else None
         self.test_inputs = test
         train_eval = take(train, slice(0, self.config.train_eval_size), self.device)
         if self.batch_transform is not None:  # a fixed draw, so train_elbo is comparable across epochs
             train_eval = (self.batch_transform(train_eval[0], torch.Generator().manual_seed(self.config.seed)), *train_eval[1:])
-        self._setup_optimizer(take(train_eval, slice(0, self.config.batch_size)))
+        self._setup_optimizer(cut_to_length(take(train_eval, slice(0, self.config.batch_size)), self.lengths_arg))
         with torch.no_grad():
             distributed.broadcast_tensors([*self.params, *self.buffers], self.world)  # every rank starts from rank 0's
         for callback in self.callbacks:
@@ -460,13 +500,35 @@ class Trainer:
                 self.run.truncate_metrics(self.epoch)
         try:
             while self.epoch < self.config.epochs:
-                self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1))
+                self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1, valid))
         finally:
             for callback in self.callbacks:
                 callback.on_train_end(self)
         return self.history
 
-    def _run_epoch(self, train, train_eval, test, epoch: int) -> Dict[str, Any]:
+    def _held_out_metrics(self, train_eval: Inputs, test: Inputs, valid: Optional[Inputs]) -> Dict[str, Any]:
+        """``train_elbo``, ``test_elbo``, ``test_log_lik``, ``kl`` (nats per example), ``valid_elbo`` with a
+        validation split, and for ragged sequences each ELBO per time step (``*_elbo_per_step``)."""
+        scored = {"train": self.evaluate(train_eval), "test": self.evaluate(test)}
+        if valid is not None:
+            scored["valid"] = self.evaluate(valid)
+        metrics = {f"{split}_elbo": result["elbo"] for split, result in scored.items()}
+        metrics.update(test_log_lik=scored["test"]["log_lik"], kl=scored["test"]["kl"])
+        for split, result in scored.items():
+            if "elbo_per_step" in result:
+                metrics[f"{split}_elbo_per_step"] = result["elbo_per_step"]
+        return metrics
+
+    def _keep_best(self, metrics: Dict[str, Any], epoch: int) -> None:
+        """With a validation split, write ``best.pt`` (the weights) when this epoch's ``valid_elbo`` is the best."""
+        if "valid_elbo" not in metrics or (self.best is not None and metrics["valid_elbo"] <= self.best):
+            return
+        self.best = metrics["valid_elbo"]
+        if self.run is not None:
+            self.run.save_best({"epoch": epoch, "valid_elbo": self.best, "param_store": pyro.get_param_store().get_state(),
+                                "modules": [m.state_dict() for m in _modules(self.model, self.guide)]})
+
+    def _run_epoch(self, train, train_eval, test, epoch: int, valid: Optional[Inputs] = None) -> Dict[str, Any]:
         start = time.perf_counter()
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
@@ -475,20 +537,13 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             distributed.broadcast_tensors(self.buffers, self.world)  # e.g. batch-norm statistics, as DDP keeps them
-        held_out = self.evaluate(test)
-        metrics: Dict[str, Any] = {
-            "epoch": epoch,
-            "train_objective": -objective,
-            "train_elbo": self.evaluate(train_eval)["elbo"],
-            "test_elbo": held_out["elbo"],
-            "test_log_lik": held_out["log_lik"],
-            "kl": held_out["kl"],
-            "lr": lr,
-        }
+        metrics: Dict[str, Any] = {"epoch": epoch, "train_objective": -objective,
+                                   **self._held_out_metrics(train_eval, test, valid), "lr": lr}
         for callback in self.callbacks:
             metrics.update(callback.on_epoch_end(self, epoch))
         metrics["time_s"] = time.perf_counter() - start
         self.epoch = epoch
+        self._keep_best(metrics, epoch)
         state = self.state_dict() if self.run is not None or self.world.parallel else None  # collective when parallel
         if self.run is not None:
             self.run.log_metrics(metrics)

@@ -82,6 +82,6 @@ RECIPES = (
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
         options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence, compilable=True,
         jit_refusal=_jit_refusal, impute=impute, example=_example,
-        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"),
+        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"), ragged=True,
     ),
 )

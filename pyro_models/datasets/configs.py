@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import BINARIZE_MODES, DATASETS, ImageData, load_image_data
-from .sequences import SEQUENCE_DATASETS, SequenceData, drop_frames, load_sequence_data
+from .sequences import SEQUENCE_DATASETS, SequenceData, drop_frames, load_sequence_data, past_the_end
 
 MIN_STEPS = 2  # frames per sequence a sequence model needs
 DROP_SEED = 2024  # the draw of train_drop_prob's gaps
@@ -54,7 +54,7 @@ class SequenceDataConfig:
     """Sequences ``(N, T, *frame_shape)`` in [0, 1] for the sequence models."""
 
     data: str = field(default="bouncing-balls", metadata={"choices": SEQUENCE_DATASETS})  # the data set
-    data_dir: Optional[str] = None  # folder of the MNIST IDX files, for data mnist-rows
+    data_dir: Optional[str] = None  # folder of the MNIST IDX files (data mnist-rows), or of a polyphonic-music set (jsb, nottingham, piano, musedata: its JSON, pickle or .mat file, or the file itself)
     data_path: Optional[str] = None  # an .npz file with a 'sequences' array (optional: 'events', and 'mask' (N, T) with 1 = frame observed), for data npz
     num_sequences: int = 5000  # generated training sequences (1/5 as many held out)
     num_steps: int = 20  # frames per generated sequence (>= 2)
@@ -87,6 +87,8 @@ class SequenceDataConfig:
         if self.train_drop_prob == 0.0:
             return data
         train, mask = drop_frames(data.train, data.train_mask, self.train_drop_prob, DROP_SEED)
+        if data.train_lengths is not None:  # no frame is observed past a sequence's end
+            mask = mask & ~past_the_end(data.train_lengths, train.shape[1])
         return data._replace(train=train, train_mask=mask)
 
 

@@ -25,8 +25,9 @@ import torch
 from .balls import bouncing_balls, color_balls
 from ..imputation import random_frame_mask, zero_missing
 from .mnist import load_mnist
+from .polyphonic import POLYPHONIC_DATASETS, load_polyphonic
 
-SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "color-balls-constant", "mnist-rows", "npz")
+SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "color-balls-constant", "mnist-rows", "npz") + POLYPHONIC_DATASETS
 DEFAULT_SEED = 1234  # the Kalman VAE's training seed
 TEST_SEED_OFFSET = 4444  # held-out data use seed + TEST_SEED_OFFSET: 5678 by default, as the KVAE
 TEST_FRACTION = 0.1  # of a user's .npz sequences held out (the last ones, at least one)
@@ -42,7 +43,12 @@ _LAYOUTS = "(N, T, D), (N, T, H, W), (N, T, C, H, W) with C in {1, 3} or (N, T, 
 
 class SequenceData(NamedTuple):
     """Train and held-out sequences ``(N, T, *frame_shape)`` float32 in [0, 1], events ``(N, T)`` or None,
-    and frame masks ``(N, T)`` bool (True = observed; None: no gaps) with zeros in the missing frames."""
+    and frame masks ``(N, T)`` bool (True = observed; None: no gaps) with zeros in the missing frames.
+
+    Sequences of different lengths: ``*_lengths (N,)`` int64 in [1, T] (None: every sequence has T
+    frames); each split is padded with zeros past each sequence's end. A validation split (``valid``,
+    with its own mask and lengths) selects the best epoch when present; ``test`` is then touched only
+    for the final numbers."""
 
     train: torch.Tensor
     test: torch.Tensor
@@ -51,6 +57,34 @@ class SequenceData(NamedTuple):
     test_events: Optional[torch.Tensor] = None
     train_mask: Optional[torch.Tensor] = None
     test_mask: Optional[torch.Tensor] = None
+    train_lengths: Optional[torch.Tensor] = None
+    test_lengths: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    valid_mask: Optional[torch.Tensor] = None
+    valid_lengths: Optional[torch.Tensor] = None
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the sequences have lengths of their own."""
+        return self.train_lengths is not None
+
+
+def check_lengths_array(array, shape: Tuple[int, int], argument: str = "lengths") -> torch.Tensor:
+    """Validate sequence lengths (integers in [1, T]) for sequences of ``shape (N, T)``; return int64 ``(N,)``."""
+    lengths = torch.as_tensor(np.asarray(array))
+    if tuple(lengths.shape) != (shape[0],):
+        raise ValueError(f"{argument}: expected shape (N,) = ({shape[0]},) to match the sequences, got {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point and not torch.equal(lengths, lengths.round()):
+        raise ValueError(f"{argument}: expected whole numbers, got e.g. {lengths[lengths != lengths.round()][:3].tolist()}")
+    if lengths.dtype == torch.bool or lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > shape[1]):
+        raise ValueError(f"{argument}: expected lengths in [1, T = {shape[1]}], got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+    return lengths.to(torch.int64)
+
+
+def past_the_end(lengths: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``(N, T)`` bool, True at the steps past each sequence's end."""
+    return torch.arange(num_steps) >= lengths.unsqueeze(-1)
 
 
 def _to_layout(sequences: torch.Tensor, argument: str) -> torch.Tensor:
@@ -262,27 +296,39 @@ def open_npz(path: str):
     return archive
 
 
-def _read_npz_sequences(archive, path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The ``sequences`` of an open archive and its optional frame ``mask``: missing frames may hold
-    anything (NaN included) and are zeroed before the values are checked."""
+def _read_npz_sequences(archive, path: str,
+                        lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The ``sequences`` of an open archive and its optional frame ``mask``: missing frames, and frames past
+    the end of a sequence (``lengths``), may hold anything (NaN included) and are zeroed before the values
+    are checked."""
     sequences = _to_layout(torch.as_tensor(np.asarray(archive["sequences"]), dtype=torch.float32), f"{path}['sequences']")
+    if lengths is not None and sequences.numel():
+        sequences = zero_missing(sequences, ~past_the_end(lengths, sequences.shape[1]))
     if "mask" not in archive:
         if sequences.numel() > 0 and torch.isnan(sequences).any():
             raise ValueError(f"{path}['sequences']: {int(torch.isnan(sequences).sum())} values are NaN; mark missing "
                              f"frames with a 0/1 array 'mask' of shape (N, T) = {tuple(sequences.shape[:2])} (1 = observed)")
         return check_sequences(sequences, f"{path}['sequences']"), None
     mask = check_frame_mask(archive["mask"], sequences.shape[:2], f"{path}['mask']")
+    if lengths is not None:  # no frame is observed past a sequence's end
+        mask = mask & ~past_the_end(lengths, sequences.shape[1])
     return check_sequences(zero_missing(sequences, mask), f"{path}['sequences']"), mask
 
 
 def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> SequenceData:
     """A user's sequences: ``np.load(path)['sequences']`` in any layout of :func:`check_sequences`,
-    with optional 0/1 ``events (N, T)`` and an optional frame ``mask (N, T)`` (bool or 0/1, 1 = observed;
-    missing frames may hold NaN). The last ``test_fraction`` (at least one) are held out."""
+    with optional 0/1 ``events (N, T)``, an optional frame ``mask (N, T)`` (bool or 0/1, 1 = observed;
+    missing frames may hold NaN) and optional ``lengths (N,)`` (sequence i has ``lengths[i]`` frames; what
+    lies past its end is never read and may hold anything, NaN included). The last ``test_fraction`` (at
+    least one) are held out."""
     with open_npz(path) as archive:
         if "sequences" not in archive:
             raise ValueError(f"{path}: expected an array named 'sequences', found {sorted(archive.files)}")
-        sequences, mask = _read_npz_sequences(archive, path)
+        lengths = None
+        if "lengths" in archive:
+            shape = tuple(np.shape(archive["sequences"])[:2])
+            lengths = check_lengths_array(archive["lengths"], shape, f"{path}['lengths']")
+        sequences, mask = _read_npz_sequences(archive, path, lengths)
         events = check_events(archive["events"], sequences, f"{path}['events']") if "events" in archive else None
     num_test = max(1, int(round(test_fraction * len(sequences))))
     if num_test >= len(sequences):
@@ -292,7 +338,7 @@ def load_sequence_npz(path: str, test_fraction: float = TEST_FRACTION) -> Sequen
     def halves(t):
         return (None, None) if t is None else (t[:split], t[split:])
 
-    return SequenceData(sequences[:split], sequences[split:], "npz", *halves(events), *halves(mask))
+    return SequenceData(sequences[:split], sequences[split:], "npz", *halves(events), *halves(mask), *halves(lengths))
 
 
 def load_mnist_rows(data_dir: str, download: bool = True) -> SequenceData:
@@ -300,6 +346,14 @@ def load_mnist_rows(data_dir: str, download: bool = True) -> SequenceData:
     :func:`load_mnist`."""
     train, test = load_mnist(data_dir, download=download)  # (N, 1, 28, 28)
     return SequenceData(train.squeeze(1).contiguous(), test.squeeze(1).contiguous(), "mnist-rows")
+
+
+def load_polyphonic_data(name: str, data_dir: str) -> SequenceData:
+    """A polyphonic-music benchmark (:mod:`.polyphonic`) with its train / valid / test splits and lengths."""
+    splits = load_polyphonic(name, data_dir)
+    (train, train_lengths), (valid, valid_lengths), (test, test_lengths) = (splits[s] for s in ("train", "valid", "test"))
+    return SequenceData(train, test, name, train_lengths=train_lengths, test_lengths=test_lengths, valid=valid,
+                        valid_lengths=valid_lengths)
 
 
 def load_sequence_data(
@@ -318,7 +372,7 @@ def load_sequence_data(
     ``bouncing-balls`` / ``color-balls``: ``num_train`` sequences of ``num_steps`` frames from ``seed``
     and ``num_test`` from ``seed + TEST_SEED_OFFSET`` (1234 and 5678 by default, as the KVAE), cached
     under ``cache_dir`` when given. ``mnist-rows``: from ``data_dir`` (all its images); ``npz``: from
-    ``data_path``. ``num_train``, ``num_test``, ``num_steps`` and ``seed`` apply to generated sets only.
+    ``data_path``; ``jsb``, ``nottingham``, ``piano``, ``musedata``: from ``data_dir`` (:mod:`.polyphonic`). ``num_train``, ``num_test``, ``num_steps`` and ``seed`` apply to generated sets only.
     """
     if name in GENERATORS:
         if num_train < 1 or num_test < 1:
@@ -335,6 +389,10 @@ def load_sequence_data(
         if data_path is None:
             raise ValueError("data_path: data 'npz' needs an .npz file with a 'sequences' array, got None")
         return load_sequence_npz(data_path)
+    if name in POLYPHONIC_DATASETS:
+        if data_dir is None:
+            raise ValueError(f"data_dir: data {name!r} needs the folder (or file) holding it, got None")
+        return load_polyphonic_data(name, data_dir)
     raise ValueError(f"unknown sequence data set {name!r}; choose one of {SEQUENCE_DATASETS}")
 
 
@@ -347,6 +405,7 @@ __all__ = [
     "check_sequences",
     "generate_sequences",
     "load_mnist_rows",
+    "load_polyphonic_data",
     "load_sequence_data",
     "load_sequence_npz",
 ]

@@ -114,10 +114,11 @@ def bars_by_name(values: Dict[str, float], path: str, title: str, ylabel: str,
 def curves(metrics: List[Dict], keys: Sequence[str], path: str, title: str = "training curves") -> str:
     """Each of ``keys`` against the epoch, from ``metrics.jsonl`` records."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    epochs = [m["epoch"] for m in metrics]
-    for key in keys:
-        if all(key in m for m in metrics):
-            ax.plot(epochs, [m[key] for m in metrics], marker="o", markersize=3, label=key)
+    for key in keys:  # the epochs that scored it (eval_every)
+        rows = [m for m in metrics if m.get(key) is not None]
+        if rows:
+            ax.plot([m["epoch"] for m in rows], [m[key] for m in rows], marker="o" if len(rows) < 50 else None,
+                    markersize=3, label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per example")
     ax.set_title(title, fontsize=10)

@@ -97,7 +97,8 @@ class TrainConfig:
     jit: bool = False  # compile the training loss with torch.jit.trace (models that declare themselves compilable)
     device: str = "cpu"  # cpu, cuda or cuda:N
     seed: int = 0  # seeds initialisation, batch order and every draw
-    eval_batch_size: int = 500  # examples per batch when scoring held-out data
+    eval_batch_size: int = 500  # examples per batch when scoring held-out data (sequences of different lengths: at most batch_size, sorted by length, so a batch holds little padding)
+    eval_every: int = 1  # score the held-out data (and run the per-epoch reports) every this many epochs, and at the last
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard extra)
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
     progress: bool = True  # tqdm progress bars and one line per epoch
@@ -106,7 +107,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr_decay_every", "eval_batch_size", "train_eval_size", "num_particles",
-                     "bucket_batches"):
+                     "bucket_batches", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
@@ -367,9 +368,10 @@ class Trainer:
             mine = take(mine, torch.argsort(mine[self.lengths_arg], descending=True, stable=True))
         self._set_mode(False)
         totals = torch.zeros(3)
-        for start in range(0, mine[0].shape[0], self.config.eval_batch_size):
-            batch = cut_to_length(take(mine, slice(start, start + self.config.eval_batch_size), self.device),
-                                  self.lengths_arg)
+        step = self.config.eval_batch_size if self.lengths_arg is None else min(self.config.eval_batch_size,
+                                                                                self.config.batch_size)
+        for start in range(0, mine[0].shape[0], step):
+            batch = cut_to_length(take(mine, slice(start, start + step), self.device), self.lengths_arg)
             terms = elbo_terms(self.model, self.guide, *batch)
             totals += torch.stack(list(terms)).detach().cpu()
         self._set_mode(True)
@@ -528,30 +530,37 @@ class Trainer:
             self.run.save_best({"epoch": epoch, "valid_elbo": self.best, "param_store": pyro.get_param_store().get_state(),
                                 "modules": [m.state_dict() for m in _modules(self.model, self.guide)]})
 
+    def scores(self, epoch: int) -> bool:
+        """Whether ``epoch`` scores the held-out data and runs the per-epoch reports (``eval_every``)."""
+        return epoch % self.config.eval_every == 0 or epoch == self.config.epochs
+
     def _run_epoch(self, train, train_eval, test, epoch: int, valid: Optional[Inputs] = None) -> Dict[str, Any]:
         start = time.perf_counter()
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         objective = self._train_epoch(train, epoch)
+        train_seconds = time.perf_counter() - start  # the SVI steps alone, without scoring and reports
         self.scheduler.step()
         with torch.no_grad():
             distributed.broadcast_tensors(self.buffers, self.world)  # e.g. batch-norm statistics, as DDP keeps them
-        metrics: Dict[str, Any] = {"epoch": epoch, "train_objective": -objective,
-                                   **self._held_out_metrics(train_eval, test, valid), "lr": lr}
-        for callback in self.callbacks:
+        held_out = self._held_out_metrics(train_eval, test, valid) if self.scores(epoch) else {}
+        metrics: Dict[str, Any] = {"epoch": epoch, "train_objective": -objective, **held_out, "lr": lr}
+        for callback in self.callbacks if held_out else ():  # the reports run on scoring epochs
             metrics.update(callback.on_epoch_end(self, epoch))
-        metrics["time_s"] = time.perf_counter() - start
+        metrics["train_s"], metrics["time_s"] = train_seconds, time.perf_counter() - start
         self.epoch = epoch
         self._keep_best(metrics, epoch)
         state = self.state_dict() if self.run is not None or self.world.parallel else None  # collective when parallel
         if self.run is not None:
             self.run.log_metrics(metrics)
             self.run.save_checkpoint(state)
-            plots.curves(self.run.read_metrics(), ["train_elbo", "test_elbo"], self.run.figure_path("elbo_curves"))
+            if held_out:
+                plots.curves(self.run.read_metrics(), ["train_elbo", "valid_elbo", "test_elbo"],
+                             self.run.figure_path("elbo_curves"), "ELBO (nats per example) on each split")
         for callback in self.callbacks:
             callback.after_epoch(self, epoch, metrics)
-        if self.config.progress and self.world.main:
+        if self.config.progress and self.world.main and held_out:
             tqdm.write(
                 f"epoch {epoch}: train ELBO {metrics['train_elbo']:.2f}, test ELBO {metrics['test_elbo']:.2f}, "
                 f"KL {metrics['kl']:.2f} nats/example ({metrics['time_s']:.1f}s)"

@@ -91,8 +91,15 @@ class DMMGuide(nn.Module):
         """q(z_{1:T} | x): batch ``(batch,)``, event ``(T, z_dim)``, for the guide's arguments."""
         batch, steps = x.shape[:2]
         context = self.context(self.features(x, mask), lengths)  # (batch, T, n, rnn_dim)
-        return PosteriorChain(lambda z_prev, t: self.posterior(z_prev, context[:, t]), self.z_0, steps,
-                              self.config.z_dim, torch.Size((batch,)), step_mask(lengths, steps))
+        # One view per step, cut once: indexing context[:, t] at every step would make the backward pass
+        # build a zero tensor of the whole context per step (quadratic in T; 70% of a JSB epoch).
+        per_step = context.unbind(1)  # T x (batch, n, rnn_dim)
+
+        def posterior(z_prev: Optional[torch.Tensor], t) -> dist.Distribution:
+            return self.posterior(z_prev, context if isinstance(t, slice) else per_step[t])
+
+        return PosteriorChain(posterior, self.z_0, steps, self.config.z_dim, torch.Size((batch,)),
+                              step_mask(lengths, steps))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -13,6 +13,13 @@ to the true events and to none; on color-balls runs, under "control", the same s
 held-out balls without colour changes, against the wall hits; figures under RUN/figures/: boundaries_eval.png,
 boundary_probabilities.png, jumpy.png and, when the run logged it, f1_vs_time.png.
 
+``likelihood`` (every model): the held-out log-likelihood by importance sampling with the guide as
+proposal (-k K draws per example: the IWAE bound, K = 1 the ELBO), per example and, for sequences, per
+time step, with its Monte Carlo standard error; ``--split train|valid|test``; the run's best epoch by
+validation ELBO where it kept one (``--checkpoint last`` for the newest).
+
+    python scripts/evaluate.py likelihood --run runs/jsb-dmm -k 500 [--split test]
+
 Prints the result and writes it to RUN/NAME.json.
 """
 from __future__ import annotations
@@ -25,12 +32,15 @@ import sys
 from inference.cli import OneLineParser, add_dataclass_flags, build_config, flag_error, given
 from inference.command_line import main_guard
 from inference.experiment import load_run, read_spec
+from inference.likelihood import LikelihoodOptions, evaluate_likelihood
+from inference.rundir import BEST
 from inference.registry import recipes
 
 
 def evaluations():
-    """Every evaluation name -> (model names, options class, function)."""
-    found = {}
+    """Every evaluation name -> (model names, options class, function): those every model has
+    (``likelihood``), then each model's own."""
+    found = {"likelihood": (list(recipes()), LikelihoodOptions, evaluate_likelihood)}
     for name, recipe in recipes().items():
         for what, (options, fn) in recipe.evaluations.items():
             found.setdefault(what, ([], options, fn))[0].append(name)
@@ -39,7 +49,7 @@ def evaluations():
 
 def parse_args(argv=None):
     known = evaluations()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--k" if a == "-k" else a for a in (sys.argv[1:] if argv is None else argv)]  # -k K, the IWAE's name
     top = OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("what", choices=tuple(known), help="the evaluation; " + "; ".join(f"{k}: {', '.join(v[0])}" for k, v in known.items()))
     if not argv or argv[0] not in known:
@@ -48,7 +58,7 @@ def parse_args(argv=None):
     p = OneLineParser(prog=f"evaluate.py {argv[0]}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description=f"{argv[0]} ({', '.join(models)})")
     p.add_argument("--run", required=True, help="a run directory (scripts/train.py MODEL --out RUN)")
-    p.add_argument("--data-dir", help="MNIST folder, for runs on MNIST")
+    p.add_argument("--data-dir", help="where the run's data are now, when they moved (MNIST, polyphonic music)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_dataclass_flags(p, options_cls, options_cls(), "options.")
     args = p.parse_args(argv[1:])
@@ -64,7 +74,12 @@ def main(argv=None) -> int:
     spec = read_spec(args.run)
     if spec.model not in models:
         raise ValueError(f"path: {args.run} holds a {spec.model} run; {what} evaluates {', '.join(models)} runs")
-    result = fn(load_run(args.run, data_dir=args.data_dir), options)
+    checkpoint = getattr(options, "checkpoint", "last")
+    if checkpoint == "best" and not os.path.isfile(os.path.join(args.run, BEST)):
+        checkpoint = "last"  # a run without a validation split keeps no best epoch
+        if hasattr(options, "checkpoint"):
+            options.checkpoint = checkpoint
+    result = fn(load_run(args.run, data_dir=args.data_dir, checkpoint=checkpoint), options)
     print(json.dumps(result, indent=2))
     out = os.path.join(args.run, f"{what}.json")
     with open(out, "w") as f:

@@ -309,3 +309,27 @@ def test_every_config_field_has_help_text():
     for field in fields(DMMConfig):
         row = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{field.name}:"))
         assert "#" in lines[row] or lines[row - 1].strip().startswith("#"), field.name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_the_elman_recurrence_has_nn_rnns_values_and_gradients(nonlinearity, reverse):
+    from pyro_models.dmm.chains import active_rows
+    from pyro_models.dmm.networks import elman_rnn, reverse_padded
+
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(5, 7, nonlinearity=nonlinearity, batch_first=True).double()
+    e, h_0 = torch.randn(3, 6, 5, dtype=F64), torch.randn(3, 7, dtype=F64, requires_grad=True)
+    lengths = torch.tensor([6, 4, 2])  # decreasing: the rows still running are a prefix
+    valid = (torch.arange(6) < lengths.unsqueeze(-1)).unsqueeze(-1).to(F64)
+    weights = torch.randn(3, 6, 7, dtype=F64) * valid  # a loss of the real steps
+    expected = rnn(reverse_padded(e, lengths) if reverse else e, h_0.unsqueeze(0))[0]
+    expected = reverse_padded(expected, lengths) if reverse else expected
+    results = []
+    for out in (expected, elman_rnn(rnn, e, h_0, active_rows(lengths, 3, 6), reverse)):
+        grads = torch.autograd.grad((weights * out).sum(), [h_0, *rnn.parameters()])
+        results.append((out * valid, grads))
+    (expected, expected_grads), (out, grads) = results
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    for a, b in zip(expected_grads, grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

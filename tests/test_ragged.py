@@ -6,7 +6,8 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_models.dmm import GUIDES, DMMConfig, build_dmm
+from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, step_mask
+from pyro_models.dmm.chains import combiner_chain
 from pyro_models.dmm.networks import reverse_padded
 
 F64 = torch.float64
@@ -76,16 +77,58 @@ def test_a_ragged_batch_is_the_sum_of_its_sequences(guide_name, num_flows, with_
 def test_padding_never_changes_a_number(guide_name):
     model, guide = dmm(guide_name)
     x = torch.rand(3, 6, *FRAME, dtype=F64)
-    longer = torch.cat([x, torch.rand(3, 3, *FRAME, dtype=F64)], dim=1)  # three more padded steps
     changed = x.clone()
     for i, length in enumerate(LENGTHS.tolist()):
         changed[i, length:] = torch.rand_like(changed[i, length:])
+    longer = torch.cat([changed, torch.rand(3, 3, *FRAME, dtype=F64)], dim=1)  # three more padded steps
     losses = []
-    for data in (x, changed, longer):
+    for data in (x, changed):  # the same draws: nothing past the ends is read
         pyro.set_rng_seed(3)
         losses.append(TraceMeanField_ELBO().differentiable_loss(model, guide, data, None, LENGTHS).detach())
     assert losses[0] == losses[1]
-    assert torch.allclose(losses[0], losses[2], rtol=1e-12)  # the draws of the first six steps are the same
+    with torch.no_grad():
+        z = guide(x, None, LENGTHS)
+    z_longer = torch.cat([z, torch.randn(3, 3, z.shape[-1], dtype=F64)], dim=1)  # anything past the ends
+    short = TraceMeanField_ELBO().differentiable_loss(model, replayed(guide, z), x, None, LENGTHS)
+    long = TraceMeanField_ELBO().differentiable_loss(model, replayed(guide, z_longer), longer, None, LENGTHS)
+    assert torch.allclose(short, long, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS])
+@pytest.mark.parametrize("particles", [(), (2,)])
+@pytest.mark.parametrize("guide_name", ["st-r", "st-l", "st-lr"])
+def test_the_fused_chain_has_autograds_values_and_gradients(guide_name, particles, lengths):
+    # The structured chain's hand-written backward pass against autograd through every step, on the same
+    # noise, with a loss that reads the draws, the locations and the scales of every step.
+    model, guide = dmm(guide_name)
+    x = torch.rand(3, 6, *FRAME, dtype=F64)
+    context = guide.context(guide.features(x), lengths)  # (3, 6, n, H)
+    noise = torch.randn(particles + (3, 6, 3), dtype=F64)
+    valid = torch.ones(3, 6, 1, dtype=F64) if lengths is None else step_mask(lengths, 6).unsqueeze(-1).to(F64)
+    weights = [valid * torch.randn(particles + (3, 6, 3), dtype=F64) for _ in range(3)]  # a loss of the real steps
+    params = list(guide.parameters())
+
+    def reference():
+        z, out = guide.z_0.expand(particles + (3, 3)), []
+        for t in range(6):
+            loc, scale = guide.posterior(z, context[:, t])
+            z = loc + scale * noise[..., t, :]
+            out.append((z, loc, scale))
+        return [torch.stack(o, dim=-2) for o in zip(*out)]
+
+    fused = combiner_chain(context.sum(-2), noise, guide.z_0, guide.combiner, context.shape[-2], lengths)
+    for name, values in (("reference", reference()), ("fused", fused)):
+        loss = sum((w * v.sin()).sum() for w, v in zip(weights, values))
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        if name == "reference":
+            expected_values, expected = values, grads
+    for a, b in zip(expected_values, fused):
+        assert torch.allclose(a * valid, b * valid, rtol=1e-12, atol=1e-12)
+    for p, a, b in zip(params, expected, grads):
+        if a is None:
+            assert b is None or not b.abs().any()
+        else:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("guide_name", GUIDES)

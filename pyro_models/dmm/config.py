@@ -45,6 +45,7 @@ class DMMConfig:
     encoder_hidden: Tuple[int, ...] = ()
     num_flows: int = 0  # IAF steps on each q(z_t | ...), 0 = none
     flow_hidden: Tuple[int, ...] = (100,)  # autoregressive network widths of each IAF step
+    fused_chain: bool = True  # structured guides without flows: draw the chain with a hand-written backward pass (autograd's values and gradients, several times faster; tests/test_ragged.py); False: autograd through every step
     min_scale: float = 1e-4  # floor of the standard deviations of the gated transition and the combiner
 
     def __post_init__(self):

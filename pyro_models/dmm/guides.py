@@ -32,7 +32,7 @@ from ..distributions import FlowPosterior
 from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
-from .chains import PosteriorChain, step_mask
+from .chains import PosteriorChain, combiner_chain, step_mask
 from .config import DMMConfig, check_input
 from .networks import Combiner, FrameEncoder, MeanFieldCombiner, SequenceContext
 
@@ -76,14 +76,16 @@ class DMMGuide(nn.Module):
         e = per_frame(self.encoder, x, len(self.frame_shape))
         return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
 
-    def posterior(self, z_prev: Optional[torch.Tensor], context: torch.Tensor) -> dist.Distribution:
+    def posterior(self, z_prev: Optional[torch.Tensor], context: torch.Tensor):
         """q(z_t | z_{t-1}, RNN states at t) for ``z_prev (..., batch, z_dim)`` and ``context (batch, n,
-        rnn_dim)``: batch ``(..., batch)``, event ``(z_dim,)``."""
+        rnn_dim)`` (or every step at once: ``z_prev (..., batch, T, z_dim)``, ``context (batch, T, n,
+        rnn_dim)``): the Normal's ``(loc, scale)``, each ``(..., batch, z_dim)``; with flows the
+        distribution, batch ``(..., batch)``, event ``(z_dim,)``."""
         h = self.combiner.hidden(z_prev, context)  # (..., batch, rnn_dim)
         loc, scale = self.combiner.head(h)
-        base = dist.Normal(loc, scale).to_event(1)
         if not len(self.flows):
-            return base
+            return loc, scale
+        base = dist.Normal(loc, scale).to_event(1)
         return FlowPosterior(base, [flow.condition(h) for flow in self.flows])
 
     def chain(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -98,8 +100,16 @@ class DMMGuide(nn.Module):
         def posterior(z_prev: Optional[torch.Tensor], t) -> dist.Distribution:
             return self.posterior(z_prev, context if isinstance(t, slice) else per_step[t])
 
+        fused = None
+        if self.config.fused_chain and self.z_0 is not None and not len(self.flows):
+            summed = context.sum(-2)  # (batch, T, rnn_dim): the combiner reads the sum of the states
+
+            def fused(lead: torch.Size):
+                noise = torch.randn(lead + (steps, self.config.z_dim), dtype=summed.dtype, device=summed.device)
+                return combiner_chain(summed, noise, self.z_0, self.combiner, context.shape[-2], lengths)
+
         return PosteriorChain(posterior, self.z_0, steps, self.config.z_dim, torch.Size((batch,)),
-                              step_mask(lengths, steps))
+                              step_mask(lengths, steps), fused)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..distributions import likelihood_mean, pixel_likelihood
 from ..networks import GaussianHead, conv_spatial_sizes, mlp
+from .chains import active_rows
 from .config import IMAGE_DIMS, DMMConfig
 
 CONV_KERNEL, CONV_STRIDE, CONV_PADDING = 3, 2, 1  # each layer halves H and W (rounding up)
@@ -195,6 +196,66 @@ def reverse_padded(e: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Te
     return e.gather(1, index.unsqueeze(-1).expand_as(e))
 
 
+class _ElmanRecurrence(torch.autograd.Function):
+    """h_t = f(a_t + W_hh h_{t-1}) over the steps in order (or h_t = f(a_t + W_hh h_{t+1}) against it), with a
+    hand-written backward pass (see :func:`elman_rnn`)."""
+
+    @staticmethod
+    def forward(ctx, pre, w_hh, h_0, relu: bool, active: List[int], reverse: bool):
+        # pre (N, T, H): the input projections a_t, bias included; w_hh (H, H); h_0 (N, H); active[t]: the
+        # rows inside their sequence at step t, a prefix (the others' outputs are left at 0). Against time,
+        # a row starts from h_0 at its own last step.
+        out = pre.new_zeros(pre.shape)  # (N, T, H)
+        inputs = pre.new_zeros(pre.shape)  # the state each step read: h_{t-1} (h_{t+1} against time)
+        h = h_0[:0]
+        w_t = w_hh.t()
+        for t in (reversed(range(pre.shape[1])) if reverse else range(pre.shape[1])):
+            rows = active[t]
+            h_in = h[:rows] if h.shape[0] >= rows else torch.cat([h, h_0[h.shape[0] : rows]])  # new rows start at h_0
+            a = torch.addmm(pre[:rows, t], h_in, w_t)
+            h = torch.relu(a) if relu else torch.tanh(a)
+            out[:rows, t], inputs[:rows, t] = h, h_in
+        ctx.save_for_backward(out, inputs, w_hh)
+        ctx.relu, ctx.active, ctx.reverse, ctx.batch = relu, active, reverse, h_0.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, inputs, w_hh = ctx.saved_tensors
+        # f'(a_t) from the output: relu' = 1[h > 0], tanh' = 1 - h^2
+        slope = (out > 0).to(out.dtype) if ctx.relu else 1.0 - out * out
+        d_pre = torch.zeros_like(out)  # dL/da_t, (N, T, H)
+        d_h_0 = out.new_zeros(ctx.batch, out.shape[-1])
+        steps = list(reversed(range(out.shape[1])) if ctx.reverse else range(out.shape[1]))
+        d_input = out.new_zeros(0, out.shape[-1])  # dL/d(the state the step after t read)
+        for t in reversed(steps):
+            rows = ctx.active[t]
+            # the next step read this step's state in its first rows; rows it started itself read h_0
+            d_h_0[rows : d_input.shape[0]] += d_input[rows:]
+            carry = d_input[:rows] if d_input.shape[0] >= rows else F.pad(d_input, (0, 0, 0, rows - d_input.shape[0]))
+            d_pre[:rows, t] = (grad_out[:rows, t] + carry) * slope[:rows, t]
+            d_input = d_pre[:rows, t] @ w_hh
+        d_h_0[: d_input.shape[0]] += d_input  # the first step read h_0
+        flat = (-1, out.shape[-1])  # every step at once: (N, T, H) -> (N T, H)
+        return d_pre, d_pre.reshape(flat).t() @ inputs.reshape(flat), d_h_0, None, None, None
+
+
+def elman_rnn(rnn: nn.RNN, e: torch.Tensor, h_0: torch.Tensor, active: Optional[List[int]] = None,
+              reverse: bool = False) -> torch.Tensor:
+    """The outputs ``(N, T, H)`` of the one-layer ``rnn`` (batch first) over ``e (N, T, F)`` from ``h_0 (N,
+    H)``: ``rnn(e, h_0)``'s values and gradients (``tests/test_dmm.py``), computed as the recurrence needs.
+    The input projections of every step are one product; the loop does one product a step forward and
+    one backward; the recurrent weight's gradient is one product over all steps (autograd through
+    ``nn.RNN`` on the CPU computes it step by step: a quarter of a DMM step at the paper's widths).
+    ``active[t]``: how many rows (a prefix: rows sorted by decreasing length) are inside their sequence at
+    step t; the others are not computed and their outputs are 0 (None: every row, every step). ``reverse``:
+    run against time, each row from its own last step (``rnn`` over each sequence reversed within its
+    length, outputs in time order)."""
+    pre = F.linear(e, rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)  # (N, T, H), every step at once
+    active = [e.shape[0]] * e.shape[1] if active is None else active
+    return _ElmanRecurrence.apply(pre, rnn.weight_hh_l0, h_0, rnn.nonlinearity == "relu", active, reverse)
+
+
 class SequenceContext(nn.Module):
     """The RNN states the combiner reads, from frame features ``e (batch, T, F)``: h^left_t of a forward RNN
     over e_{1:t} (``left``: st-l, st-lr, mf-lr) and h^right_t of a backward RNN over e_{t:T} (``right``:
@@ -216,15 +277,34 @@ class SequenceContext(nn.Module):
         shape = (int(left) + int(right), config.rnn_layers, 1, config.rnn_dim)
         self.h_0 = nn.Parameter(torch.zeros(shape))  # (directions, layers, 1, rnn_dim)
 
+    @staticmethod
+    def run(rnn: nn.RNN, e: torch.Tensor, h_0: torch.Tensor, lengths: Optional[torch.Tensor],
+            active: Optional[List[int]], reverse: bool) -> torch.Tensor:
+        """``rnn``'s outputs ``(batch, T, rnn_dim)`` over ``e`` from ``h_0 (layers, batch, rnn_dim)``, against
+        time when ``reverse`` (from each sequence's own end): one layer through :func:`elman_rnn` (``active``:
+        see there), more through ``nn.RNN`` on each sequence reversed within its length."""
+        if rnn.num_layers == 1:
+            return elman_rnn(rnn, e, h_0[0], active, reverse)
+        if not reverse:
+            return rnn(e, h_0)[0]
+        return reverse_padded(rnn(reverse_padded(e, lengths), h_0)[0], lengths)
+
     def forward(self, e: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if lengths is None:
+            return self.states(e, None, None)
+        order = torch.argsort(lengths, descending=True, stable=True)  # the sequences still running: a prefix
+        states = self.states(e[order], lengths[order], active_rows(lengths, e.shape[0], e.shape[1]))
+        return states[torch.argsort(order)]  # the batch's own order
+
+    def states(self, e: torch.Tensor, lengths: Optional[torch.Tensor], active: Optional[List[int]]) -> torch.Tensor:
+        """:meth:`forward` on a batch whose ``lengths`` (if any) decrease, ``active`` from :func:`active_rows`."""
         batch = e.shape[0]
         h_0 = self.h_0.expand(-1, -1, batch, -1).contiguous()  # (directions, layers, batch, rnn_dim)
         states = []
         if self.left is not None:
-            states.append(self.left(e, h_0[0])[0])  # (batch, T, rnn_dim)
+            states.append(self.run(self.left, e, h_0[0], lengths, active, reverse=False))  # (batch, T, rnn_dim)
         if self.right is not None:
-            backward, _ = self.right(reverse_padded(e, lengths), h_0[-1])  # over e_L, ..., e_1 (then padding)
-            states.append(reverse_padded(backward, lengths))  # back in time order
+            states.append(self.run(self.right, e, h_0[-1], lengths, active, reverse=True))  # over e_L, ..., e_t
         return torch.stack(states, dim=2)  # (batch, T, directions, rnn_dim)
 
 

@@ -7,7 +7,8 @@ sites ``name_t`` grouped into products over t when their dependencies repeat wit
 
 A site that holds a whole sequence (event ``(T, ...)``, e.g. the frames ``x`` of the DMM or the codes
 ``a`` and frames of the KVAE) is split into per-step factors when its log density is a sum over t
-(an ``Independent`` over the time axis): which steps of its parents each step's log density depends on
+(an ``Independent`` over the time axis, or a chain whose distribution gives its per-step log densities,
+``step_log_prob``, as the DMM's latent chain ``z`` does): which steps of its parents each step's log density depends on
 is read off the gradients of the per-step log densities with respect to the parents' values (held
 fixed, so that only direct dependencies count), and a pattern that repeats with t becomes a product,
 e.g. ``prod_{t=1..T} p(x_t | z_t)``.
@@ -102,7 +103,13 @@ class _Probe:
         ``Independent`` log density; else ``factor`` with the input steps it reads added to its parents."""
         site = self.trace.nodes[factor.site]
         axis, steps = _time_axis(site)
+        step_log_prob = getattr(site["fn"], "step_log_prob", None)  # a chain over its T steps (the DMM's z)
         with torch.enable_grad():
+            if steps == self.steps >= 2 and _split(factor.site)[1] is None and step_log_prob is not None:
+                log_density = step_log_prob(site["value"])  # (..., T): each step given the steps before it
+                own = factor._replace(parents=factor.parents + (factor.site,))
+                return [Factor(f"{factor.site}_{t + 1}", self._reads(log_density[..., t].sum(), own, skip=f"{factor.site}_{t + 1}"),
+                               factor.observed) for t in range(steps)]
             if steps == self.steps >= 2 and _split(factor.site)[1] is None and isinstance(site["fn"], Independent):
                 base = site["fn"]
                 while isinstance(base, Independent):
@@ -117,8 +124,10 @@ class _Probe:
             reads = self._reads(site["fn"].log_prob(site["value"]).sum(), factor, inputs_only=True)
             return [factor._replace(parents=factor.parents + reads)]
 
-    def _reads(self, log_density: torch.Tensor, factor: Factor, inputs_only: bool = False) -> Tuple[str, ...]:
-        """The steps of the factor's parents (or of the inputs alone) that ``log_density`` depends on."""
+    def _reads(self, log_density: torch.Tensor, factor: Factor, inputs_only: bool = False,
+               skip: Optional[str] = None) -> Tuple[str, ...]:
+        """The steps of the factor's parents (or of the inputs alone) that ``log_density`` depends on, but
+        ``skip`` (a chain step's own value)."""
         sources = {} if inputs_only else {p: self.leaves[p] for p in factor.parents if p in self.leaves}
         sources.update(self.inputs)
         grads = torch.autograd.grad(log_density, list(sources.values()), allow_unused=True, retain_graph=True)
@@ -131,7 +140,7 @@ class _Probe:
                 parents.append(name)
                 continue
             per_step = (grad != 0).movedim(axis, 0).reshape(steps, -1).any(-1)  # (T,)
-            parents += [f"{name}_{u + 1}" for u in range(steps) if per_step[u]]
+            parents += [f"{name}_{u + 1}" for u in range(steps) if per_step[u] and f"{name}_{u + 1}" != skip]
         return tuple(parents)
 
 
@@ -171,12 +180,12 @@ def _span(times: List[int], family: Optional[List[int]], t: Optional[int]) -> Op
     given) ``t:T`` (t on) or ``1:t`` (up to t); None for anything else."""
     if not family:
         return None
-    if times == family and len(times) > 1:
-        return "1:T"
-    if t is not None and times == [u for u in family if u >= t]:
-        return "t:T"
+    if t is not None and times == [u for u in family if u >= t]:  # relative spans first, so that
+        return "t:T"  # x_{1:t} at t = T still groups with the steps before it
     if t is not None and times == [u for u in family if u <= t]:
         return "1:t"
+    if times == family and len(times) > 1:
+        return "1:T"
     return None
 
 

@@ -22,7 +22,8 @@ HISTORY_KEY = "resumes"  # config.json: the changes made at each resume
 # and the trainer applies the new values from the resumed epoch on (the learning rate as the base of
 # the staircase decay). Every change is recorded in config.json under HISTORY_KEY.
 RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "train.progress", "train.device",
-                               "train.eval_batch_size", "train.tensorboard", "train.check_every_step"})
+                               "train.eval_batch_size", "train.tensorboard", "train.check_every_step",
+                               "train.eval_every"})
 NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
 TMP_PREFIX = ".tmp-"
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)

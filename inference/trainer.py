@@ -87,6 +87,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # examples per SVI step
     lr: float = 1e-3  # Adam's learning rate
+    weight_decay: float = 0.0  # Adam's L2 penalty on every parameter (added to the gradient of the loss the step takes: per example and unit with mean_loss)
     amsgrad: bool = False  # Adam with the AMSGrad correction (the official VTA recipe's optimiser)
     lr_decay: float = 1.0  # the learning rate is multiplied by this, in (0, 1] ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
@@ -112,6 +113,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay: expected in (0, 1], got {self.lr_decay}")
         if self.clip_norm is not None and not 0 < self.clip_norm < math.inf:
@@ -275,7 +278,8 @@ class Trainer:
                 params.append(value)
         self.params = params
         self.buffers = list(modules.buffers())  # the shared temperature once: one graph input
-        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, amsgrad=self.config.amsgrad)
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, amsgrad=self.config.amsgrad,
+                                          weight_decay=self.config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_decay_every, gamma=self.config.lr_decay
         )

@@ -31,14 +31,16 @@ def test_dmm_is_a_markov_chain_and_its_guides_differ_as_the_paper_says():
     model, right, x = programs("dmm", "st-r")
     steps = x.shape[1]
     assert describe(model, x, steps=steps).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) prod_{t=1..T} p(x_t | z_t)"
-    assert describe(model, x).text == "p(z_1) prod_{t=2..T} p(z_t | z_{t-1}) p(x | z_{1:T})"  # not split without steps
+    assert describe(model, x).text == "p(z) p(x | z)"  # the chain is one site: not split without steps
     # Krishnan et al.'s table of inference networks: right context, left and right, mean field
     assert describe(right, x, letter="q", given=("x",), steps=steps).text == "q(z_1 | x_{1:T}) prod_{t=2..T} q(z_t | z_{t-1}, x_{t:T})"
     _, both, _ = programs("dmm", "st-lr")
     assert describe(both, x, letter="q", given=("x",), steps=steps).text == "q(z_1 | x_{1:T}) prod_{t=2..T} q(z_t | z_{t-1}, x_{1:T})"
     _, mean_field, _ = programs("dmm", "mf-lr")
     assert describe(mean_field, x, letter="q", given=("x",), steps=steps).text == "prod_{t=1..T} q(z_t | x_{1:T})"
-    assert describe(mean_field, x, letter="q", given=("x",)).text == "prod_{t=1..T} q(z_t | x)"
+    assert describe(mean_field, x, letter="q", given=("x",)).text == "q(z | x)"
+    _, left, _ = programs("dmm", "st-l")
+    assert describe(left, x, letter="q", given=("x",), steps=steps).text == "q(z_1 | x_1) prod_{t=2..T} q(z_t | z_{t-1}, x_{1:t})"
     latex = describe(right, x, letter="q", given=("x",), steps=steps).latex
     assert r"\prod_{t=2}^{T} q(z_t \mid z_{t-1}, x_{t:T})" in latex
 

@@ -85,8 +85,12 @@ class TransitionChain(TorchDistribution):
         loc, scale = self.transition(z_prev)
         return dist.Normal(loc, scale, validate_args=False).to_event(1)
 
+    def step_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log p(z_t | z_{t-1}) of every step ``(..., batch, T)``, past the ends included."""
+        return self.steps(value).log_prob(value)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return _masked_sum(self.steps(value).log_prob(value), self.valid)
+        return _masked_sum(self.step_log_prob(value), self.valid)
 
 
 class PosteriorChain(TorchDistribution):
@@ -164,6 +168,11 @@ class PosteriorChain(TorchDistribution):
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
+
+    def step_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log q(z_t | z_{t-1}, h_t) of every step ``(..., batch, T)`` at ``value``, all steps at once."""
+        self.log_prob(value if value is not self._draw else value.clone())
+        return self._all.log_prob(value)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if value is self._draw:

@@ -29,7 +29,7 @@ def train_vae(name, data, vae_config, train_config, out, kl_schedule="none", res
 
 
 def without_time(history):
-    return [{k: v for k, v in m.items() if k != "time_s"} for m in history]
+    return [{k: v for k, v in m.items() if k not in ("time_s", "train_s")} for m in history]
 
 
 def test_training_lowers_held_out_loss(tiny_images):

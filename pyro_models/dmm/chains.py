@@ -136,12 +136,14 @@ class PosteriorChain(TorchDistribution):
             if isinstance(steps, tuple):
                 return self._normal_draw(*(p.expand(lead + p.shape[-2:]) for p in steps))
         z = None if self.z_0 is None else self.z_0.expand(lead + self.z_0.shape)  # (..., batch, Z)
-        chain, params, flows = [], [], []
+        chain, params, flows, noise = [], [], [], None
         for t in range(self.num_steps):
             q = self.posterior(z, t)
             if isinstance(q, tuple):  # a Normal: the reparameterised draw, nothing more
                 loc, scale = q
-                z = loc + scale * torch.randn(lead + loc.shape[-1:], dtype=loc.dtype, device=loc.device)
+                if noise is None:  # every step's noise in one draw, as the fused chain draws it
+                    noise = torch.randn(lead + (self.num_steps,) + loc.shape[-1:], dtype=loc.dtype, device=loc.device)
+                z = loc + scale * noise[..., t, :]
                 params.append(q)
             else:
                 q = q.expand(lead) if q.batch_shape != lead else q

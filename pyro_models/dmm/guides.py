@@ -101,7 +101,7 @@ class DMMGuide(nn.Module):
             return self.posterior(z_prev, context if isinstance(t, slice) else per_step[t])
 
         fused = None
-        if self.config.fused_chain and self.z_0 is not None and not len(self.flows):
+        if self.config.fused_chain and self.z_0 is not None and not len(self.flows) and not torch.jit.is_tracing():
             summed = context.sum(-2)  # (batch, T, rnn_dim): the combiner reads the sum of the states
 
             def fused(lead: torch.Size):

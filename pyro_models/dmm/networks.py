@@ -282,8 +282,9 @@ class SequenceContext(nn.Module):
             active: Optional[List[int]], reverse: bool) -> torch.Tensor:
         """``rnn``'s outputs ``(batch, T, rnn_dim)`` over ``e`` from ``h_0 (layers, batch, rnn_dim)``, against
         time when ``reverse`` (from each sequence's own end): one layer through :func:`elman_rnn` (``active``:
-        see there), more through ``nn.RNN`` on each sequence reversed within its length."""
-        if rnn.num_layers == 1:
+        see there), more (or under ``torch.jit.trace``) through ``nn.RNN`` on each sequence reversed within
+        its length."""
+        if rnn.num_layers == 1 and not torch.jit.is_tracing():  # (a trace cannot record a Python autograd function)
             return elman_rnn(rnn, e, h_0[0], active, reverse)
         if not reverse:
             return rnn(e, h_0)[0]

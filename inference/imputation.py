@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -76,11 +76,26 @@ def make_mask(run: Run, kind: str, value, shape: torch.Size, seed: int) -> torch
     return bottom_half_mask(shape)
 
 
+def training_frames(data) -> Optional[torch.Tensor]:
+    """The frames the training sequences hold ``(N, T)`` bool: their own gaps and, for ragged sequences,
+    not the steps past their ends; None: every frame."""
+    known = getattr(data, "train_mask", None)
+    lengths = getattr(data, "train_lengths", None)
+    if lengths is not None:
+        valid = torch.arange(data.train.shape[1]) < lengths.unsqueeze(-1)
+        known = valid if known is None else known & valid
+    return known
+
+
 def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Trivial predictions of ``x`` to compare with (the last observed frame where every sequence's first
-    frame is observed)."""
+    """Trivial predictions of ``x`` to compare with: the training set's majority frame and its mean frame
+    (each pixel's or key's frequency: the best constant under squared error), and the last observed frame
+    where every sequence's first frame is observed."""
     if run.recipe.frame_mask:
-        result = {"floor_majority_frame": majority_frame(run.data.train, x, run.data.train_mask)}
+        known = training_frames(run.data)
+        frames = run.data.train.flatten(0, 1) if known is None else run.data.train[known]  # (frames, *frame)
+        result = {"floor_majority_frame": majority_frame(run.data.train, x, known),
+                  "floor_mean_frame": frames.mean(0).expand_as(x)}
         if mask[:, 0].all():
             result["floor_last_observed"] = last_observed_frame(x, mask)
         return result
@@ -88,14 +103,22 @@ def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Ten
 
 
 def held_out(run: Run, num_test: int = 0):
-    """The first ``num_test`` (0: all) held-out examples and the mask of the parts they hold (None: all)."""
+    """The first ``num_test`` (0: all) held-out examples, the mask of the parts they hold (None: all; not
+    the steps past the ends of ragged sequences) and their lengths (None: not ragged)."""
     end = None if num_test == 0 else num_test
     known = getattr(run.data, "test_mask", None)
-    return run.data.test[:end], (None if known is None else known[:end])
+    lengths = getattr(run.data, "test_lengths", None)
+    if lengths is not None:
+        valid = torch.arange(run.data.test.shape[1]) < lengths.unsqueeze(-1)
+        known = valid if known is None else known & valid
+    return run.data.test[:end], (None if known is None else known[:end]), (None if lengths is None else lengths[:end])
 
 
-def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int) -> Imputation:
-    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples)
+def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int,
+                 lengths: Optional[torch.Tensor] = None) -> Imputation:
+    if lengths is None:
+        return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples)
+    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples, lengths=lengths)
 
 
 def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samples: int = 1,
@@ -103,7 +126,7 @@ def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samp
     """One row per strength of mask ``kind``: the error (``metric``) on the missing parts of the held-out
     data (the first ``num_test``; 0: all), averaged over missing parts, for every estimate and floor."""
     check_request(run.recipe, kind, batch_size, num_samples, metric, num_test)
-    test, known = held_out(run, num_test)
+    test, known, lengths = held_out(run, num_test)
     score, rows = METRICS[metric], []
     for value in settings(run, kind):
         mask = make_mask(run, kind, value, test.shape, seed)
@@ -116,7 +139,8 @@ def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samp
             weight = int(scored_parts(x, m, k).sum())  # average over scored parts, not batches
             if weight == 0:
                 continue
-            estimates = {**impute_batch(run, x, m, num_samples).estimates, **floors(run, x, m)}
+            batch_lengths = None if lengths is None else lengths[part]
+            estimates = {**impute_batch(run, x, m, num_samples, batch_lengths).estimates, **floors(run, x, m)}
             for name, estimate in estimates.items():
                 totals.setdefault(name, []).append((score(x, estimate, m, k), weight))
         row = {"setting": value}
@@ -138,7 +162,8 @@ def figures(run: Run, kind: str, rows: List[Dict[str, float]], seed: int = 0) ->
     x = run.data.test[:1]
     middle = xs[len(xs) // 2]
     mask = make_mask(run, kind, middle, x.shape, seed)
-    result = impute_batch(run, x, mask, num_samples=1)
+    _, _, lengths = held_out(run, 1)
+    result = impute_batch(run, x, mask, num_samples=1, lengths=lengths)
     images = x[0] if run.recipe.frame_mask else x
     if images.dim() == 4:  # (T, C, H, W) frames or (batch, C, H, W) images
         pick = (lambda t: t[0]) if run.recipe.frame_mask else (lambda t: t)

@@ -55,11 +55,16 @@ def frames_per_sequence(data) -> float:
 
 def report_mask(trainer, num_sequences: int, drop_prob: float, seed: int):
     """What a sequence model's per-epoch imputation report works on: the first ``num_sequences`` held-out
-    sequences ``x``, the frames they hold ``known (n, T)`` (None: all), the imputation mask (frames
+    sequences ``x``, the frames they hold ``known (n, T)`` (None: all; for ragged sequences not the steps past
+    their ends, ``trainer.test_lengths``), the imputation mask (frames
     dropped with ``drop_prob`` by a generator seeded with ``seed``, and the data's own gaps) and that
     generator, for the imputer's draws. Returns ``(x, known, mask, generator)``."""
     x = trainer.test_data[:num_sequences].to(trainer.device)
     known = trainer.test_mask[:num_sequences].to(trainer.device) if trainer.test_mask is not None else None
+    lengths = trainer.test_lengths
+    if lengths is not None:  # ragged sequences: only the steps inside a sequence are frames it holds
+        valid = torch.arange(x.shape[1], device=x.device) < lengths[:num_sequences].to(x.device).unsqueeze(-1)
+        known = valid if known is None else known & valid
     generator = torch.Generator().manual_seed(seed)
     mask = random_frame_mask(x.shape[0], x.shape[1], drop_prob, generator=generator).to(x.device)
     return x, known, (mask if known is None else mask & known), generator

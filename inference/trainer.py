@@ -254,6 +254,11 @@ class Trainer:
         return self.test_inputs[0] if self.test_inputs else None
 
     @property
+    def test_lengths(self) -> Optional[torch.Tensor]:
+        """The held-out sequences' lengths ``(N,)`` when they are ragged (``lengths_arg``), else None."""
+        return self.test_inputs[self.lengths_arg] if self.lengths_arg is not None and self.test_inputs else None
+
+    @property
     def test_mask(self) -> Optional[torch.Tensor]:
         """The held-out data's mask (the second input, e.g. frames observed ``(N, T)``), or None."""
         return self.test_inputs[1] if len(self.test_inputs) > 1 else None

@@ -199,3 +199,23 @@ def test_the_command_line_trains_on_a_music_folder_and_scores_its_likelihood(mus
     result = json.load(open(os.path.join(out, "likelihood.json")))
     assert result["k"] == 3 and result["split"] == "test" and result["checkpoint"] == "best"
     assert result["nll_per_step"] > 0 and result["neg_elbo_per_step"] >= result["nll_per_step"] - 1e-9
+    imputed = subprocess.run([sys.executable, "scripts/impute.py", "--run", out, "--mask", "random", "--metric", "mse"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert imputed.returncode == 0, imputed.stderr
+    rows = json.load(open(os.path.join(out, "imputation_random.json")))["rows"]
+    assert all({"posterior_mean", "floor_mean_frame", "floor_last_observed"} <= set(r) for r in rows)
+
+
+def test_imputation_of_ragged_sequences_leaves_the_steps_past_their_ends_alone():
+    from pyro_models.dmm import build_dmm, impute
+
+    model, guide = build_dmm((6,), TINY_DMM)
+    data = ragged_data()
+    x, lengths = data.test, data.test_lengths
+    mask = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(0)) > 0.5
+    result = impute(model, guide, x, mask, num_samples=2, lengths=lengths)
+    past = torch.arange(8) >= lengths.unsqueeze(-1)
+    assert torch.equal(result.imputed[past], x[past]) and torch.equal(result.samples[:, past], x[past].expand(2, -1, -1))
+    filled = ~mask & ~past
+    assert not torch.equal(result.imputed[filled], x[filled])
+    assert not result.mask[past].any()  # no step past an end counts as observed

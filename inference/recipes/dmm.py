@@ -48,7 +48,10 @@ class DMMReport(Callback):
     @torch.no_grad()
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
-        result = impute(trainer.model, trainer.guide, x, mask, num_samples=self.num_samples, generator=generator)
+        lengths = trainer.test_lengths
+        lengths = lengths[: x.shape[0]].to(x.device) if lengths is not None else None
+        result = impute(trainer.model, trainer.guide, x, mask, num_samples=self.num_samples, generator=generator,
+                        lengths=lengths)
         if trainer.run is not None and x.dim() == 5:
             plots.image_rows([x[0], x[0], result.imputed[0]], ["truth", "observed", "imputed"],
                              trainer.run.figure_path("imputation", epoch),

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from pyro import poutine
 
-from ..imputation import Imputation, check_mask, expand_mask
+from ..imputation import Imputation, check_lengths, check_mask, expand_mask
+from .chains import step_mask
 from ..modes import eval_mode
 from .guides import DMMGuide
 from .model import DMM
@@ -15,32 +16,42 @@ from .model import DMM
 SEED_BOUND = 2**62  # a seed for the forked random state is drawn below this from ``generator``
 
 
-def _posterior_means(model: DMM, guide: DMMGuide, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _posterior_means(model: DMM, guide: DMMGuide, x: torch.Tensor, mask: torch.Tensor,
+                     lengths: Optional[torch.Tensor]) -> torch.Tensor:
     """E[x_t | z_t] ``(batch, T, *frame_shape)`` of one draw z ~ q(z | x_observed)."""
-    guide_trace = poutine.trace(guide).get_trace(x, mask)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, mask)
+    guide_trace = poutine.trace(guide).get_trace(x, mask, lengths)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, mask, lengths)
     return model_trace.nodes["x_mean"]["value"]
 
 
 @torch.no_grad()
 def impute(model: DMM, guide: DMMGuide, x: torch.Tensor, mask: torch.Tensor, num_samples: int = 16,
-           generator: Optional[torch.Generator] = None) -> Imputation:
+           generator: Optional[torch.Generator] = None, lengths: Optional[torch.Tensor] = None) -> Imputation:
     """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False.
 
     ``samples (num_samples, *x.shape)``: E[x_t | z_t] under ``num_samples`` draws z ~ q(z | x_observed),
     observed frames kept exactly; ``imputed``: their mean (``estimates["posterior_mean"]``). The content
     of missing frames is never read. Runs in eval mode (modes restored after); with ``generator`` the
-    draws come from a random state seeded by it (the global one is left as it was)."""
+    draws come from a random state seeded by it (the global one is left as it was). ``lengths (batch,)``:
+    sequences of their own lengths; steps past a sequence's end are neither read nor filled (returned as
+    they are in ``x``)."""
     check_mask(x, mask, frames=True)
+    valid = None
+    if lengths is not None:
+        check_lengths(lengths, x.shape[0], x.shape[1])
+        valid = step_mask(lengths, x.shape[1])
+        mask, untouched = mask & valid, mask | ~valid  # past the end: not observed, and not filled either
+    else:
+        untouched = mask
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
-    keep = expand_mask(mask, x)  # (batch, T, *frame_shape)
+    keep = expand_mask(untouched, x)  # (batch, T, *frame_shape)
     shown = torch.where(keep, x, torch.zeros_like(x))
     devices = [x.device] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices, enabled=generator is not None), eval_mode(model, guide):
         if generator is not None:
             torch.manual_seed(int(torch.randint(SEED_BOUND, (), generator=generator)))
-        draws = [_posterior_means(model, guide, shown, mask) for _ in range(num_samples)]
+        draws = [_posterior_means(model, guide, shown, mask, lengths) for _ in range(num_samples)]
     samples = torch.where(keep, x, torch.stack(draws))  # (num_samples, batch, T, *frame_shape)
     imputed = torch.where(keep, x, samples.mean(0))
     return Imputation(mask, imputed, samples, {"posterior_mean": imputed})

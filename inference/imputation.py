@@ -76,23 +76,12 @@ def make_mask(run: Run, kind: str, value, shape: torch.Size, seed: int) -> torch
     return bottom_half_mask(shape)
 
 
-def training_frames(data) -> Optional[torch.Tensor]:
-    """The frames the training sequences hold ``(N, T)`` bool: their own gaps and, for ragged sequences,
-    not the steps past their ends; None: every frame."""
-    known = getattr(data, "train_mask", None)
-    lengths = getattr(data, "train_lengths", None)
-    if lengths is not None:
-        valid = torch.arange(data.train.shape[1]) < lengths.unsqueeze(-1)
-        known = valid if known is None else known & valid
-    return known
-
-
 def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Trivial predictions of ``x`` to compare with: the training set's majority frame and its mean frame
     (each pixel's or key's frequency: the best constant under squared error), and the last observed frame
     where every sequence's first frame is observed."""
     if run.recipe.frame_mask:
-        known = training_frames(run.data)
+        known = run.data.frames_held("train")
         frames = run.data.train.flatten(0, 1) if known is None else run.data.train[known]  # (frames, *frame)
         result = {"floor_majority_frame": majority_frame(run.data.train, x, known),
                   "floor_mean_frame": frames.mean(0).expand_as(x)}
@@ -106,11 +95,8 @@ def held_out(run: Run, num_test: int = 0):
     """The first ``num_test`` (0: all) held-out examples, the mask of the parts they hold (None: all; not
     the steps past the ends of ragged sequences) and their lengths (None: not ragged)."""
     end = None if num_test == 0 else num_test
-    known = getattr(run.data, "test_mask", None)
+    known = run.data.frames_held("test") if run.recipe.frame_mask else None
     lengths = getattr(run.data, "test_lengths", None)
-    if lengths is not None:
-        valid = torch.arange(run.data.test.shape[1]) < lengths.unsqueeze(-1)
-        known = valid if known is None else known & valid
     return run.data.test[:end], (None if known is None else known[:end]), (None if lengths is None else lengths[:end])
 
 

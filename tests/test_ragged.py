@@ -193,3 +193,52 @@ def test_the_fast_guide_is_the_autograd_guide_draw_for_draw(guide_name):
             assert (a is None or not a.abs().any()) and (b is None or not b.abs().any())
         else:
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------- the KVAE
+def kvae(guide_name):
+    from pyro_models.kvae import KVAEConfig, build_kvae
+
+    torch.manual_seed(0)
+    config = KVAEConfig(a_dim=2, state_dim=3, num_bases=2, lstm_hidden=8, mlp_hidden=(8,), guide=guide_name,
+                        context_hidden=4)
+    model, guide = build_kvae(FRAME, config)
+    model.double(), guide.double()
+    with torch.no_grad():  # the structured guide's correction starts at zero: make it matter
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model, guide
+
+
+def replayed_a(guide, a):
+    trace = poutine.Trace()
+    trace.add_node("a", name="a", type="sample", is_observed=False, value=a, infer={})
+    return poutine.replay(guide, trace=trace)
+
+
+@pytest.mark.parametrize("with_gaps", [False, True])
+@pytest.mark.parametrize("guide_name", ["factorised", "structured"])
+def test_a_ragged_kvae_batch_is_the_sum_of_its_sequences(guide_name, with_gaps):
+    model, guide = kvae(guide_name)
+    x = torch.rand(3, 6, *FRAME, dtype=F64)
+    gaps = GAPS if with_gaps else None
+    with torch.no_grad():
+        a = guide(x, gaps, LENGTHS)
+    params = list(model.parameters()) + list(guide.parameters())
+
+    def loss_and_grads(a, *args):
+        loss = Trace_ELBO().differentiable_loss(model, replayed_a(guide, a), *args)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    batch_loss, batch_grads = loss_and_grads(a, x, gaps, LENGTHS)
+    total, grads = 0.0, None
+    for i, length in enumerate(LENGTHS.tolist()):
+        loss, g = loss_and_grads(a[i : i + 1, :length], *sequence_args(x, gaps, i, length))
+        total = total + loss
+        grads = g if grads is None else [b if c is None else (c if b is None else b + c) for b, c in zip(grads, g)]
+    assert torch.allclose(batch_loss, total, rtol=1e-9, atol=1e-9)
+    for b, c in zip(batch_grads, grads):
+        if b is not None and c is not None:
+            assert torch.allclose(b, c, rtol=1e-7, atol=1e-9)
+        else:
+            assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())

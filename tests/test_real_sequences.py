@@ -180,8 +180,19 @@ def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):
 
 
 def test_models_without_lengths_refuse_ragged_data():
-    with pytest.raises(ValueError, match="kvae does not model sequences of different lengths"):
-        train(RunSpec("kvae", None, TrainConfig(epochs=1, progress=False)), data=ragged_data())
+    with pytest.raises(ValueError, match="hrssm does not model sequences of different lengths"):
+        train(RunSpec("hrssm", None, TrainConfig(epochs=1, progress=False)), data=ragged_data())
+
+
+def test_the_kvae_trains_and_imputes_on_ragged_data(tmp_path):
+    from inference.recipes.kvae import KVAEOptions
+    from pyro_models.kvae import KVAEConfig
+
+    config = KVAEConfig(a_dim=2, state_dim=3, num_bases=2, lstm_hidden=8, mlp_hidden=(8,))
+    metrics = train(RunSpec("kvae", config, TrainConfig(epochs=2, batch_size=5, progress=False, train_eval_size=10),
+                            options=KVAEOptions(warm_start_steps=0)), str(tmp_path / "run"), data=ragged_data())
+    assert [m["epoch"] for m in metrics] == [1, 2] and "test_elbo_per_step" in metrics[-1]
+    assert metrics[-1]["impute_smooth"] is not None
 
 
 def test_the_command_line_trains_on_a_music_folder_and_scores_its_likelihood(music, tmp_path):

@@ -98,8 +98,10 @@ class KVAEReport(Callback):
         model, guide, run = trainer.model, trainer.guide, trainer.run
         x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
         with eval_mode(model, guide):
-            imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator)
-            a = guide.posterior(x).mean  # (n, T, a_dim)
+            lengths = trainer.test_lengths
+            lengths = lengths[: x.shape[0]].to(x.device) if lengths is not None else None
+            imputation = impute(model, guide, x, mask, num_samples=self.num_samples, generator=generator, lengths=lengths)
+            a = guide.posterior(x, lengths).mean  # (n, T, a_dim)
             reconstruction = torch.sigmoid(model.frame_logits(a))
             metrics = {"impute_smooth": metric_or_none(hamming_error(x, imputation.estimates["smoothing"], mask, known)),
                        "impute_filter": metric_or_none(hamming_error(x, imputation.estimates["filtering"], mask, known)),
@@ -142,7 +144,7 @@ def _warm_start(context: Context) -> None:
     shape = tuple(context.data.train.shape[1:])  # (T, *frame_shape)
     result = best_warm_start(context.model, context.guide, context.data.train.to(context.train.device), warm,
                              rebuild=lambda: _build(shape, context.config), progress=context.train.progress,
-                             mask=context.data.train_mask)
+                             mask=context.data.frames_held("train"))
     if context.run is not None:
         record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result._asdict().items()}
         context.run.write_json(WARM_START_FILE, {**record, "config": asdict(warm)})
@@ -164,6 +166,6 @@ RECIPES = (
         options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
         compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",
         impute=impute, example=_example,
-        width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"),
+        width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"), ragged=True,
     ),
 )

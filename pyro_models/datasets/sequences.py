@@ -68,6 +68,16 @@ class SequenceData(NamedTuple):
         """Whether the sequences have lengths of their own."""
         return self.train_lengths is not None
 
+    def frames_held(self, split: str) -> Optional[torch.Tensor]:
+        """The frames ``split`` holds, ``(N, T)`` bool: its own gaps (``*_mask``) and not the steps past the
+        ends of ragged sequences; None: every frame."""
+        known = getattr(self, f"{split}_mask")
+        lengths = getattr(self, f"{split}_lengths")
+        if lengths is None:
+            return known
+        inside = ~past_the_end(lengths, getattr(self, split).shape[1])
+        return inside if known is None else known & inside
+
 
 def check_lengths_array(array, shape: Tuple[int, int], argument: str = "lengths") -> torch.Tensor:
     """Validate sequence lengths (integers in [1, T]) for sequences of ``shape (N, T)``; return int64 ``(N,)``."""

@@ -1,4 +1,4 @@
-"""Guides of the Kalman VAE, each with the model's signature ``(x, mask=None)``. A missing frame (``mask``
+"""Guides of the Kalman VAE, each with the model's signature ``(x, mask=None, lengths=None)``. A missing frame (``mask``
 False) is never read: it is zeroed before the encoder, and its a_t, drawn all the same (the mixture
 weights read it), is left out of log q, as the model leaves it out of log p (integrated out with z)."""
 from __future__ import annotations
@@ -9,11 +9,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import KVAEConfig
+from .model import frames_inside
 from .networks import ConvFrameEncoder, MLPFrameEncoder
 
 
@@ -26,16 +28,18 @@ class KVAEGuide(nn.Module):
         self.encoder = (ConvFrameEncoder if len(frame_shape) == 3 else MLPFrameEncoder)(frame_shape, config)
         self.kl_weights = kl_weights if kl_weights is not None else KLWeights(config.a_dim)
 
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
+    def posterior(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> dist.Distribution:
+        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)`` (``lengths``: read by the structured guide)."""
         loc, scale = per_frame(self.encoder, x, self.frame_dims)
         return dist.Normal(loc, scale).to_event(2)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         pyro.module("kvae_guide", self)
+        mask = frames_inside(mask, lengths, x.shape[1])  # past a sequence's end: as a missing frame
         if mask is not None:
             x = zero_missing(x, mask)  # missing frames are never read
-        posterior = self.posterior(x)
+        posterior = self.posterior(x, lengths)
         if mask is not None:  # log q of the observed steps only
             posterior = posterior.base_dist.mask(mask.unsqueeze(-1)).to_event(2)
         with pyro.plate("sequences", x.shape[0]):
@@ -64,8 +68,13 @@ class TemporalContext(nn.Module):
         nn.init.zeros_(self.shift.weight)
         nn.init.zeros_(self.shift.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        states, _ = self.rnn(h)  # (batch, T, 2 * context_hidden): x_{1:t} forwards, x_{t:T} backwards
+    def forward(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if lengths is None:
+            states, _ = self.rnn(h)  # (batch, T, 2 * context_hidden): x_{1:t} forwards, x_{t:T} backwards
+            return self.shift(states)
+        # each sequence on its own steps: the backward direction starts at its own last frame
+        packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        states, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=h.shape[1])
         return self.shift(states)
 
 
@@ -79,8 +88,9 @@ class StructuredKVAEGuide(KVAEGuide):
         super().__init__(frame_shape, config, kl_weights)
         self.context = TemporalContext(self.encoder.head.loc.in_features, config)
 
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``."""
+    def posterior(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> dist.Distribution:
+        """q(a | x): batch ``(batch,)``, event ``(T, a_dim)``; ``lengths (batch,)``: the GRU reads each
+        sequence's own steps."""
         h = per_frame(self.encoder.body, x, self.frame_dims)  # (batch, T, features)
         loc, scale = self.encoder.head(h)  # each (batch, T, a_dim)
-        return dist.Normal(loc + self.context(h), scale).to_event(2)
+        return dist.Normal(loc + self.context(h, lengths), scale).to_event(2)

@@ -26,10 +26,11 @@ import torch
 from pyro.infer import Predictive
 
 from .. import lgssm
-from ..imputation import Imputation, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
+from ..imputation import Imputation, check_lengths, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
 from ..imputation import last_observed_frame as last_observed_floor
 from ..imputation import majority_frame as static_floor
 from ..modes import eval_mode
+from .model import frames_inside
 
 KALMAN_DTYPE = lgssm.DEFAULT_DTYPE  # Kalman moments are computed in float64 (see docs/lgssm.md)
 DEFAULT_NUM_SAMPLES = 16
@@ -108,14 +109,15 @@ def _filter_with_dynamics(dynamics, observed_a: torch.Tensor, mask: torch.Tensor
 
 
 @torch.no_grad()
-def kalman_impute(model, guide, x: torch.Tensor, mask: torch.Tensor) -> KalmanImputation:
+def kalman_impute(model, guide, x: torch.Tensor, mask: torch.Tensor,
+                  lengths: Optional[torch.Tensor] = None) -> KalmanImputation:
     """Filtering and smoothing estimates of every frame of ``x (batch, T, *frame_shape)`` given its
     observed frames (``mask (batch, T)``, True = observed), in O(T): one filter step per frame, then
     the RTS smoother.  Runs in eval mode and restores the modules' modes."""
     check_mask(x, mask, frames=True)
     with eval_mode(model, guide):
         dynamics = model.dynamics
-        observed_a = guide.posterior(zero_missing(x, mask)).mean  # (batch, T, a_dim); missing steps unused
+        observed_a = guide.posterior(zero_missing(x, mask), lengths).mean  # (batch, T, a_dim); missing steps unused
         steps = _filter_with_dynamics(dynamics, observed_a, mask)
         increments = steps.log_increment  # (batch, T)
         filtered = lgssm.FilterResult(steps.mean, steps.cov, steps.pred_mean, steps.pred_cov, increments,
@@ -151,21 +153,28 @@ def posterior_predictive(model, imputation: KalmanImputation, x: torch.Tensor, m
 
 @torch.no_grad()
 def impute(model, guide, x: torch.Tensor, mask: torch.Tensor, num_samples: int = DEFAULT_NUM_SAMPLES,
-           generator: Optional[torch.Generator] = None) -> Imputation:
+           generator: Optional[torch.Generator] = None, lengths: Optional[torch.Tensor] = None) -> Imputation:
     """Impute the missing frames of ``x (batch, T, *frame_shape)`` (``mask (batch, T)``, True = observed).
 
     Returns an :class:`~pyro_models.imputation.Imputation` whose tensors all hold the observed frames of
     ``x`` exactly: ``imputed`` ``x.shape`` = the Kalman-smoothing estimate; ``estimates`` =
     ``{"smoothing", "filtering"}`` (decoded pixel probabilities, each ``x.shape``); ``samples``
     ``(num_samples, *x.shape)`` = posterior-predictive draws (:func:`posterior_predictive`).  Runs in
-    eval mode and restores the modules' modes.
+    eval mode and restores the modules' modes. ``lengths (batch,)``: sequences of their own lengths; the
+    steps past an end are neither read nor filled (returned as they are in ``x``).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    check_mask(x, mask, frames=True)
+    untouched = mask
+    if lengths is not None:
+        check_lengths(lengths, x.shape[0], x.shape[1])
+        inside = frames_inside(None, lengths, x.shape[1])
+        mask, untouched = mask & inside, mask | ~inside  # past the end: not observed, and not filled either
     with eval_mode(model, guide):
-        kalman = kalman_impute(model, guide, x, mask)
+        kalman = kalman_impute(model, guide, x, mask, lengths)
         draws = posterior_predictive(model, kalman, x, mask, num_samples, generator)
-    shown = expand_mask(mask, x)  # x.shape
+    shown = expand_mask(untouched, x)  # x.shape
     estimates = {"smoothing": torch.where(shown, x, kalman.smoothed),
                  "filtering": torch.where(shown, x, kalman.filtered)}
     return Imputation(mask, estimates["smoothing"], torch.where(shown, x, draws), estimates)

@@ -15,7 +15,12 @@ float64), so with the guide q(a | x) = prod_t N(a_t; mu(x_t), sigma^2(x_t)) the 
 exact posterior of z. The reconstruction term is weighted by ``recon_weight`` in training mode only
 (0.3 in the original recipe); evaluation always scores the true ELBO.
 
-Model and guide share the signature ``(x, mask=None)`` with ``x (batch, T, *frame_shape)`` and
+Sequences of different lengths (``lengths (batch,)``, the third argument of model and guides): the
+steps past a sequence's end are missing frames after its last one, so their a_t is integrated out with z
+and nothing is scored there; since nothing follows them, a ragged batch gives exactly the sum of what its
+sequences give one at a time (the structured guide's backward GRU starts at each sequence's own end).
+
+Model and guide share the signature ``(x, mask=None, lengths=None)`` with ``x (batch, T, *frame_shape)`` and
 ``mask (batch, T)`` (bool, True = frame observed): a missing frame adds no likelihood (the latent
 ``x_unobserved`` of ``obs_mask`` is hidden), and its a_t is integrated out with z in the prior
 (:class:`KalmanPrior` with the mask) and left out of the guide's log q, so the ELBO is that of the
@@ -36,11 +41,21 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..distributions import GreyBernoulli, observe
+from ..imputation import check_lengths
 from ..kl_weights import KLWeights, sample_latent
 from ..lgssm import LGSSM, log_marginal
 from ..networks import per_frame
 from .config import KVAEConfig
 from .networks import ConvFrameDecoder, MLPFrameDecoder
+
+
+def frames_inside(mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
+    """The frames observed inside their sequence ``(batch, T)``: ``mask`` (None: all) without the steps past
+    the ends ``lengths (batch,)`` (None: no ends before T)."""
+    if lengths is None:
+        return mask
+    valid = torch.arange(steps, device=lengths.device) < lengths.unsqueeze(-1)  # (batch, T)
+    return valid if mask is None else mask & valid
 
 
 class KalmanDynamics(nn.Module):
@@ -154,20 +169,25 @@ class KVAE(nn.Module):
         self.dynamics = KalmanDynamics(config)
         self.kl_weights = KLWeights(config.a_dim)  # beta of an optional KL warm-up (training mode only)
 
-    def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    lengths: Optional[torch.Tensor] = None) -> None:
         if x.dim() != len(self.frame_shape) + 2 or tuple(x.shape[2:]) != self.frame_shape:
             raise ValueError(f"x: expected shape (batch, T, {', '.join(map(str, self.frame_shape))}), got {tuple(x.shape)}")
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {tuple(mask.shape)}")
+        if lengths is not None:
+            check_lengths(lengths, x.shape[0], x.shape[1])
 
     def frame_logits(self, a: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(..., T, *frame_shape)`` for ``a (..., T, a_dim)``."""
         return per_frame(self.decoder, a, 1)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_input(x, mask)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_input(x, mask, lengths)
         pyro.module("kvae", self)
         batch, steps = x.shape[:2]
+        mask = frames_inside(mask, lengths, steps)  # a step past a sequence's end is a missing frame at its end
         with pyro.plate("sequences", batch):
             prior = KalmanPrior(self.dynamics, (batch,), steps, self.config.a_dim, mask=mask)
             a = sample_latent("a", prior, self.kl_weights)

@@ -235,52 +235,58 @@ class _CombinerChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, context, noise, z_0, w_z, b_z, w_head, b_head, num_states: int, min_scale: float, active: List[int]):
         # context (N, T, H): sum of the RNN states; noise (N, T, Z); z_0 (N, Z); w_z (H, Z); w_head (2Z, H);
-        # active[t]: rows inside their sequence at step t, a prefix (rows past their end are left at 0)
-        n, steps, z_dim = noise.shape
-        z_prev = noise.new_zeros(n, steps, z_dim)  # z_{0:T-1}
-        tanh_u = context.new_zeros(context.shape)  # tanh(W_z z_{t-1} + b_z)
-        hidden = context.new_zeros(context.shape)  # h_comb
-        head = noise.new_zeros(n, steps, 2 * z_dim)  # (loc, pre-softplus scale)
+        # active[t]: rows inside their sequence at step t, a prefix (rows past their end are left at 0).
+        # Buffers are time-major, (T, N, .): a step's rows are one contiguous block written in place.
+        context, noise = context.transpose(0, 1).contiguous(), noise.transpose(0, 1).contiguous()  # (T, N, .)
+        steps, n, z_dim = noise.shape
+        k = num_states + 1
+        z_prev = noise.new_zeros(steps, n, z_dim)  # z_{0:T-1}
+        tanh_u = torch.zeros_like(context)  # tanh(W_z z_{t-1} + b_z)
+        hidden = torch.zeros_like(context)  # h_comb
+        head = noise.new_zeros(steps, n, 2 * z_dim)  # (loc, pre-softplus scale)
         z = z_0
         for t, rows in enumerate(active):
-            z = z[:rows]
-            u = torch.tanh(torch.addmm(b_z, z, w_z.t()))  # (rows, H)
-            h = (u + context[:rows, t]) / (num_states + 1)
-            out = torch.addmm(b_head, h, w_head.t())  # (rows, 2Z)
-            z_prev[:rows, t], tanh_u[:rows, t], hidden[:rows, t], head[:rows, t] = z, u, h, out
-            z = out[:, :z_dim] + (F.softplus(out[:, z_dim:]) + min_scale) * noise[:rows, t]
+            z = z_prev[t, :rows].copy_(z[:rows])
+            u = torch.addmm(b_z, z, w_z.t(), out=tanh_u[t, :rows]).tanh_()  # (rows, H)
+            h = torch.add(u, context[t, :rows], out=hidden[t, :rows]).div_(k)
+            out = torch.addmm(b_head, h, w_head.t(), out=head[t, :rows])  # (rows, 2Z)
+            z = torch.addcmul(out[:, :z_dim], F.softplus(out[:, z_dim:]) + min_scale, noise[t, :rows])
         loc, pre_scale = head[..., :z_dim], head[..., z_dim:]
         scale = F.softplus(pre_scale) + min_scale
         draw = loc + scale * noise  # past a sequence's end: loc 0, a constant scale, never scored
         ctx.save_for_backward(noise, z_prev, tanh_u, hidden, pre_scale, w_z, w_head)
         ctx.num_states, ctx.active = num_states, active
-        return draw, loc, scale
+        return tuple(o.transpose(0, 1) for o in (draw, loc, scale))  # (N, T, Z) each
 
     @staticmethod
     def backward(ctx, d_draw, d_loc, d_scale):
-        noise, z_prev, tanh_u, hidden, pre_scale, w_z, w_head = ctx.saved_tensors
-        n, steps, z_dim = noise.shape
-        zeros = noise.new_zeros(n, steps, z_dim)
-        d_draw = zeros if d_draw is None else d_draw
-        d_loc_total = d_draw + (zeros if d_loc is None else d_loc)  # z_t = loc_t + scale_t * eps_t
-        d_scale_total = d_draw * noise + (zeros if d_scale is None else d_scale)
-        g_head = noise.new_zeros(n, steps, 2 * z_dim)
-        g_u = tanh_u.new_zeros(tanh_u.shape)
-        sig = torch.sigmoid(pre_scale)  # softplus'
-        carry = noise.new_zeros(0, z_dim)  # dL/dz_t through the steps after t
+        noise, z_prev, tanh_u, hidden, pre_scale, w_z, w_head = ctx.saved_tensors  # (T, N, .)
+        steps, n, z_dim = noise.shape
         k = ctx.num_states + 1
+        time_major = lambda g: noise.new_zeros(noise.shape) if g is None else g.transpose(0, 1)  # (N, T, Z) -> (T, N, Z)
+        d_draw, d_loc, d_scale = time_major(d_draw), time_major(d_loc), time_major(d_scale)
+        sig = torch.sigmoid(pre_scale)  # softplus'
+        # everything the loop reads but the carry, for all steps at once (z_t = loc_t + scale_t * eps_t):
+        d_loc_total = (d_draw + d_loc).contiguous()  # dL/dloc_t without the steps after t
+        d_pre_scale = ((d_draw * noise + d_scale) * sig).contiguous()  # dL/d(pre-softplus scale_t), likewise
+        noise_sig = (noise * sig).contiguous()  # d(pre-softplus scale_t)/dz_t's share of the carry
+        d_tanh = (1.0 - tanh_u * tanh_u) / k  # d(h_comb)/du through tanh, (T, N, H)
+        g_head = noise.new_zeros(steps, n, 2 * z_dim)
+        g_h = torch.zeros_like(tanh_u)  # dL/dh_comb: k times dL/dc (the context's gradient)
+        g_u = torch.zeros_like(tanh_u)
+        carry = noise.new_zeros(0, z_dim)  # dL/dz_t through the steps after t
         for t in range(steps - 1, -1, -1):
             rows = ctx.active[t]
             carry = _grow(carry, rows)
-            g_head[:rows, t, :z_dim] = d_loc_total[:rows, t] + carry
-            g_head[:rows, t, z_dim:] = (d_scale_total[:rows, t] + carry * noise[:rows, t]) * sig[:rows, t]
-            g_h = g_head[:rows, t] @ w_head  # (rows, H)
-            g_u[:rows, t] = g_h / k * (1.0 - tanh_u[:rows, t] ** 2)
-            carry = g_u[:rows, t] @ w_z  # (rows, Z): into z_{t-1}
-        flat = (n * steps, -1)  # every step at once: (N, T, .) -> (N T, .)
+            torch.add(d_loc_total[t, :rows], carry, out=g_head[t, :rows, :z_dim])
+            torch.addcmul(d_pre_scale[t, :rows], carry, noise_sig[t, :rows], out=g_head[t, :rows, z_dim:])
+            torch.mm(g_head[t, :rows], w_head, out=g_h[t, :rows])  # (rows, H)
+            g = torch.mul(g_h[t, :rows], d_tanh[t, :rows], out=g_u[t, :rows])
+            carry = g @ w_z  # (rows, Z): into z_{t-1}
+        flat = (steps * n, -1)  # every step at once: (T, N, .) -> (T N, .)
         d_w_head = g_head.reshape(flat).t() @ hidden.reshape(flat)  # (2Z, H)
         d_w_z = g_u.reshape(flat).t() @ z_prev.reshape(flat)  # (H, Z)
-        d_context = (g_head @ w_head) / k  # (N, T, H)
+        d_context = g_h.div_(k).transpose(0, 1)  # (N, T, H)
         return (d_context, None, _grow(carry, n), d_w_z, g_u.sum((0, 1)), d_w_head, g_head.sum((0, 1)), None, None, None)
 
 

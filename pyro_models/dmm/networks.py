@@ -204,40 +204,43 @@ class _ElmanRecurrence(torch.autograd.Function):
     def forward(ctx, pre, w_hh, h_0, relu: bool, active: List[int], reverse: bool):
         # pre (N, T, H): the input projections a_t, bias included; w_hh (H, H); h_0 (N, H); active[t]: the
         # rows inside their sequence at step t, a prefix (the others' outputs are left at 0). Against time,
-        # a row starts from h_0 at its own last step.
-        out = pre.new_zeros(pre.shape)  # (N, T, H)
-        inputs = pre.new_zeros(pre.shape)  # the state each step read: h_{t-1} (h_{t+1} against time)
+        # a row starts from h_0 at its own last step. Buffers are time-major, (T, N, H), so that a step's
+        # rows are one contiguous block that the products write into directly.
+        pre = pre.transpose(0, 1).contiguous()  # (N, T, H) -> (T, N, H)
+        out = torch.zeros_like(pre)
+        inputs = torch.zeros_like(pre)  # the state each step read: h_{t-1} (h_{t+1} against time)
         h = h_0[:0]
         w_t = w_hh.t()
-        for t in (reversed(range(pre.shape[1])) if reverse else range(pre.shape[1])):
+        for t in (reversed(range(pre.shape[0])) if reverse else range(pre.shape[0])):
             rows = active[t]
             h_in = h[:rows] if h.shape[0] >= rows else torch.cat([h, h_0[h.shape[0] : rows]])  # new rows start at h_0
-            a = torch.addmm(pre[:rows, t], h_in, w_t)
-            h = torch.relu(a) if relu else torch.tanh(a)
-            out[:rows, t], inputs[:rows, t] = h, h_in
+            inputs[t, :rows] = h_in
+            h = torch.addmm(pre[t, :rows], h_in, w_t, out=out[t, :rows])
+            h.relu_() if relu else h.tanh_()
         ctx.save_for_backward(out, inputs, w_hh)
         ctx.relu, ctx.active, ctx.reverse, ctx.batch = relu, active, reverse, h_0.shape[0]
-        return out
+        return out.transpose(0, 1)  # (N, T, H)
 
     @staticmethod
     def backward(ctx, grad_out):
-        out, inputs, w_hh = ctx.saved_tensors
+        out, inputs, w_hh = ctx.saved_tensors  # (T, N, H)
+        grad_out = grad_out.transpose(0, 1).contiguous()  # (N, T, H) -> (T, N, H)
         # f'(a_t) from the output: relu' = 1[h > 0], tanh' = 1 - h^2
         slope = (out > 0).to(out.dtype) if ctx.relu else 1.0 - out * out
-        d_pre = torch.zeros_like(out)  # dL/da_t, (N, T, H)
+        d_pre = torch.zeros_like(out)  # dL/da_t
         d_h_0 = out.new_zeros(ctx.batch, out.shape[-1])
-        steps = list(reversed(range(out.shape[1])) if ctx.reverse else range(out.shape[1]))
+        steps = list(reversed(range(out.shape[0])) if ctx.reverse else range(out.shape[0]))
         d_input = out.new_zeros(0, out.shape[-1])  # dL/d(the state the step after t read)
         for t in reversed(steps):
             rows = ctx.active[t]
             # the next step read this step's state in its first rows; rows it started itself read h_0
             d_h_0[rows : d_input.shape[0]] += d_input[rows:]
             carry = d_input[:rows] if d_input.shape[0] >= rows else F.pad(d_input, (0, 0, 0, rows - d_input.shape[0]))
-            d_pre[:rows, t] = (grad_out[:rows, t] + carry) * slope[:rows, t]
-            d_input = d_pre[:rows, t] @ w_hh
+            d_a = torch.add(grad_out[t, :rows], carry, out=d_pre[t, :rows]).mul_(slope[t, :rows])
+            d_input = d_a @ w_hh
         d_h_0[: d_input.shape[0]] += d_input  # the first step read h_0
-        flat = (-1, out.shape[-1])  # every step at once: (N, T, H) -> (N T, H)
-        return d_pre, d_pre.reshape(flat).t() @ inputs.reshape(flat), d_h_0, None, None, None
+        flat = (-1, out.shape[-1])  # every step at once: (T, N, H) -> (T N, H)
+        return d_pre.transpose(0, 1), d_pre.reshape(flat).t() @ inputs.reshape(flat), d_h_0, None, None, None
 
 
 def elman_rnn(rnn: nn.RNN, e: torch.Tensor, h_0: torch.Tensor, active: Optional[List[int]] = None,

@@ -30,10 +30,9 @@ import torch
 
 from common import RESULTS, machine_info, write_json
 
-from inference.experiment import LENGTHS_ARG, build, model_inputs
+from inference.experiment import LENGTHS_ARG, RunSpec, build, model_inputs
 from inference.recipes.dmm import DMM_TRAIN_DEFAULTS
 from inference.trainer import Trainer
-from inference.experiment import RunSpec
 from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.dmm import DMMConfig
 
@@ -121,6 +120,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(RESULTS, "dmm_vs_pyro.json"))
     args = parser.parse_args()
+    if not os.path.isfile(os.path.join(args.pyro_dir, "examples", "dmm.py")):  # before any work
+        parser.error(f"--pyro-dir: expected a checkout of github.com/pyro-ppl/pyro with examples/dmm.py, got {args.pyro_dir}")
     ours, data = our_epoch(args.data_dir, args.batch_size, args.seed)
     theirs = pyro_epoch(pyro_example(args.pyro_dir), data.train, data.train_lengths, args.batch_size, args.seed)
     ours(), theirs()  # warm-up: first-call costs on both sides

@@ -215,6 +215,26 @@ def test_the_command_line_trains_on_a_music_folder_and_scores_its_likelihood(mus
     assert imputed.returncode == 0, imputed.stderr
     rows = json.load(open(os.path.join(out, "imputation_random.json")))["rows"]
     assert all({"posterior_mean", "floor_mean_frame", "floor_last_observed"} <= set(r) for r in rows)
+    curve = subprocess.run([sys.executable, "benchmarks/wall_time_curve.py", "--run", out, "--reference", "paper=6.9"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert curve.returncode == 0, curve.stderr
+    points = json.load(open(os.path.join(out, "wall_time_curve.json")))["points"]
+    assert [p["epoch"] for p in points] == [1, 2] and os.path.isfile(os.path.join(out, "figures", "nll_vs_wall_time.png"))
+
+
+def test_the_frame_floors_and_the_pyro_comparison_run_with_tiny_arguments(music, tmp_path):
+    folder, _ = music
+    out = str(tmp_path / "floors.json")
+    result = subprocess.run([sys.executable, "benchmarks/frame_floors.py", "--data", "jsb", "--data-dir", folder,
+                             "--epochs", "1", "-k", "3", "--z-dim", "2", "--hidden", "8", "--out", out],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.load(open(out))["rows"]
+    assert rows[0]["exact"] and all(r["nll_per_step"] > 0 for r in rows)
+    refused = subprocess.run([sys.executable, "benchmarks/dmm_vs_pyro.py", "--pyro-dir", str(tmp_path), "--data-dir", folder],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--pyro-dir: expected a checkout" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_imputation_of_ragged_sequences_leaves_the_steps_past_their_ends_alone():

@@ -61,15 +61,15 @@ def _plate_nesting(model, guide, args) -> int:
     return -min(dims) if dims else 0
 
 
-def _per_example(trace, batch: int) -> torch.Tensor:
+def _per_example(trace, batch: int, particle_dim: bool = True) -> torch.Tensor:
     """The trace's log density per particle and example, ``(P, batch)``: every sample site's log_prob
-    (scaled and masked as the trace has it) summed over all dims but the first (particles) and the last
-    (the data plate)."""
+    (scaled and masked as the trace has it) summed over all dims but the first (particles; without
+    ``particle_dim`` one particle, added) and the last (the data plate)."""
     total = 0.0
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
-        log_prob = site["log_prob"]
+        log_prob = site["log_prob"] if particle_dim else site["log_prob"].unsqueeze(0)
         if log_prob.dim() < 2 or log_prob.shape[-1] != batch:
             raise ValueError(f"site {site['name']!r}: expected its log density on (particles, ..., batch = {batch}), "
                              f"got shape {tuple(log_prob.shape)}; is it inside the data plate at dim -1?")
@@ -78,14 +78,18 @@ def _per_example(trace, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_weights(model, guide, args: Tuple, num_samples: int, particles_per_pass: int = 16) -> LogWeights:
+def log_weights(model, guide, args: Tuple, num_samples: int, particles_per_pass: int = 16,
+                vectorize: bool = True) -> LogWeights:
     """The importance log-weights of ``num_samples`` draws of ``guide`` for the model's arguments
     ``args`` (a batch: ``args[0]`` has the examples on axis 0), in eval mode (no KL weights), drawn
-    ``particles_per_pass`` at a time (memory)."""
+    ``particles_per_pass`` at a time (memory); without ``vectorize`` one draw a pass and no particle plate
+    (for a model that cannot run under one, ``Recipe.vectorized_particles``)."""
     if num_samples < 1 or particles_per_pass < 1:
         raise ValueError(f"num_samples, particles_per_pass: expected >= 1, got {num_samples}, {particles_per_pass}")
     batch = args[0].shape[0]
     with eval_mode(model, guide):
+        if not vectorize:
+            return LogWeights(torch.cat([_one_draw(model, guide, args, batch) for _ in range(num_samples)]).double())
         nesting = _plate_nesting(model, guide, args)
         chunks = []
         for start in range(0, num_samples, particles_per_pass):
@@ -96,6 +100,14 @@ def log_weights(model, guide, args: Tuple, num_samples: int, particles_per_pass:
             model_trace.compute_log_prob(), guide_trace.compute_log_prob()
             chunks.append(_per_example(model_trace, batch) - _per_example(guide_trace, batch))  # (P, batch)
     return LogWeights(torch.cat(chunks).double())
+
+
+def _one_draw(model, guide, args: Tuple, batch: int) -> torch.Tensor:
+    """The log-weights ``(1, batch)`` of one draw of ``guide``, traced without a particle plate."""
+    guide_trace = poutine.trace(guide).get_trace(*args)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    model_trace.compute_log_prob(), guide_trace.compute_log_prob()
+    return _per_example(model_trace, batch, particle_dim=False) - _per_example(guide_trace, batch, particle_dim=False)
 
 
 @dataclass
@@ -118,7 +130,7 @@ class LikelihoodOptions:
 
 
 def split_likelihood(model, guide, inputs: Tuple, options: LikelihoodOptions, lengths_arg: Optional[int] = None,
-                     progress: bool = True) -> Dict[str, Any]:
+                     progress: bool = True, vectorize: bool = True) -> Dict[str, Any]:
     """Importance-sampled log-likelihood of every example of ``inputs`` (the model's arguments, examples
     on axis 0; ``lengths_arg``: where the sequence lengths are, for ragged sequences). Returns the totals
     and, for sequences, per time step, with standard errors, K and the ELBO (K = 1's expectation, here
@@ -133,7 +145,7 @@ def split_likelihood(model, guide, inputs: Tuple, options: LikelihoodOptions, le
                       disable=not progress):
         index = order[start : start + options.batch_size]
         batch = cut_to_length(tuple(None if t is None else t[index] for t in inputs), lengths_arg)
-        result = log_weights(model, guide, batch, options.k, options.particles_per_pass)
+        result = log_weights(model, guide, batch, options.k, options.particles_per_pass, vectorize)
         estimates.append(result.estimate), variances.append(result.stderr ** 2)
         elbos.append(result.log_weights.mean(0))
     log_lik, elbo = float(torch.cat(estimates).sum()), float(torch.cat(elbos).sum())
@@ -156,5 +168,6 @@ def evaluate_likelihood(run, options: LikelihoodOptions) -> Dict[str, Any]:
     inputs = model_inputs(run.data, options.split)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     lengths_arg = LENGTHS_ARG if getattr(run.data, "ragged", False) else None
-    result = split_likelihood(run.model, run.guide, inputs, options, lengths_arg)
+    result = split_likelihood(run.model, run.guide, inputs, options, lengths_arg,
+                              vectorize=run.recipe.vectorized_particles)
     return {"split": options.split, "checkpoint": options.checkpoint, **result}

@@ -105,6 +105,8 @@ class Recipe:
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
     ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
+    ``vectorized_particles``: whether model and guide run under a particle plate left of their own (Pyro's
+    vectorised particles; the importance-sampled likelihood draws one particle a pass otherwise).
     ``ragged``: whether the model takes ``lengths (batch,)`` after ``mask`` (sequences of different lengths,
     nothing scored past a sequence's end); data with lengths are refused for a model without.
     ``width_fields``: the config fields (ints, or tuples of ints) that set the networks' width, which
@@ -136,6 +138,7 @@ class Recipe:
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
     width_fields: Tuple[str, ...] = ()
     ragged: bool = False
+    vectorized_particles: bool = True
 
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""

@@ -103,3 +103,18 @@ def test_bad_options_are_refused():
     for name, value in (("k", 0), ("split", "dev"), ("batch_size", 0)):
         with pytest.raises(ValueError, match=f"^{name}: expected"):
             LikelihoodOptions(**{name: value})
+
+
+@pytest.mark.parametrize("name", list(__import__("inference.registry", fromlist=["recipes"]).recipes()))
+def test_every_model_has_an_importance_sampled_likelihood(name):
+    from inference.registry import recipes
+
+    recipe = recipes()[name]
+    config, shape = recipe.example()
+    torch.manual_seed(0)
+    model, guide = recipe.build(shape, config)
+    x = torch.rand((3,) + tuple(shape))
+    result = log_weights(model, guide, (x,), 6, particles_per_pass=3, vectorize=recipe.vectorized_particles)
+    assert result.log_weights.shape == (6, 3) and torch.isfinite(result.log_weights).all()
+    assert torch.all(result.estimate >= result.log_weights.mean(0))  # log-mean-exp >= mean (Jensen)
+    assert torch.all(result.stderr >= 0)

@@ -270,7 +270,7 @@ RECIPES = (
         config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
         train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks,
         units_per_example=frames_per_sequence, compilable=True,
-        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)},
+        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False,
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
                    "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
         width_fields=(*BELIEF_FIELDS, "conv_channels"),

@@ -10,7 +10,8 @@ from inference.distributed import World
 from inference.experiment import RunSpec, train
 from inference.registry import get_recipe
 from inference.trainer import TrainConfig, Trainer
-from pyro_models.datasets import ImageData
+from pyro_models.datasets import ImageData, SequenceData
+from pyro_models.dmm import DMMConfig
 
 NUM_TRAIN, NUM_TEST, SEED = 30, 6, 3  # 30 examples: shards of 15, padded from 30 to 30 (no padding) ...
 NUM_PADDED = 29  # ... and 29: DistributedSampler pads to 30 with the permutation's first index
@@ -26,6 +27,23 @@ def tiny_data(num_train: int = NUM_TRAIN):
     config, shape = get_recipe("vae").example()
     x = torch.rand((num_train + NUM_TEST,) + tuple(shape), generator=torch.Generator().manual_seed(0))
     return config, ImageData(x[:num_train], x[num_train:], "random")
+
+
+TINY_DMM = DMMConfig(z_dim=3, transition_dim=8, emission_hidden=(8,), rnn_dim=8)
+
+
+def ragged_data() -> SequenceData:
+    """Binary sequences of lengths 2-8 (frames (5,)), padded to 8, with a validation split."""
+    gen = torch.Generator().manual_seed(1)
+
+    def split(n):
+        lengths = torch.randint(2, 9, (n,), generator=gen)
+        inside = (torch.arange(8) < lengths.unsqueeze(-1)).unsqueeze(-1)
+        return (torch.rand(n, 8, 5, generator=gen) > 0.6).float() * inside, lengths
+
+    (x, lengths), (valid, valid_lengths), (test, test_lengths) = split(17), split(5), split(5)
+    return SequenceData(x, test, "ragged", train_lengths=lengths, test_lengths=test_lengths, valid=valid,
+                        valid_lengths=valid_lengths)
 
 
 def build(config):
@@ -53,5 +71,10 @@ def main(rank: int, folder: str) -> None:
         train(spec, os.path.join(folder, "straight"), data=data)
         train(RunSpec("vae", config, tiny_config(epochs=1)), os.path.join(folder, "resumed"), data=data)
         train(spec, os.path.join(folder, "resumed"), resume=True, data=data)
+        ragged = ragged_data()  # sequences of different lengths: bucketed batches sharded over the ranks
+        spec = RunSpec("dmm", TINY_DMM, tiny_config(epochs=2, batch_size=3))
+        train(spec, os.path.join(folder, "ragged-straight"), data=ragged)
+        train(RunSpec("dmm", TINY_DMM, tiny_config(epochs=1, batch_size=3)), os.path.join(folder, "ragged-resumed"), data=ragged)
+        train(spec, os.path.join(folder, "ragged-resumed"), resume=True, data=ragged)
     finally:
         dist.destroy_process_group()

@@ -89,3 +89,14 @@ def test_two_rank_run_resumes_exactly_and_rank_zero_writes_alone(runs):
     assert [m["epoch"] for m in lines[0]] == [1, 2] == [m["epoch"] for m in lines[1]]
     for m, n in zip(*lines):
         assert m["test_elbo"] == n["test_elbo"] and m["train_elbo"] == n["train_elbo"]
+
+
+def test_a_two_rank_ragged_run_shards_bucketed_batches_and_resumes_exactly(runs):
+    straight, resumed = (os.path.join(runs, name) for name in ("ragged-straight", "ragged-resumed"))
+    a, b = read_checkpoint(straight), read_checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == 2
+    torch.testing.assert_close(a["modules"], b["modules"], rtol=0, atol=0)
+    lines = [[json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))] for path in (straight, resumed)]
+    for m, n in zip(*lines):
+        assert m["valid_elbo_per_step"] == n["valid_elbo_per_step"] and m["test_elbo"] == n["test_elbo"]
+    assert os.path.isfile(os.path.join(straight, "best.pt"))

@@ -64,6 +64,15 @@ def check_lengths(lengths: torch.Tensor, batch: int, num_steps: int) -> None:
                          f"max {int(lengths.max())}")
 
 
+def frames_inside(mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
+    """The frames observed inside their sequence ``(batch, T)``: ``mask`` (None: all) without the steps past
+    the ends ``lengths (batch,)`` (None: no ends before T)."""
+    if lengths is None:
+        return mask
+    valid = torch.arange(steps, device=lengths.device) < lengths.unsqueeze(-1)  # (batch, T)
+    return valid if mask is None else mask & valid
+
+
 def scored_parts(truth: torch.Tensor, mask: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Where an imputation of ``truth`` is scored, ``truth.shape`` bool: the parts missing from ``mask``
     (False) whose truth the data hold (``known``, a mask like ``mask``, e.g. a gappy data set's own

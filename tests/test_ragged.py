@@ -242,3 +242,66 @@ def test_a_ragged_kvae_batch_is_the_sum_of_its_sequences(guide_name, with_gaps):
             assert torch.allclose(b, c, rtol=1e-7, atol=1e-9)
         else:
             assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())
+
+
+# ------------------------------------------------------------------------------------------------ the HRSSM
+def hrssm():
+    from inference.registry import get_recipe
+
+    config, _ = get_recipe("hrssm").example()
+    torch.manual_seed(0)
+    model, guide = get_recipe("hrssm").build((6,) + FRAME, config)
+    model.double(), guide.double()
+    model.eval(), guide.eval()  # batch norm on running statistics: a frame's features are its own
+    return model, guide
+
+
+def detached(value):
+    """``value`` out of the graph that drew it, with the relaxed logit a boundary draw carries."""
+    out = value.detach().clone()
+    if hasattr(value, "_relaxed_logit"):
+        out._relaxed_logit = value._relaxed_logit.detach()
+    return out
+
+
+def sliced(value, i, length=None):
+    """Row ``i`` of a site value (steps up to ``length``), keeping the relaxed logit a boundary draw carries."""
+    part = value[i : i + 1] if length is None else value[i : i + 1, :length]
+    logit = getattr(value, "_relaxed_logit", None)
+    if logit is not None:
+        part = part.clone()
+        part._relaxed_logit = logit[i : i + 1]
+    return part
+
+
+@pytest.mark.parametrize("with_gaps", [False, True])
+def test_a_ragged_hrssm_batch_is_the_sum_of_its_sequences(with_gaps):
+    model, guide = hrssm()
+    x = torch.rand(3, 6, *FRAME, dtype=F64)
+    gaps = GAPS if with_gaps else None
+    pyro.set_rng_seed(0)
+    trace = poutine.trace(guide).get_trace(x, gaps, LENGTHS)
+    params = list(model.parameters()) + list(guide.parameters())
+
+    def loss_and_grads(nodes, *args):
+        replay = poutine.Trace()
+        for name, value in nodes.items():
+            replay.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
+        loss = Trace_ELBO().differentiable_loss(model, poutine.replay(guide, trace=replay), *args)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    latent = {n: detached(s["value"]) for n, s in trace.nodes.items() if s["type"] == "sample"
+              and not s["is_observed"] and n.split("_")[0] in ("z", "s", "m")}
+    batch_loss, batch_grads = loss_and_grads(latent, x, gaps, LENGTHS)
+    total, grads = 0.0, None
+    for i, length in enumerate(LENGTHS.tolist()):
+        mine = {n: sliced(v, i) for n, v in latent.items() if int(n.split("_")[1]) <= (length if n[0] != "m" else length - 1)}
+        loss, g = loss_and_grads(mine, *sequence_args(x, gaps, i, length))
+        total = total + loss
+        grads = g if grads is None else [b if c is None else (c if b is None else b + c) for b, c in zip(grads, g)]
+    assert torch.allclose(batch_loss, total, rtol=1e-9, atol=1e-9)
+    for b, c in zip(batch_grads, grads):
+        if b is not None and c is not None:
+            assert torch.allclose(b, c, rtol=1e-7, atol=1e-9)
+        else:
+            assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())

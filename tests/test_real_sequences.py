@@ -179,9 +179,15 @@ def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):
     assert all("train_objective" in m and "train_s" in m for m in metrics)
 
 
-def test_models_without_lengths_refuse_ragged_data():
-    with pytest.raises(ValueError, match="hrssm does not model sequences of different lengths"):
-        train(RunSpec("hrssm", None, TrainConfig(epochs=1, progress=False)), data=ragged_data())
+def test_the_hrssm_trains_and_imputes_on_ragged_data(tmp_path):
+    from inference.registry import get_recipe
+
+    config, _ = get_recipe("hrssm").example()
+    metrics = train(RunSpec("hrssm", replace(config, max_segments=3, max_length=3),
+                            TrainConfig(epochs=2, batch_size=5, progress=False, train_eval_size=10)),
+                    str(tmp_path / "run"), data=ragged_data())
+    assert [m["epoch"] for m in metrics] == [1, 2] and "test_elbo_per_step" in metrics[-1]
+    assert 1 <= metrics[-1]["mean_segments"] <= 3
 
 
 def test_the_kvae_trains_and_imputes_on_ragged_data(tmp_path):

@@ -16,6 +16,7 @@ from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_tem
                                 jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
 from pyro_models.hrssm.boundaries import check_threshold
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
+from pyro_models.imputation import frames_inside
 
 from .. import plots
 from ..boundaries import boundary_metrics, boundary_scores
@@ -82,7 +83,12 @@ class HRSSMReport(Callback):
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         x = trainer.test_data[: self.num_sequences].to(trainer.device)
         mask = trainer.test_mask[: self.num_sequences].to(trainer.device) if trainer.test_mask is not None else None
+        lengths = getattr(trainer, "test_lengths", None)  # sequences of different lengths
+        inside = None if lengths is None else frames_inside(None, lengths[: x.shape[0]].to(x.device), x.shape[1])
+        mask = mask if inside is None else (inside if mask is None else mask & inside)  # past an end: no frame
         starts = posterior_boundaries(trainer.guide, x, mask=mask).starts.cpu()
+        if inside is not None:  # segments inside each sequence only
+            starts = starts * inside.cpu().to(starts.dtype)
         metrics: Dict[str, Any] = {"mean_segments": float(starts.sum(1).mean())}
         if self.test_events is not None:
             events = self.test_events[: x.shape[0]]
@@ -248,7 +254,7 @@ def _callbacks(context: Context) -> List[Callback]:
 
 
 def _validate_data(config: HRSSMConfig, data) -> None:
-    steps = data.train.shape[1]
+    steps = max(getattr(data, split).shape[1] for split in ("train", "valid", "test") if getattr(data, split, None) is not None)
     if config.boundaries and steps > config.max_steps:
         raise ValueError(f"max_segments, max_length: sequences of T = {steps} frames need max_segments * max_length >= {steps}, "
                          f"got {config.max_segments} * {config.max_length} = {config.max_steps}")
@@ -270,7 +276,7 @@ RECIPES = (
         config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
         train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks,
         units_per_example=frames_per_sequence, compilable=True,
-        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False,
+        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False, ragged=True,
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
                    "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
         width_fields=(*BELIEF_FIELDS, "conv_channels"),

@@ -38,18 +38,23 @@ class SegmentCounter:
     """
 
     def __init__(self, batch_size: int, num_steps: int, config: HRSSMConfig, device=None,
-                 free: Optional[torch.Tensor] = None):
+                 free: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None):
         self.num_steps, self.max_segments, self.max_length = num_steps, config.max_segments, config.max_length
+        self.lengths = lengths  # (batch,): each sequence's own T; no boundary after its last frame
         self.free = free
         self.count = torch.ones(batch_size, dtype=torch.long, device=device)
         self.length = torch.ones(batch_size, dtype=torch.long, device=device)
 
     def forced(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Boolean ``(force_copy, force_read)``, each ``(batch,)``, for the boundary after frame ``index``."""
-        remaining = self.num_steps - 1 - index
+        steps = self.num_steps if self.lengths is None else self.lengths
+        remaining = steps - 1 - index
         force_read = self.length >= self.max_length
         room = (self.max_segments - self.count) * self.max_length  # frames the segments still allowed can hold
         force_copy = (self.count >= self.max_segments) | (remaining > room)
+        if self.lengths is not None:  # past a sequence's end: no boundary (no site, no KL)
+            past = remaining <= 0
+            force_copy, force_read = force_copy | past, force_read & ~past
         if self.free is not None:
             force_copy = force_copy | ~self.free
         return force_copy & ~force_read, force_read

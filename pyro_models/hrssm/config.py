@@ -7,6 +7,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
+from ..imputation import check_lengths
+
 # Convolutions of the frame encoder and decoder (official: 4x4, stride 2, padding 1, which halves or
 # doubles an even size exactly).
 CONV_KERNEL, CONV_STRIDE, CONV_PADDING = 4, 2, 1
@@ -212,7 +214,7 @@ class BoundaryTemperature(nn.Module):
 
 
 def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tuple[int, ...],
-                config: HRSSMConfig) -> None:
+                config: HRSSMConfig, lengths: Optional[torch.Tensor] = None) -> None:
     """Raise ``ValueError`` unless ``x`` is a float ``(batch, T, *frame_shape)`` with batch, T >= 1 and T
     within what the constraints can segment, and ``mask`` (if given) a bool ``(batch, T)``."""
     expected = f"(batch, T, {', '.join(map(str, frame_shape))})"
@@ -234,3 +236,5 @@ def check_input(x: torch.Tensor, mask: Optional[torch.Tensor], frame_shape: Tupl
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {shape}")
         if mask.dtype != torch.bool:
             raise ValueError(f"mask: expected a bool tensor (True: frame observed), got {mask.dtype}")
+    if lengths is not None:
+        check_lengths(lengths, x.shape[0], steps)

@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from ..imputation import Imputation
+from ..imputation import Imputation, frames_inside
 from ..modes import eval_mode as _eval_mode
 from .boundaries import Segmentation, _segmentation, apply_constraints, boundaries_from_trace, decode_boundaries
 from .config import BINARY_THRESHOLD, PEAK_THRESHOLD, check_input
@@ -125,19 +125,24 @@ def segmentation_elbo(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, starts: 
 
 @torch.no_grad()
 def impute(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, mask: torch.Tensor, num_samples: int = 16,
-           generator=None) -> Imputation:
+           generator=None, lengths: Optional[torch.Tensor] = None) -> Imputation:
     """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False: draw
     (M, Z, S) from the guide given the observed frames only, run the model on that draw and decode
-    E[x_t | s_t], ``num_samples`` times. The content of missing frames is never read. Eval mode."""
-    check_input(x, mask, model.frame_shape, model.config)  # the mask's shape and dtype included
+    E[x_t | s_t], ``num_samples`` times. The content of missing frames is never read. Eval mode.
+    ``lengths (batch,)``: sequences of their own lengths; steps past an end are neither read nor filled."""
+    check_input(x, mask, model.frame_shape, model.config, lengths)  # the mask's shape and dtype included
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
-    keep = mask.reshape(mask.shape + (1,) * len(model.frame_shape))  # (batch, T, 1, ...)
+    untouched = mask
+    if lengths is not None:
+        inside = frames_inside(None, lengths, x.shape[1])
+        mask, untouched = mask & inside, mask | ~inside  # past the end: not observed, and not filled either
+    keep = untouched.reshape(untouched.shape + (1,) * len(model.frame_shape))  # (batch, T, 1, ...)
     draws = []
     with _eval_mode(model, guide):
         for _ in range(num_samples):
-            guide_trace = poutine.trace(guide).get_trace(x, mask)
-            states = poutine.replay(model, trace=guide_trace)(x, mask)
+            guide_trace = poutine.trace(guide).get_trace(x, mask, lengths)
+            states = poutine.replay(model, trace=guide_trace)(x, mask, lengths)
             draws.append(torch.where(keep, x, model.frame_mean(states.f)))
     samples = torch.stack(draws)  # (num_samples, batch, T, *frame_shape)
     imputed = samples.mean(0)

@@ -1,4 +1,7 @@
-"""Guides of the HRSSM, each with the model's signature ``(x, mask=None)``."""
+"""Guides of the HRSSM, each with the model's signature ``(x, mask=None, lengths=None)``: past a sequence's
+end (``lengths (batch,)``) no site has a density, the frames' features are 0, the boundary posterior's
+convolutions see zeros there at every layer (as a sequence alone sees its padding) and the backward GRU
+starts at each sequence's own last frame."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,11 +11,11 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..imputation import zero_missing
+from ..imputation import frames_inside, zero_missing
 from ..networks import per_frame
 from .boundaries import SegmentCounter, sample_boundary, update_site
 from .config import BoundaryTemperature, HRSSMConfig, check_input
-from .model import _KLScaled
+from .model import _KLScaled, step_mask
 from .networks import AbstractPosterior, BoundaryPosterior, ObservationPosterior, _frame_network
 
 
@@ -43,35 +46,38 @@ class HRSSMGuide(_KLScaled, nn.Module):
             raise ValueError("boundary_logits: this guide was built with boundaries=False")
         return self.boundary_posterior(self.features(x, mask))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_input(x, mask, self.frame_shape, self.config)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_input(x, mask, self.frame_shape, self.config, lengths)
         pyro.module("hrssm_guide", self)
         cfg = self.config
         batch, steps = x.shape[:2]
-        e = self.features(x, mask)
+        inside = frames_inside(None, lengths, steps)  # (batch, T) or None
+        e = self.features(x, frames_inside(mask, lengths, steps))  # 0 past an end, as at a missing frame
         with pyro.plate("sequences", batch):
             starts = [x.new_ones(batch)]
             if self.boundary_posterior is not None and steps > 1:
-                logits = self.boundary_posterior(e)
+                logits = self.boundary_posterior(e, inside)
                 free = self.temperature.free_tensor(x)
-                counter, temperature = SegmentCounter(batch, steps, cfg, x.device, free), self.temperature.tensor(x)
+                counter = SegmentCounter(batch, steps, cfg, x.device, free, lengths)
+                temperature = self.temperature.tensor(x)
                 for t in pyro.markov(range(steps - 1)):
                     with self._kl_scale(cfg.kl_weight_boundary):
                         starts.append(sample_boundary(f"m_{t + 1}", logits[:, t + 1], temperature, counter, t))
             else:
                 starts = starts * steps
             starts = torch.stack(starts, dim=1)  # (batch, T), the gates, not the site values
-            psi = self.abstract_posterior.features(e, starts)
+            psi = self.abstract_posterior.features(e, starts, inside)
             phi = self.observation_posterior.features(e, starts if cfg.observation_reset else torch.zeros_like(starts))
             z = None
             for t in pyro.markov(range(steps)):
                 read = starts[:, t]
                 gate = read.unsqueeze(-1)
                 loc, scale = self.abstract_posterior(psi[:, t])
-                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient):
+                with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient), step_mask(inside, t):
                     z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
                 z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z
                 loc, scale = self.observation_posterior(phi[:, t], z)
-                with self._kl_scale(cfg.kl_weight_observation):
+                with self._kl_scale(cfg.kl_weight_observation), step_mask(inside, t):
                     pyro.sample(f"s_{t + 1}", dist.Normal(loc, scale).to_event(1))
         return starts

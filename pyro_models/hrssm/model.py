@@ -70,6 +70,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ..imputation import frames_inside
 from ..networks import per_frame
 from .boundaries import SegmentCounter, sample_boundary, update_site
 from .config import BoundaryTemperature, HRSSMConfig, check_input
@@ -99,6 +100,11 @@ class _KLScaled:
         return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
 
 
+def step_mask(inside: Optional[torch.Tensor], t: int):
+    """The context of step ``t``'s sites: masked to the sequences still running (``inside (batch, T)``)."""
+    return contextlib.nullcontext() if inside is None else poutine.mask(mask=inside[:, t])
+
+
 class HRSSM(_KLScaled, nn.Module):
     """The model p(X, Z, S, M) = prod_t p(x_t | s_t) p(m_t | s_t) p(s_t | s_{<t}, z_t, m_{<t})
     p(z_t | z_{<t}, m_{<t}) (paper: "Generative process"; see the module docstring).
@@ -123,14 +129,16 @@ class HRSSM(_KLScaled, nn.Module):
         frames = dist.Normal(self.frame_mean(f), self.config.obs_scale).to_event(len(self.frame_shape))  # batch (batch, T)
         return (frames if mask is None else frames.mask(mask)).to_event(1)
 
-    def latents(self, batch_size: int, num_steps: int, like: torch.Tensor) -> HRSSMStates:
+    def latents(self, batch_size: int, num_steps: int, like: torch.Tensor,
+                lengths: Optional[torch.Tensor] = None) -> HRSSMStates:
         """The latent process: sites ``z_t``, ``s_t`` (t = 1..T) and ``m_t`` (t < T) in time order, under
         ``pyro.markov``; must run inside the ``sequences`` plate. ``like``: dtype and device."""
         cfg = self.config
         c = like.new_zeros(batch_size, cfg.abstract_belief_size)
         read = like.new_ones(batch_size)  # frame 1 starts a segment
         free = self.temperature.free_tensor(like)
-        counter = SegmentCounter(batch_size, num_steps, cfg, like.device, free) if cfg.boundaries else None
+        counter = SegmentCounter(batch_size, num_steps, cfg, like.device, free, lengths) if cfg.boundaries else None
+        inside = frames_inside(None, lengths, num_steps)  # (batch, T) or None: past an end, no z_t or s_t density
         temperature = self.temperature.tensor(like)
         z = h = s = None
         trajectory: List[Tuple[torch.Tensor, ...]] = []
@@ -139,7 +147,7 @@ class HRSSM(_KLScaled, nn.Module):
             if t > 0:  # UPDATE: new belief; COPY: keep it
                 c = gate * self.abstract.belief(z, c) + (1.0 - gate) * c
             loc, scale = self.abstract(c)
-            with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient):
+            with self._kl_scale(cfg.kl_weight_abstract), update_site(read, cfg.update_kl_gradient), step_mask(inside, t):
                 z_new = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
             z = z_new if t == 0 else gate * z_new + (1.0 - gate) * z  # COPY: exactly z_{t-1}
             a = self.observation.init(c, z)
@@ -150,7 +158,7 @@ class HRSSM(_KLScaled, nn.Module):
             else:  # observation_reset=False: the GRU at every step, reading the new a_t after an UPDATE
                 h = self.observation.update(s, a, h)
             loc, scale = self.observation(h)
-            with self._kl_scale(cfg.kl_weight_observation):
+            with self._kl_scale(cfg.kl_weight_observation), step_mask(inside, t):
                 s = pyro.sample(f"s_{t + 1}", dist.Normal(loc, scale).to_event(1))
             f = self.state_feature(h, s)
             trajectory.append((read, c, z, h, s, f))
@@ -159,13 +167,14 @@ class HRSSM(_KLScaled, nn.Module):
                     read = sample_boundary(f"m_{t + 1}", self.boundary_prior(f), temperature, counter, t)
         return HRSSMStates(*(torch.stack(values, dim=1) for values in zip(*trajectory)))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> HRSSMStates:
-        check_input(x, mask, self.frame_shape, self.config)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None) -> HRSSMStates:
+        check_input(x, mask, self.frame_shape, self.config, lengths)
         pyro.module("hrssm", self)
         batch, steps = x.shape[:2]
         with pyro.plate("sequences", batch):
-            states = self.latents(batch, steps, x)
-            pyro.sample("x", self.observation_dist(states.f, mask), obs=x)
+            states = self.latents(batch, steps, x, lengths)
+            pyro.sample("x", self.observation_dist(states.f, frames_inside(mask, lengths, steps)), obs=x)
         return states
 
 

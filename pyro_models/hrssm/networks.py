@@ -1,7 +1,7 @@
 """The HRSSM's networks, one module per factor (its docstring names the factor)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -178,8 +178,16 @@ class BoundaryPosterior(nn.Module):
         layers += _time_padding(kernel, causal) + [nn.Conv1d(size, 1, kernel)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.net(e.transpose(1, 2)).squeeze(1)  # (batch, F, T) -> (batch, 1, T) -> (batch, T)
+    def forward(self, e: torch.Tensor, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(batch, T)`` for features ``e (batch, T, F)``; ``inside (batch, T)``: the steps of each
+        sequence; every layer's output is 0 past its end, as the zero padding of a sequence alone."""
+        h = e.transpose(1, 2)  # (batch, F, T)
+        keep = None if inside is None else inside.unsqueeze(1).to(h.dtype)  # (batch, 1, T)
+        for layer in self.net:
+            h = layer(h)
+            if keep is not None and isinstance(layer, nn.ELU):
+                h = h * keep
+        return h.squeeze(1)  # (batch, 1, T) -> (batch, T)
 
 
 def _time_padding(kernel: int, causal: bool) -> List[nn.Module]:
@@ -201,8 +209,9 @@ class AbstractPosterior(nn.Module):
         self.backward_cell = nn.GRUCell(config.feature_size, belief)
         self.head = GaussianHead(2 * belief, config.abstract_state_size, config.min_scale, scale_fn="sigmoid")
 
-    def features(self, e: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """``[psi^fwd_{t-1}, psi^bwd_t]`` ``(batch, T, 2C)`` for ``e (batch, T, F)``, ``starts (batch, T)``."""
+    def features(self, e: torch.Tensor, starts: torch.Tensor, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[psi^fwd_{t-1}, psi^bwd_t]`` ``(batch, T, 2C)`` for ``e (batch, T, F)``, ``starts (batch, T)``;
+        ``inside (batch, T)``: the backward GRU starts at each sequence's own last frame."""
         fwd, _ = self.forward_rnn(e)  # (batch, T, C)
         fwd = torch.cat([torch.zeros_like(fwd[:, :1]), fwd[:, :-1]], dim=1)  # shifted: psi^fwd_{t-1}
         state, bwd = e.new_zeros(e.shape[0], fwd.shape[-1]), []
@@ -210,6 +219,8 @@ class AbstractPosterior(nn.Module):
             state = self.backward_cell(e[:, t], state)
             bwd.append(state)
             state = (1.0 - starts[:, t, None]) * state  # frame t opens its segment: t - 1 does not see it
+            if inside is not None:  # past a sequence's end: its last frame starts from 0
+                state = state * inside[:, t, None].to(state.dtype)
         return torch.cat([fwd, torch.stack(bwd[::-1], dim=1)], dim=-1)
 
     def forward(self, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
 from .config import KVAEConfig
-from .model import frames_inside
+from ..imputation import frames_inside
 from .networks import ConvFrameEncoder, MLPFrameEncoder
 
 

@@ -26,11 +26,10 @@ import torch
 from pyro.infer import Predictive
 
 from .. import lgssm
-from ..imputation import Imputation, check_lengths, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
+from ..imputation import Imputation, check_lengths, frames_inside, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
 from ..imputation import last_observed_frame as last_observed_floor
 from ..imputation import majority_frame as static_floor
 from ..modes import eval_mode
-from .model import frames_inside
 
 KALMAN_DTYPE = lgssm.DEFAULT_DTYPE  # Kalman moments are computed in float64 (see docs/lgssm.md)
 DEFAULT_NUM_SAMPLES = 16

@@ -41,21 +41,12 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..distributions import GreyBernoulli, observe
-from ..imputation import check_lengths
+from ..imputation import check_lengths, frames_inside
 from ..kl_weights import KLWeights, sample_latent
 from ..lgssm import LGSSM, log_marginal
 from ..networks import per_frame
 from .config import KVAEConfig
 from .networks import ConvFrameDecoder, MLPFrameDecoder
-
-
-def frames_inside(mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
-    """The frames observed inside their sequence ``(batch, T)``: ``mask`` (None: all) without the steps past
-    the ends ``lengths (batch,)`` (None: no ends before T)."""
-    if lengths is None:
-        return mask
-    valid = torch.arange(steps, device=lengths.device) < lengths.unsqueeze(-1)  # (batch, T)
-    return valid if mask is None else mask & valid
 
 
 class KalmanDynamics(nn.Module):

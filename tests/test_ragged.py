@@ -29,11 +29,38 @@ def dmm(guide, num_flows=0):
     return model, q
 
 
-def replayed(guide, z):
-    """``guide`` with its chain ``z`` fixed (replayed as a draw, not observed)."""
+def replayed(guide, z, name="z"):
+    """``guide`` with its site ``name`` fixed to ``z`` (replayed as a draw, not observed)."""
+    return replayed_sites(guide, {name: z})
+
+
+def replayed_sites(guide, values):
+    """``guide`` with each site of ``values`` (name -> value) replayed as a draw."""
     trace = poutine.Trace()
-    trace.add_node("z", name="z", type="sample", is_observed=False, value=z, infer={})
+    for name, value in values.items():
+        trace.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
     return poutine.replay(guide, trace=trace)
+
+
+def summed(results):
+    """The sum of per-sequence ``(loss, grads)`` results; a gradient None (parameter unused) counts as 0."""
+    total, grads = 0.0, None
+    for loss, g in results:
+        total = total + loss
+        grads = g if grads is None else [b if c is None else (c if b is None else b + c) for b, c in zip(grads, g)]
+    return total, grads
+
+
+def assert_same(batch, parts, loss_tol, grad_rtol, grad_atol):
+    """The batch's ``(loss, grads)`` equal the summed ``parts``: the loss to ``loss_tol``, every gradient to
+    ``grad_rtol, grad_atol``; a gradient None (parameter unused) on one side is exactly 0 on the other."""
+    (batch_loss, batch_grads), (total, grads) = batch, summed(parts)
+    assert torch.allclose(batch_loss, total, rtol=loss_tol, atol=loss_tol)
+    for b, c in zip(batch_grads, grads):
+        if b is not None and c is not None:
+            assert torch.allclose(b, c, rtol=grad_rtol, atol=grad_atol)
+        else:
+            assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())
 
 
 def loss_and_grads(model, guide, elbo, z, *args):
@@ -59,18 +86,10 @@ def test_a_ragged_batch_is_the_sum_of_its_sequences(guide_name, num_flows, with_
     gaps = GAPS if with_gaps else None
     with torch.no_grad():
         z = guide(x, gaps, LENGTHS)  # (3, 6, Z): one draw of every chain
-    batch_loss, batch_grads = loss_and_grads(model, guide, ELBOS[elbo], z, x, gaps, LENGTHS)
-    total, grads = 0.0, None
-    for i, length in enumerate(LENGTHS.tolist()):
-        loss, g = loss_and_grads(model, guide, ELBOS[elbo], z[i : i + 1, :length], *sequence_args(x, gaps, i, length))
-        total = total + loss
-        grads = g if grads is None else [a if b is None else (b if a is None else a + b) for a, b in zip(grads, g)]
-    assert torch.allclose(batch_loss, total, rtol=1e-10, atol=1e-10)
-    for a, b in zip(batch_grads, grads):
-        assert (a is None) == (b is None) or torch.allclose(a if a is not None else torch.zeros_like(b),
-                                                            b if b is not None else torch.zeros_like(a), atol=1e-10)
-        if a is not None and b is not None:
-            assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    batch = loss_and_grads(model, guide, ELBOS[elbo], z, x, gaps, LENGTHS)
+    parts = [loss_and_grads(model, guide, ELBOS[elbo], z[i : i + 1, :length], *sequence_args(x, gaps, i, length))
+             for i, length in enumerate(LENGTHS.tolist())]
+    assert_same(batch, parts, loss_tol=1e-10, grad_rtol=1e-8, grad_atol=1e-10)
 
 
 @pytest.mark.parametrize("guide_name", GUIDES)
@@ -210,12 +229,6 @@ def kvae(guide_name):
     return model, guide
 
 
-def replayed_a(guide, a):
-    trace = poutine.Trace()
-    trace.add_node("a", name="a", type="sample", is_observed=False, value=a, infer={})
-    return poutine.replay(guide, trace=trace)
-
-
 @pytest.mark.parametrize("with_gaps", [False, True])
 @pytest.mark.parametrize("guide_name", ["factorised", "structured"])
 def test_a_ragged_kvae_batch_is_the_sum_of_its_sequences(guide_name, with_gaps):
@@ -227,21 +240,13 @@ def test_a_ragged_kvae_batch_is_the_sum_of_its_sequences(guide_name, with_gaps):
     params = list(model.parameters()) + list(guide.parameters())
 
     def loss_and_grads(a, *args):
-        loss = Trace_ELBO().differentiable_loss(model, replayed_a(guide, a), *args)
+        loss = Trace_ELBO().differentiable_loss(model, replayed(guide, a, "a"), *args)
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-    batch_loss, batch_grads = loss_and_grads(a, x, gaps, LENGTHS)
-    total, grads = 0.0, None
-    for i, length in enumerate(LENGTHS.tolist()):
-        loss, g = loss_and_grads(a[i : i + 1, :length], *sequence_args(x, gaps, i, length))
-        total = total + loss
-        grads = g if grads is None else [b if c is None else (c if b is None else b + c) for b, c in zip(grads, g)]
-    assert torch.allclose(batch_loss, total, rtol=1e-9, atol=1e-9)
-    for b, c in zip(batch_grads, grads):
-        if b is not None and c is not None:
-            assert torch.allclose(b, c, rtol=1e-7, atol=1e-9)
-        else:
-            assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())
+    batch = loss_and_grads(a, x, gaps, LENGTHS)
+    parts = [loss_and_grads(a[i : i + 1, :length], *sequence_args(x, gaps, i, length))
+             for i, length in enumerate(LENGTHS.tolist())]
+    assert_same(batch, parts, loss_tol=1e-9, grad_rtol=1e-7, grad_atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------ the HRSSM
@@ -264,9 +269,9 @@ def detached(value):
     return out
 
 
-def sliced(value, i, length=None):
-    """Row ``i`` of a site value (steps up to ``length``), keeping the relaxed logit a boundary draw carries."""
-    part = value[i : i + 1] if length is None else value[i : i + 1, :length]
+def sliced(value, i):
+    """Row ``i`` of a site value, keeping the relaxed logit a boundary draw carries."""
+    part = value[i : i + 1]
     logit = getattr(value, "_relaxed_logit", None)
     if logit is not None:
         part = part.clone()
@@ -284,24 +289,14 @@ def test_a_ragged_hrssm_batch_is_the_sum_of_its_sequences(with_gaps):
     params = list(model.parameters()) + list(guide.parameters())
 
     def loss_and_grads(nodes, *args):
-        replay = poutine.Trace()
-        for name, value in nodes.items():
-            replay.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
-        loss = Trace_ELBO().differentiable_loss(model, poutine.replay(guide, trace=replay), *args)
+        loss = Trace_ELBO().differentiable_loss(model, replayed_sites(guide, nodes), *args)
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     latent = {n: detached(s["value"]) for n, s in trace.nodes.items() if s["type"] == "sample"
               and not s["is_observed"] and n.split("_")[0] in ("z", "s", "m")}
-    batch_loss, batch_grads = loss_and_grads(latent, x, gaps, LENGTHS)
-    total, grads = 0.0, None
-    for i, length in enumerate(LENGTHS.tolist()):
+    batch = loss_and_grads(latent, x, gaps, LENGTHS)
+    parts = []
+    for i, length in enumerate(LENGTHS.tolist()):  # the sites of its own steps (boundaries m_t for t < L)
         mine = {n: sliced(v, i) for n, v in latent.items() if int(n.split("_")[1]) <= (length if n[0] != "m" else length - 1)}
-        loss, g = loss_and_grads(mine, *sequence_args(x, gaps, i, length))
-        total = total + loss
-        grads = g if grads is None else [b if c is None else (c if b is None else b + c) for b, c in zip(grads, g)]
-    assert torch.allclose(batch_loss, total, rtol=1e-9, atol=1e-9)
-    for b, c in zip(batch_grads, grads):
-        if b is not None and c is not None:
-            assert torch.allclose(b, c, rtol=1e-7, atol=1e-9)
-        else:
-            assert (b is None or not b.abs().any()) and (c is None or not c.abs().any())
+        parts.append(loss_and_grads(mine, *sequence_args(x, gaps, i, length)))
+    assert_same(batch, parts, loss_tol=1e-9, grad_rtol=1e-7, grad_atol=1e-9)

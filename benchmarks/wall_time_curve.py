@@ -45,7 +45,15 @@ def main() -> None:
         points = curve([json.loads(line) for line in f if line.strip()])
     if not points:
         raise SystemExit(f"error: {args.run} logged no per-step validation and test ELBO; see --help")
-    references = {name: float(value) for name, value in (r.rsplit("=", 1) for r in args.reference)}
+    references = {}
+    for reference in args.reference:
+        name, _, value = reference.rpartition("=")
+        try:
+            references[name] = float(value)
+        except ValueError:
+            parser.error(f"--reference: expected NAME=VALUE (nats per step), got {reference!r}")
+        if not name:
+            parser.error(f"--reference: expected NAME=VALUE (nats per step), got {reference!r}")
     best = min(points, key=lambda p: p["valid"])
     reached = {name: next((p["hours"] for p in points if p["test"] <= value), None) for name, value in references.items()}
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -121,6 +121,47 @@ def test_missing_frames_are_never_read(guide_name, kind):
     assert torch.allclose(elbo_loss(model, guide, x, everything), elbo_loss(model, guide, x), rtol=1e-5)
 
 
+@pytest.mark.parametrize("guide_name", GUIDES)
+def test_the_mask_feature_tells_a_gap_from_a_frame_of_zeros(guide_name):
+    x = torch.rand(BATCH, STEPS, 7)
+    zeros = x.clone()
+    zeros[~MASK] = 0.0  # the gaps of MASK, as observed all-zero frames (silence in a piano roll)
+    observed = torch.ones_like(MASK)
+    for mask_feature in (False, True):
+        pyro.set_rng_seed(0)
+        model, guide, _ = build(guide=guide_name, mask_feature=mask_feature)
+        gap, silence = elbo_loss(model, guide, x, MASK), elbo_loss(model, guide, zeros, MASK)
+        assert torch.equal(gap, silence)  # the content of a gap is never read, either way
+        # without the flag the guide cannot tell the gap from silence: its q(z | x) is the same
+        pyro.set_rng_seed(1)
+        z_gap = poutine.trace(guide).get_trace(x, MASK).nodes["z"]["value"]
+        pyro.set_rng_seed(1)
+        z_silence = poutine.trace(guide).get_trace(zeros, observed).nodes["z"]["value"]
+        assert torch.equal(z_gap, z_silence) != mask_feature
+
+
+@pytest.mark.parametrize("guide_name", ["st-r", "mf-lr"])
+def test_guide_frame_dropout_hides_frames_in_training_only(guide_name):
+    rate = 0.3
+    model, guide, _ = build(guide=guide_name, mask_feature=True, guide_frame_dropout=rate)
+    plain = build(guide=guide_name, mask_feature=True)[1]
+    plain.load_state_dict(guide.state_dict())
+    x = torch.rand(BATCH, STEPS, 7)
+    guide.eval(), plain.eval()
+    pyro.set_rng_seed(2)
+    z_eval = poutine.trace(guide).get_trace(x).nodes["z"]["value"]
+    pyro.set_rng_seed(2)
+    assert torch.equal(z_eval, poutine.trace(plain).get_trace(x).nodes["z"]["value"])  # eval: no dropout
+    guide.train()
+    big = torch.zeros(400, 100, 7)
+    seen = guide.seen(big, None)  # (400, 100)
+    # a fresh Bernoulli(1 - rate) draw per frame: 40,000 frames, standard error 0.0023, 5 of them allowed
+    assert abs(seen.float().mean().item() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / seen.numel())
+    assert not torch.equal(seen, guide.seen(big, None))  # fresh every step
+    mask = torch.rand(400, 100) < 0.5
+    assert not (guide.seen(big, mask) & ~mask).any()  # a missing frame stays missing
+
+
 def test_a_missing_frame_adds_no_likelihood():
     model, guide, frame_shape = build()
     x = torch.rand(BATCH, STEPS, *frame_shape)
@@ -292,9 +333,11 @@ def test_a_few_adam_steps_lower_the_loss():
 def test_config_and_input_validation():
     for field, value in (("guide", "st-x"), ("num_flows", -1), ("z_dim", 0), ("transition", "nl"),
                          ("likelihood", "poisson"), ("frame_network", "resnet"), ("obs_scale", 0.0),
-                         ("conv_channels", ()), ("emission_hidden", (0,))):
+                         ("conv_channels", ()), ("emission_hidden", (0,)), ("guide_frame_dropout", 1.0)):
         with pytest.raises(ValueError, match=f"^{field}: expected"):
             DMMConfig(**{field: value})
+    with pytest.raises(ValueError, match="^guide_frame_dropout: expected 0 unless mask_feature"):
+        DMMConfig(guide_frame_dropout=0.2)
     with pytest.raises(ValueError, match="frame_shape"):
         build_dmm((4, 4), DMMConfig(**SMALL))
     model, guide, _ = build()

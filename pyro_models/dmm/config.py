@@ -43,6 +43,12 @@ class DMMConfig:
     rnn_nonlinearity: str = field(default="relu", metadata={"choices": RNN_NONLINEARITIES})  # of the guide's RNN: "relu" or "tanh"
     # guide, MLP frames: widths from the flattened frame to the RNN input; () feeds the frame itself
     encoder_hidden: Tuple[int, ...] = ()
+    # guide: one more RNN input per frame, 1 where the frame is observed and 0 where it is missing, so that
+    # a missing frame differs from an all-zero one (a silent frame of a piano roll)
+    mask_feature: bool = False
+    # guide, training only: each frame hidden from the guide with this probability (the model still scores
+    # it), a fresh draw every step; teaches the guide to infer across gaps (needs mask_feature)
+    guide_frame_dropout: float = 0.0
     num_flows: int = 0  # IAF steps on each q(z_t | ...), 0 = none
     flow_hidden: Tuple[int, ...] = (100,)  # autoregressive network widths of each IAF step
     fused_chain: bool = True  # structured guides without flows: draw the chain with a hand-written backward pass (autograd's values and gradients, several times faster; tests/test_ragged.py); False: autograd through every step
@@ -59,6 +65,11 @@ class DMMConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_flows < 0:
             raise ValueError(f"num_flows: expected >= 0, got {self.num_flows}")
+        if not 0.0 <= self.guide_frame_dropout < 1.0:
+            raise ValueError(f"guide_frame_dropout: expected a probability in [0, 1), got {self.guide_frame_dropout}")
+        if self.guide_frame_dropout > 0 and not self.mask_feature:
+            raise ValueError("guide_frame_dropout: expected 0 unless mask_feature is set (a hidden frame would "
+                             f"read as an all-zero frame), got {self.guide_frame_dropout}")
         for name in ("emission_hidden", "encoder_hidden", "conv_channels", "flow_hidden"):
             widths = getattr(self, name)
             if any(width < 1 for width in widths):

@@ -15,7 +15,12 @@ its KL analytically step by step (flows: the base's analytic KL as a control var
 :class:`~pyro_models.distributions.FlowPosterior`).
 
 A missing frame (``mask`` False) is never read: the frame is zeroed before the frame encoder and its
-features are zeroed after, so the RNNs see e_t = 0 there. A step past a sequence's end (``lengths``) is
+features are zeroed after, so the RNNs see e_t = 0 there; with ``mask_feature`` each e_t gains one more
+entry, 1 where the frame is observed and 0 where it is missing, so that a gap is not read as a frame of
+zeros. With ``guide_frame_dropout > 0`` (training mode only) each frame is also hidden from the guide
+with that probability, a fresh draw every step, while the model still scores it: any q(z | x) gives a
+lower bound, and this one learns to infer z across gaps (Bowman et al. 2016's word dropout, applied to
+the inference network only). A step past a sequence's end (``lengths``) is
 never read either: the backward RNN starts at each sequence's own last frame.
 """
 from __future__ import annotations
@@ -61,20 +66,36 @@ class DMMGuide(nn.Module):
         super().__init__()
         self.frame_shape, self.config = tuple(frame_shape), config
         self.encoder = FrameEncoder(frame_shape, config)
-        self.context = SequenceContext(self.encoder.feature_dim, config, config.guide in LEFT, config.guide in RIGHT)
+        feature_dim = self.encoder.feature_dim + int(config.mask_feature)
+        self.context = SequenceContext(feature_dim, config, config.guide in LEFT, config.guide in RIGHT)
         structured = config.guide in STRUCTURED
         self.combiner = Combiner(config) if structured else MeanFieldCombiner(config)
         self.z_0 = nn.Parameter(torch.zeros(config.z_dim)) if structured else None
         self.flows = _identity_flows(config)
         self.kl_weights = kl_weights if kl_weights is not None else KLWeights(config.z_dim)
 
+    def seen(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The frames the guide reads, ``(batch, T)`` bool (None: all): ``mask``, less a fresh
+        ``guide_frame_dropout`` draw in training mode."""
+        rate = self.config.guide_frame_dropout
+        if not (self.training and rate > 0):
+            return mask
+        kept = torch.rand(x.shape[:2], device=x.device) >= rate  # (batch, T)
+        return kept if mask is None else mask & kept
+
     def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Frame features e ``(batch, T, feature_dim)`` of ``x (batch, T, *frame_shape)``; exactly 0 at the
-        frames where ``mask (batch, T)`` is False, whose content is never read."""
+        frames where ``mask (batch, T)`` is False, whose content is never read; with ``mask_feature`` the
+        last entry is the mask (1 everywhere when ``mask`` is None)."""
         if mask is not None:
             x = zero_missing(x, mask)
-        e = per_frame(self.encoder, x, len(self.frame_shape))
-        return e if mask is None else e * mask.unsqueeze(-1).to(e.dtype)
+        e = per_frame(self.encoder, x, len(self.frame_shape))  # (batch, T, encoder.feature_dim)
+        if mask is not None:
+            e = e * mask.unsqueeze(-1).to(e.dtype)
+        if not self.config.mask_feature:
+            return e
+        flag = e.new_ones(e.shape[:2]) if mask is None else mask.to(e.dtype)  # (batch, T)
+        return torch.cat([e, flag.unsqueeze(-1)], -1)  # (batch, T, encoder.feature_dim + 1)
 
     def posterior(self, z_prev: Optional[torch.Tensor], context: torch.Tensor):
         """q(z_t | z_{t-1}, RNN states at t) for ``z_prev (..., batch, z_dim)`` and ``context (batch, n,
@@ -92,7 +113,7 @@ class DMMGuide(nn.Module):
               lengths: Optional[torch.Tensor] = None) -> PosteriorChain:
         """q(z_{1:T} | x): batch ``(batch,)``, event ``(T, z_dim)``, for the guide's arguments."""
         batch, steps = x.shape[:2]
-        context = self.context(self.features(x, mask), lengths)  # (batch, T, n, rnn_dim)
+        context = self.context(self.features(x, self.seen(x, mask)), lengths)  # (batch, T, n, rnn_dim)
         # One view per step, cut once: indexing context[:, t] at every step would make the backward pass
         # build a zero tensor of the whole context per step (quadratic in T; 70% of a JSB epoch).
         per_step = context.unbind(1)  # T x (batch, n, rnn_dim)

@@ -61,7 +61,7 @@ def trainer_on_batch(spec, rows: slice, world=None):
     trainer = Trainer(context.model, context.guide, spec.train, world=world,
                       units_per_example=spec.recipe.units_per_example(context.data))
     x = take(place(as_inputs(model_inputs(context.data, "train")), trainer.device), rows, trainer.device)
-    trainer._setup_optimizer(x)
+    trainer.setup(x)
     return trainer, x
 
 
@@ -76,13 +76,13 @@ def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu", **train_override
     model, guide = build_hrssm(tuple(x.shape[2:]), config)
     trainer = Trainer(model, guide, dataclasses.replace(HRSSM_TRAIN_DEFAULTS, device=device, progress=False, **train_overrides),
                       callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
-    trainer._setup_optimizer(x)
+    trainer.setup(x)
     return trainer
 
 
 def training_step(trainer, x: torch.Tensor, validate: bool = False) -> None:
-    """One step on ``x`` as training takes it: the callbacks' ``before_step`` (e.g. the temperature
+    """One step on ``x`` as training takes it: the callbacks' ``on_train_batch_start`` (e.g. the temperature
     schedule), then ``Trainer.step`` (not ``validate``d: only an epoch's first step is)."""
     for callback in trainer.callbacks:
-        callback.before_step(trainer, x)
+        callback.on_train_batch_start(trainer, x)
     trainer.step(x, validate=validate)

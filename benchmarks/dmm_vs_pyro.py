@@ -99,13 +99,13 @@ def our_epoch(data_dir: str, batch_size: int, seed: int):
     trainer = Trainer(context.model, context.guide, spec.train, lengths_arg=LENGTHS_ARG,
                       units_per_example=spec.recipe.units_per_example(context.data))
     train = model_inputs(context.data, "train")
-    trainer._setup_optimizer(tuple(t[:batch_size] if t is not None else None for t in train))
+    trainer.setup(tuple(t[:batch_size] if t is not None else None for t in train))
     epoch = [0]
 
     def run_epoch() -> float:
         epoch[0] += 1
         start = time.perf_counter()
-        trainer._train_epoch(train, epoch[0])
+        trainer.train_epoch(train, epoch[0])
         return time.perf_counter() - start
 
     return run_epoch, context.data

@@ -72,7 +72,7 @@ def main(argv=None):
 
 
 def timed_step(trainer, x: torch.Tensor, cuda: bool) -> float:
-    """Seconds of one training step as training takes it (the callbacks' ``before_step``, no validation)."""
+    """Seconds of one training step as training takes it (the callbacks' ``on_train_batch_start``, no validation)."""
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()

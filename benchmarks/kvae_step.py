@@ -41,7 +41,7 @@ def main(argv=None):
     x = torch.from_numpy(bouncing_balls(args.batch_size, args.num_steps, seed=0)).unsqueeze(2).to(args.device)
     model, guide = build_kvae(tuple(x.shape[2:]), config)
     trainer = Trainer(model, guide, replace(KVAE_TRAIN_DEFAULTS, device=args.device, progress=False), units_per_example=args.num_steps)
-    trainer._setup_optimizer(x)
+    trainer.setup(x)
     a = guide.posterior(x).rsample().detach().requires_grad_()
 
     def lgssm_part():

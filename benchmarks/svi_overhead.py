@@ -73,7 +73,7 @@ def build(args, paths=PATHS):
         model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
         config = TrainConfig(batch_size=args.batch_size, lr=args.lr, elbo=args.elbo, jit=jit, device=args.device, progress=False)
         trainer = Trainer(model, guide, config)
-        trainer._setup_optimizer(data[: args.batch_size].to(trainer.device))
+        trainer.setup(data[: args.batch_size].to(trainer.device))
         steppers[name] = trainer.step
     device = torch.device(args.device)
     if "torch" in paths:

@@ -112,13 +112,16 @@ def _show(value) -> str:
     return str(value)
 
 
-def add_dataclass_flags(parser: argparse._ActionsContainer, cls, defaults, dest_prefix: str) -> List[str]:
-    """Add one flag per field of ``cls`` (defaults from the instance ``defaults``) to ``parser``; each flag
-    stores into ``dest_prefix + field``. Returns the field names."""
+def add_dataclass_flags(parser: argparse._ActionsContainer, cls, defaults, dest_prefix: str,
+                        skip: Sequence[str] = ()) -> List[str]:
+    """Add one flag per field of ``cls`` but those in ``skip`` (defaults from the instance ``defaults``) to
+    ``parser``; each flag stores into ``dest_prefix + field``. Returns the field names."""
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     names = []
     for f in fields(cls):
+        if f.name in skip:
+            continue
         parse, is_bool = _parser_for(hints[f.name])
         default = getattr(defaults, f.name)
         text = helps.get(f.name, f.name.replace("_", " "))

@@ -13,10 +13,11 @@ from dataclasses import fields
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 from .cli import OneLineParser, add_dataclass_flags, build_config, flag, flag_error, given, unknown_flag_error
-from .experiment import RunSpec
+from . import distributed
+from .experiment import WORLD_SIZE_KEY, RunSpec
 from .recipe import Recipe
 from .registry import recipes
-from .trainer import TrainConfig, TrainingDiverged
+from .training import TrainConfig, TrainingDiverged
 
 DEBUG_ENV = "PYRO_MODELS_DEBUG"
 CONFIG_FLAG = "--config"
@@ -48,7 +49,8 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[Ru
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = _defaults(recipe, stored)
     for prefix, title in GROUPS:
-        add_dataclass_flags(p.add_argument_group(title), type(defaults[prefix]), defaults[prefix], prefix + ".")
+        skip = recipe.unused_fields if prefix == "config" else ()
+        add_dataclass_flags(p.add_argument_group(title), type(defaults[prefix]), defaults[prefix], prefix + ".", skip)
     if recipe.shortcuts:
         group = p.add_argument_group("shortcuts (set several model fields at once; explicit flags win)")
         for name, (targets, text) in recipe.shortcuts.items():
@@ -141,6 +143,20 @@ def _stored_spec(path: str, parser: argparse.ArgumentParser) -> RunSpec:
         _fail(parser, f"{CONFIG_FLAG}: {path} is not a run's config.json ({flag_error(error, all_field_names())})")
 
 
+def _note_world_size(config_path: str) -> None:
+    """One line on stderr when the stored run was trained on another number of processes than this one."""
+    try:
+        with open(config_path) as f:
+            stored = int(json.load(f).get(WORLD_SIZE_KEY, 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    here = distributed.current_world().size
+    if stored != here and distributed.main_process():
+        print(f"note: {config_path} was trained on {stored} process(es), this run uses {here}: the global batch "
+              f"of a step ({stored} x --batch-size) and the random draws differ, so the numbers will too",
+              file=sys.stderr)
+
+
 def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> TrainArgs:
     """``train.py [MODEL] --config RUN/config.json [--out NEW] [flags]``: the stored run, flags overriding."""
     stored = _stored_spec(path, top)
@@ -154,6 +170,7 @@ def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> Tr
     if unknown:
         _fail(parser, unknown_flag_error(unknown, recipe.name, flag_owners()))
     run_folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    _note_world_size(os.path.join(run_folder, "config.json"))
     out = namespace.out if namespace.out is not None else run_folder.rstrip(os.sep) + REPEAT_SUFFIX  # --resume has --out
     return TrainArgs(_spec(recipe, namespace, parser, stored), out, namespace.resume)
 

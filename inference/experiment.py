@@ -19,9 +19,10 @@ from . import distributed
 from .recipe import Context, Recipe
 from .registry import get_recipe
 from .rundir import BEST, CONFIG, RunDir, read_checkpoint
-from .trainer import TrainConfig, Trainer
+from .training import Callback, TrainConfig, Trainer, load_weights
 
 RUN_FORMAT = 2  # config.json layout: model, format, config, options, train, data
+WORLD_SIZE_KEY = "world_size"  # config.json: the number of processes the run trains on (absent: 1)
 
 
 def dataclass_from_json(cls, stored: Dict[str, Any]):
@@ -82,7 +83,7 @@ def normalised_config(stored: Dict[str, Any]) -> Dict[str, Any]:
     defaults (which keep what the run did), so that comparing it with a new spec sees real changes only;
     one this library cannot read is returned as it is (the comparison then reports it)."""
     try:
-        return {**stored, **json.loads(json.dumps(RunSpec.from_json(stored).to_json()))}
+        return {WORLD_SIZE_KEY: 1, **stored, **json.loads(json.dumps(RunSpec.from_json(stored).to_json()))}
     except (KeyError, TypeError, ValueError):
         return stored
 
@@ -151,6 +152,43 @@ def build(spec: RunSpec, data) -> Context:
     return Context(model, guide, data, spec.data, spec.config, spec.options, spec.train, None)
 
 
+class ELBOCurves(Callback):
+    """Draws ``RUN/figures/elbo_curves.png`` (the ELBO of each split against the epoch) on scoring epochs."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_train_epoch_end(self, trainer: Trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+        if "test_elbo" in metrics:
+            from . import plots  # matplotlib, only when a figure is drawn
+
+            plots.curves(self.run.read_metrics(), ["train_elbo", "valid_elbo", "test_elbo"],
+                         self.run.figure_path("elbo_curves"), "ELBO (nats per example) on each split")
+
+
+def run_callbacks(run: Optional[RunDir], train_config: TrainConfig) -> List[Callback]:
+    """What a run directory adds to a recipe's callbacks: the ELBO curves, then TensorBoard (last, to see
+    every metric and figure of the epoch). None without a run directory (and on ranks other than 0)."""
+    if run is None:
+        return []
+    callbacks: List[Callback] = [ELBOCurves(run)]
+    if train_config.tensorboard:
+        from .tensorboard import TensorBoardLogger
+
+        callbacks.append(TensorBoardLogger(run))
+    return callbacks
+
+
+def check_machine(train_config: TrainConfig) -> None:
+    """Raise ``ValueError`` unless this machine can run ``train_config``'s runtime settings: the device, and
+    TensorBoard's extra when asked for. Checked before a run starts, never when a stored run is read."""
+    train_config.check_machine()
+    if train_config.tensorboard:
+        from .tensorboard import require
+
+        require()
+
+
 def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=None) -> List[Dict[str, Any]]:
     """Train the run ``spec`` on ``data`` (default: loaded from ``spec.data``); returns the metrics of
     every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it.
@@ -159,14 +197,16 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
     (:mod:`inference.distributed`); a check that fails on rank 0 stops every rank."""
     if spec.data is None and data is None:
         raise ValueError("data: pass the data or a data config in spec.data")
+    check_machine(spec.train)
     with distributed.process_group(spec.train.device) as world:
         return _train(spec, out, resume, data, world)
 
 
 def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distributed.World) -> List[Dict[str, Any]]:
     recipe = spec.recipe  # the spec checked compilability and consistency when it was made
+    stored = {**spec.to_json(), WORLD_SIZE_KEY: world.size}  # config.json
     if out is not None:  # before any work: a wrong folder fails fast
-        distributed.on_main(lambda: RunDir.preflight(out, spec.to_json(), resume, normalised_config), world)
+        distributed.on_main(lambda: RunDir.preflight(out, stored, resume, normalised_config), world)
     if data is None:  # rank 0 first (it may generate and cache the data), then the others
         data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
         data = data if data is not None else spec.data.load(seed=spec.train.seed)
@@ -175,7 +215,7 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
     if out is not None:
         def open_run() -> bool:
             nonlocal run
-            run = RunDir(out, spec.to_json(), resume=resume, normalise=normalised_config)
+            run = RunDir(out, stored, resume=resume, normalise=normalised_config)
             return run.resuming
         resuming = distributed.on_main(open_run, world)  # every rank learns rank 0's mode
     else:
@@ -187,7 +227,8 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
         recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
     transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
     ragged = getattr(context.data, "ragged", False)
-    trainer = Trainer(context.model, context.guide, spec.train, run, recipe.callbacks(context), batch_transform=transform,
+    callbacks = recipe.callbacks(context) + run_callbacks(run, spec.train)
+    trainer = Trainer(context.model, context.guide, spec.train, run, callbacks, batch_transform=transform,
                       units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out,
                       lengths_arg=LENGTHS_ARG if ragged else None)
     splits = data_splits(context.data)
@@ -243,9 +284,8 @@ def load_run(path: str, data_dir: Optional[str] = None, data=None, checkpoint: s
         data_config = spec.data if data_dir is None else type(spec.data)(**{**asdict(spec.data), "data_dir": data_dir})
         data = data_config.load(seed=spec.train.seed)
     context = build(spec, data)
-    for module, module_state in zip((context.model, context.guide), state["modules"]):
-        module.load_state_dict(module_state)
-        module.eval()
+    load_weights(context.model, context.guide, state)
+    context.model.eval(), context.guide.eval()
     return Run(context.model, context.guide, spec, context.data, path)
 
 

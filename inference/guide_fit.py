@@ -23,7 +23,7 @@ from pyro import poutine
 from pyro_models.modes import eval_mode
 
 from .elbo import make_elbo
-from .trainer import Inputs, take
+from .training import Inputs, take
 
 
 @dataclass

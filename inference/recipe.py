@@ -17,7 +17,7 @@ import torch
 from pyro_models.imputation import random_frame_mask
 
 from .rundir import RunDir
-from .trainer import BatchTransform, Callback, TrainConfig
+from .training import BatchTransform, Callback, TrainConfig
 
 
 @dataclass
@@ -137,6 +137,9 @@ class Recipe:
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
     shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
     width_fields: Tuple[str, ...] = ()
+    # fields of a config class that several models share which this model does not read: no flag, so
+    # that setting one is refused by name (e.g. the MLP VAE's ``channels``, which only conv-vae reads)
+    unused_fields: Tuple[str, ...] = ()
     ragged: bool = False
     vectorized_particles: bool = True
 

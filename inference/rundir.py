@@ -23,7 +23,7 @@ HISTORY_KEY = "resumes"  # config.json: the changes made at each resume
 # the staircase decay). Every change is recorded in config.json under HISTORY_KEY.
 RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "train.progress", "train.device",
                                "train.eval_batch_size", "train.tensorboard", "train.check_every_step",
-                               "train.eval_every"})
+                               "train.eval_every", "world_size"})
 NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
 TMP_PREFIX = ".tmp-"
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
@@ -76,6 +76,7 @@ class RunDir:
                  normalise: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None):
         self.path = path
         self.figures = os.path.join(path, "figures")
+        self._figures_given: Dict[str, None] = {}  # an ordered set of paths
         self.mode = self.preflight(path, config, resume, normalise)
         os.makedirs(self.figures, exist_ok=True)
         for name in os.listdir(path):  # temporary files of writes a kill interrupted
@@ -194,8 +195,16 @@ class RunDir:
         return os.path.join(self.path, CHECKPOINT)
 
     def figure_path(self, name: str, epoch: Optional[int] = None) -> str:
+        """Where the figure ``name`` (of ``epoch``) goes; remembered until :meth:`take_figures`."""
         suffix = "" if epoch is None else f"_epoch{epoch:03d}"
-        return os.path.join(self.figures, f"{name}{suffix}.png")
+        path = os.path.join(self.figures, f"{name}{suffix}.png")
+        self._figures_given[path] = None
+        return path
+
+    def take_figures(self) -> List[str]:
+        """The figures written since the last call (paths handed out by :meth:`figure_path` that exist)."""
+        given, self._figures_given = self._figures_given, {}
+        return [path for path in given if os.path.isfile(path)]
 
     def write_json(self, name: str, payload: Dict[str, Any]) -> None:
         text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()

@@ -16,7 +16,7 @@ import torch
 
 from . import distributed
 from .analysis import batch_kl_per_dim
-from .trainer import Callback, Trainer
+from .training import Callback, Trainer
 
 KL_SCHEDULES = ("none", "linear", "free-bits")
 
@@ -34,10 +34,10 @@ class LinearKLAnnealing(Callback):
             raise ValueError(f"start: expected in [0, 1], got {start}")
         self.kl_weights, self.epochs, self.start = kl_weights, epochs, start
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.kl_weights.beta = self.start + (1.0 - self.start) * min(1.0, epoch / self.epochs)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"beta": self.kl_weights.beta}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -80,7 +80,7 @@ class SoftFreeBits(Callback):
     def __init__(self, kl_weights, config: FreeBitsConfig, site: str = "z"):
         self.kl_weights, self.config, self.site = kl_weights, config, site
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         if not getattr(trainer.guide, "factorised", False):
             raise ValueError("kl_schedule: 'free-bits' needs a factorised guide (e.g. 'normal'): per-dimension KL weights are undefined for flows")
         gamma = self.kl_weights.gamma
@@ -91,14 +91,14 @@ class SoftFreeBits(Callback):
         self.kl_weights.per_dim = True
 
     @torch.no_grad()
-    def before_step(self, trainer: Trainer, batch) -> None:
+    def on_train_batch_start(self, trainer: Trainer, batch) -> None:
         self.kl_weights.eval()  # the unweighted KL of the current batch
         kl = batch_kl_per_dim(trainer.model, trainer.guide, batch[0], self.site)
         kl = distributed.all_reduce_sum(kl, trainer.world) / trainer.world.size  # the global batch's: one gamma on every rank
         self.kl_weights.train()
         self.kl_weights.gamma.copy_(free_bits_update(self.kl_weights.gamma, kl, self.config))
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"gamma_mean": float(self.kl_weights.gamma.mean())}
 
 

@@ -1,7 +1,7 @@
 """TensorBoard logging of a run (an optional extra: ``pip install -e ".[tensorboard]"``), what the pixyz
 seeds did with ``tensorboardX.SummaryWriter``, through ``torch.utils.tensorboard``.
 
-With ``TrainConfig.tensorboard`` (``--tensorboard``) rank 0 writes under ``RUN/tensorboard/``:
+With ``TrainConfig.tensorboard`` (``--tensorboard``) the experiment layer adds this logger, and rank 0 writes under ``RUN/tensorboard/``:
 
 * ``step/loss`` and ``step/lr``: the training loss per example and the learning rate of every step;
 * ``epoch/<metric>``: every numeric value of the epoch's ``metrics.jsonl`` line (ELBOs, KL, the
@@ -17,11 +17,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import time
 from typing import Any, Dict
 
 from .rundir import RunDir
-from .trainer import Callback, Trainer
+from .training import Callback, Trainer
 
 LOG_FOLDER = "tensorboard"
 MISSING = 'tensorboard: the TensorBoard extra is not installed; pip install -e ".[tensorboard]" (or pip install tensorboard)'
@@ -30,6 +29,12 @@ MISSING = 'tensorboard: the TensorBoard extra is not installed; pip install -e "
 def available() -> bool:
     """Whether the ``tensorboard`` package (which ``torch.utils.tensorboard`` needs) is installed."""
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def require() -> None:
+    """Raise ``ValueError`` (:data:`MISSING`) unless the extra is installed."""
+    if not available():
+        raise ValueError(MISSING)
 
 
 def hparam_values(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -49,15 +54,13 @@ def hparam_values(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 class TensorBoardLogger(Callback):
     """Writes the run to TensorBoard event files in ``RUN/tensorboard`` (see the module docstring). The
-    trainer calls it after the epoch's metrics and figures are written, so it sees all of them."""
+    experiment layer adds it last, so that at each epoch's end it sees every metric and figure."""
 
     def __init__(self, run: RunDir):
-        if not available():
-            raise ValueError(MISSING)
+        require()
         self.run = run
         self.step = 0  # optimiser steps logged; saved in checkpoints
         self.writer = None
-        self.epoch_start = 0.0
 
     def _open(self) -> None:
         """The writer, opened at the first epoch of this process (after a resume has restored ``step``):
@@ -72,17 +75,16 @@ class TensorBoardLogger(Callback):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "```\n" + json.dumps(self.run.config, indent=1) + "\n```")
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if self.writer is None:
             self._open()
-        self.epoch_start = time.time()
 
-    def on_step_end(self, trainer: Trainer, loss: float) -> None:
+    def on_train_batch_end(self, trainer: Trainer, loss: float) -> None:
         self.step += 1
         self.writer.add_scalar("step/loss", loss, self.step)
         self.writer.add_scalar("step/lr", trainer.optimizer.param_groups[0]["lr"], self.step)
 
-    def after_epoch(self, trainer: Trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, epoch: int, metrics: Dict[str, Any]) -> None:
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"epoch/{name}", value, epoch)
@@ -90,18 +92,16 @@ class TensorBoardLogger(Callback):
         self.writer.flush()
 
     def _figures(self, epoch: int) -> None:
-        """Every figure written since the epoch began, tagged by its name without the epoch suffix."""
+        """The figures the run wrote this epoch (:meth:`RunDir.take_figures`), tagged by name without the
+        epoch suffix."""
         import matplotlib.image
 
-        folder = self.run.figures
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-            path = os.path.join(folder, name)
-            if name.endswith(".png") and os.path.getmtime(path) >= self.epoch_start:
-                image = matplotlib.image.imread(path)  # (H, W, 3 or 4) floats in [0, 1]
-                tag = "figures/" + os.path.splitext(name)[0].split("_epoch")[0]
-                self.writer.add_image(tag, image[..., :3], epoch, dataformats="HWC")
+        for path in self.run.take_figures():
+            image = matplotlib.image.imread(path)  # (H, W, 3 or 4) floats in [0, 1]
+            tag = "figures/" + os.path.splitext(os.path.basename(path))[0].split("_epoch")[0]
+            self.writer.add_image(tag, image[..., :3], epoch, dataformats="HWC")
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

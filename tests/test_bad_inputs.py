@@ -84,6 +84,8 @@ TRAIN_CASES = [
     (["vae", "--seed", "-1"], "--seed: expected >= 0"),
     (["vae", "--device", "nonsense"], "--device"),
     (["vae", "--device", "cuda"], "--device"),
+    (["vae", "--channels", "8,16"], "--channels does not apply to vae (it is a flag of conv-vae)"),
+    (["conv-vae", "--hidden-dims", "8"], "--hidden-dims does not apply to conv-vae (it is a flag of vae)"),
     (["vae", "--epochs", "0"], "--epochs: expected >= 1"),
     (["vae", "--batch-size", "0"], "--batch-size: expected >= 1"),
     (["vae", "--num-particles", "0"], "--num-particles: expected >= 1"),

@@ -162,11 +162,11 @@ def train_steps(config, jit, steps, bias=None):
     schedule = TemperatureAnnealing(model.temperature, config)
     trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
                       units_per_example=5)
-    trainer._setup_optimizer(frames)
+    trainer.setup(frames)
     torch.manual_seed(1)
     losses, temperatures, free = [], [], []
     for _ in range(steps):
-        schedule.before_step(trainer, frames)
+        schedule.on_train_batch_start(trainer, frames)
         temperatures.append(model.temperature.value)
         free.append(model.temperature.free_boundaries)
         losses.append(trainer.step(frames))
@@ -214,7 +214,7 @@ def test_boundary_warmup_schedule_and_checkpoint():
     schedule = TemperatureAnnealing(model.temperature, config)
     free = []
     for _ in range(5):
-        schedule.before_step(None, None)
+        schedule.on_train_batch_start(None, None)
         free.append(model.temperature.free_boundaries)
     assert free == [False, False, False, True, True]
     model.temperature.free_boundaries = False
@@ -234,10 +234,10 @@ def test_copy_steps_after_the_warmup(warmup, every, expected):
     schedule = TemperatureAnnealing(model.temperature, config)
     during, after = "", []
     for step in range(len(expected)):
-        schedule.before_step(None, None)
+        schedule.on_train_batch_start(None, None)
         during += "F" if model.temperature.free_boundaries else "C"
         assert config.free_boundaries_at(step) == (during[-1] == "F")
-        schedule.on_step_end(None, 0.0)
+        schedule.on_train_batch_end(None, 0.0)
         after.append(model.temperature.free_boundaries)
     assert during == expected
     assert after == [step >= warmup for step in range(len(expected))]
@@ -702,7 +702,7 @@ def test_epoch_report_has_the_segmentation_gap_and_leaves_training_draws_alone()
     FakeTrainer.model, FakeTrainer.guide = model, guide
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    metrics = HRSSMReport(torch.from_numpy(events), gap_sequences=4).on_epoch_end(FakeTrainer, 1)
+    metrics = HRSSMReport(torch.from_numpy(events), gap_sequences=4).on_validation_epoch_end(FakeTrainer, 1)
     assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
     starts = posterior_boundaries(guide, x[:4]).starts
     assert metrics["segmentation_gap"] == epoch_segmentation_gap(model, guide, x[:4], starts)  # common random numbers

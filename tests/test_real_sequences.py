@@ -170,7 +170,7 @@ def test_a_ragged_run_resumes_exactly_and_keeps_its_best_epoch(tmp_path):
     best = torch.load(tmp_path / "a" / "best.pt", weights_only=False)
     assert best["epoch"] == best_epoch
     run = load_run(str(tmp_path / "a"), data=data, checkpoint="best")
-    assert torch.equal(run.model.z_0, best["modules"][0]["z_0"])
+    assert torch.equal(run.model.z_0, best["objective"]["model.z_0"])
 
 
 def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):

@@ -115,8 +115,8 @@ def test_every_flag_reaches_its_config_field(name):
         cls = type(defaults[group])
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if f.name in ("device",):  # no other device may exist here
-                continue
+            if f.name in ("device",) or (group == "config" and f.name in recipe.unused_fields):
+                continue  # no other device may exist here; a field this model does not read has no flag
             default = getattr(defaults[group], f.name)
             for value in _candidates(hints[f.name], default, f.metadata.get("choices")):
                 flag = "--" + f.name.replace("_", "-")
@@ -183,7 +183,7 @@ def test_compiled_loss_equals_eager_over_many_steps(name):
         torch.manual_seed(0)
         model, guide = recipe.build(tuple(data.train.shape[1:]), config)
         trainer = Trainer(model, guide, tiny_train(jit=jit))
-        trainer._setup_optimizer(data.train[:4])
+        trainer.setup(data.train[:4])
         torch.manual_seed(1)
         losses = [trainer.step(data.train[(4 * i) % 12 : (4 * i) % 12 + 4]) for i in range(steps)]
         grads = torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None])
@@ -223,3 +223,45 @@ def test_every_model_and_guide_trains_loads_and_imputes_through_one_path(name, g
     keep = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())).expand_as(x)
     assert torch.equal(result.imputed[keep], x[keep]) and result.samples.shape == (2, *x.shape)
     assert torch.isfinite(result.imputed).all() and set(result.estimates)
+
+
+def test_a_run_with_machine_settings_this_machine_lacks_loads_here(tmp_path):
+    """device and tensorboard are settings of the machine a run trained on: a run stored with
+    ``device="cuda"`` and ``tensorboard=True`` loads on a CPU-only machine without the extra."""
+    import json
+
+    recipe = recipes()["vae"]
+    config, data = example_data(recipe)
+    out = str(tmp_path / "run")
+    train(RunSpec("vae", config, tiny_train()), out, data=data)
+    stored = json.load(open(os.path.join(out, "config.json")))
+    stored["train"].update(device="cuda:1", tensorboard=True)
+    json.dump(stored, open(os.path.join(out, "config.json"), "w"))
+    trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objective"]
+    run = load_run(out, data=data)
+    assert run.spec.train.device == "cuda:1" and run.spec.train.tensorboard
+    loaded = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    assert all(torch.equal(loaded[k], trained[k]) for k in loaded if torch.is_tensor(loaded[k]))
+
+
+def test_importing_the_trainer_loads_no_plotting():
+    code = "import inference.trainer, sys; assert 'matplotlib' not in sys.modules, 'matplotlib'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_repeat_on_another_number_of_processes_says_so(tmp_path, capsys):
+    import json
+
+    recipe = recipes()["vae"]
+    config, data = example_data(recipe)
+    out = str(tmp_path / "run")
+    train(RunSpec("vae", config, tiny_train()), out, data=data)
+    stored = json.load(open(os.path.join(out, "config.json")))
+    assert stored["world_size"] == 1
+    parse_train_args(["--config", out, "--out", str(tmp_path / "again")], "")
+    assert "note:" not in capsys.readouterr().err  # the same world: nothing to say
+    stored["world_size"] = 2
+    json.dump(stored, open(os.path.join(out, "config.json"), "w"))
+    parse_train_args(["--config", out, "--out", str(tmp_path / "again")], "")
+    err = capsys.readouterr().err
+    assert "was trained on 2 process(es), this run uses 1" in err and len(err.strip().splitlines()) == 1

@@ -21,12 +21,12 @@ def run(*args, ok=True):
 
 
 @pytest.mark.parametrize("model, extra", [
-    ("vae", ["--guide", "iaf", "--kl-schedule", "linear", "--binarize", "dynamic"]),
+    ("vae", ["--hidden-dims", "16", "--guide", "iaf", "--kl-schedule", "linear", "--binarize", "dynamic"]),
     ("conv-vae", ["--channels", "4,8", "--kl-schedule", "free-bits", "--elbo", "meanfield", "--likelihood", "gaussian"]),
 ])
 def test_train_script(tmp_path, model, extra):
     out = str(tmp_path / "run")
-    common = ["scripts/train.py", model, "--data", "shapes", "--num-shapes", "60", "--z-dim", "3", "--hidden-dims", "16",
+    common = ["scripts/train.py", model, "--data", "shapes", "--num-shapes", "60", "--z-dim", "3",
               "--batch-size", "16", "--no-progress", "--out", out, *extra]
     run(*common, "--epochs", "1")
     # --resume reads the run's flags from its config.json: only what changes is given again

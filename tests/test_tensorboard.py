@@ -7,6 +7,7 @@ import pytest
 
 from inference.experiment import RunSpec, train
 from inference.registry import get_recipe
+from inference.experiment import check_machine
 from inference.trainer import TrainConfig
 
 import test_registry  # tests/test_registry.py: the registry's tiny example data
@@ -44,5 +45,6 @@ def test_tensorboard_without_the_extra_is_a_clear_error(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    settings = TrainConfig(tensorboard=True)  # a setting of the machine: a stored run with it still loads
     with pytest.raises(ValueError, match=r"tensorboard: the TensorBoard extra is not installed; pip install"):
-        TrainConfig(tensorboard=True)
+        check_machine(settings)  # checked when training starts

@@ -168,7 +168,7 @@ class PoisonAtEpoch(Callback):
     def __init__(self, epoch):
         self.epoch = epoch
 
-    def on_epoch_start(self, trainer, epoch):
+    def on_train_epoch_start(self, trainer, epoch):
         if epoch == self.epoch:
             with torch.no_grad():
                 trainer.model.decoder.net[0].weight[0, 0] = float("nan")
@@ -183,7 +183,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_images, tmp_path):
         trainer.fit(train, test)
     state = run.load_checkpoint()
     assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["modules"][0].values() if torch.is_tensor(v) and v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["objective"].values() if torch.is_tensor(v) and v.is_floating_point())
     assert len(run.read_metrics()) == 1
 
 
@@ -226,12 +226,12 @@ def test_gradient_clipping_bounds_the_applied_gradient(tiny_images):
     before, applied = [], []
 
     class Spy(Callback):
-        def after_backward(self, trainer):  # before clipping
+        def on_after_backward(self, trainer):  # before clipping
             before.append(float(torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None]).norm()))
 
     model, guide = build_vae("vae", (1, 12, 12), SMALL)
     trainer = Trainer(model, guide, config(epochs=1, clip_norm=clip), callbacks=[Spy()])
-    trainer._setup_optimizer(tiny_images[0][:20])
+    trainer.setup(tiny_images[0][:20])
     step = trainer.optimizer.step
 
     def spy_step(*args, **kwargs):  # after clipping, what Adam is given
@@ -249,7 +249,7 @@ def test_dynamic_binarisation_draws_binary_batches(tiny_images):
     seen = []
 
     class Spy(Callback):
-        def before_step(self, trainer, batch):
+        def on_train_batch_start(self, trainer, batch):
             seen.append(batch[0])  # the batch: the model's arguments, (x,) here
 
     data = ImageData(*tiny_images, "tiny")
@@ -277,7 +277,7 @@ def test_jit_matches_eager_over_many_steps(tiny_images, elbo):
         torch.manual_seed(1)
         model, guide = build_vae("vae", (1, 12, 12), SMALL)
         trainer = Trainer(model, guide, config(jit=jit, elbo=elbo))
-        trainer._setup_optimizer(data[:batch])
+        trainer.setup(data[:batch])
         torch.manual_seed(2)
         losses, grads = [], []
         for i in range(steps):
@@ -311,7 +311,7 @@ def test_jit_loss_equals_eager_loss(name, elbo):
         torch.manual_seed(1)
         model, guide = build_vae(name, (1, 12, 12), VAEConfig(z_dim=3, hidden_dims=(16,), channels=(4, 8)))
         trainer = Trainer(model, guide, config(jit=jit, elbo=elbo))
-        trainer._setup_optimizer(x)
+        trainer.setup(x)
         losses = []
         for _ in range(2):  # the second call runs the compiled graph
             torch.manual_seed(2)
@@ -320,7 +320,7 @@ def test_jit_loss_equals_eager_loss(name, elbo):
             loss.backward()
             losses.append(loss.item())
         grads = [p.grad.clone() for p in trainer.params]
-        results.append((losses, grads, [b.clone().float() for b in trainer.buffers]))
+        results.append((losses, grads, [b.clone().float() for b in trainer.svi.buffers]))
     (eager_losses, eager_grads, eager_buffers), (jit_losses, jit_grads, jit_buffers) = results
     assert jit_losses == pytest.approx(eager_losses, rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(eager_grads, jit_grads))  # float noise on ~0 grads
@@ -334,7 +334,7 @@ def test_mean_loss_divides_the_gradient(tiny_images):
         torch.manual_seed(0)
         model, guide = build_vae("vae", (1, 12, 12), SMALL)
         trainer = Trainer(model, guide, config(mean_loss=mean_loss), units_per_example=3)
-        trainer._setup_optimizer(x)
+        trainer.setup(x)
         trainer.optimizer.step = lambda: None  # keep the parameters: compare gradients only
         torch.manual_seed(1)
         trainer.step(x)

@@ -92,7 +92,7 @@ def test_free_bits_needs_factorised_guide():
     trainer = FakeTrainer()
     trainer.guide = guide
     with pytest.raises(ValueError, match="factorised guide"):
-        SoftFreeBits(model.kl_weights, FreeBitsConfig()).on_train_start(trainer)
+        SoftFreeBits(model.kl_weights, FreeBitsConfig()).on_fit_start(trainer)
 
 
 def test_unknown_names():

@@ -15,7 +15,7 @@ from .. import plots
 from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
 from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
-from ..trainer import Callback, TrainConfig, Trainer
+from ..training import Callback, TrainConfig, Trainer
 
 # Adam with a global gradient-norm clip of 10 on the loss per frame, as Pyro's DMM example clips.
 DMM_TRAIN_DEFAULTS = TrainConfig(epochs=20, batch_size=20, lr=8e-4, clip_norm=10.0, mean_loss=True)
@@ -46,7 +46,7 @@ class DMMReport(Callback):
         self.drop_prob, self.num_sequences, self.num_samples, self.seed = drop_prob, num_sequences, num_samples, seed
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
         lengths = trainer.test_lengths
         lengths = lengths[: x.shape[0]].to(x.device) if lengths is not None else None

@@ -22,7 +22,7 @@ from .. import plots
 from ..boundaries import boundary_metrics, boundary_scores
 from ..elbo import elbo_terms
 from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
-from ..trainer import Callback, TrainConfig, Trainer
+from ..training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
 # Batch 16 instead of 64 on a CPU machine.
@@ -48,15 +48,15 @@ class TemperatureAnnealing(Callback):
     def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
         self.temperature, self.config, self.step = temperature, config, 0
 
-    def before_step(self, trainer: Trainer, batch) -> None:
+    def on_train_batch_start(self, trainer: Trainer, batch) -> None:
         self.temperature.value = annealed_temperature(self.step, self.config)
         self.temperature.free_boundaries = self.config.free_boundaries_at(self.step)
         self.step += 1
 
-    def on_step_end(self, trainer: Trainer, loss: float) -> None:
+    def on_train_batch_end(self, trainer: Trainer, loss: float) -> None:
         self.temperature.free_boundaries = self.step > self.config.warmup_steps  # the step just taken was after the warm-up
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"temperature": self.temperature.value}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -80,7 +80,7 @@ class HRSSMReport(Callback):
         self.gap_sequences = gap_sequences
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         x = trainer.test_data[: self.num_sequences].to(trainer.device)
         mask = trainer.test_mask[: self.num_sequences].to(trainer.device) if trainer.test_mask is not None else None
         lengths = getattr(trainer, "test_lengths", None)  # sequences of different lengths

@@ -17,7 +17,7 @@ from .. import plots
 from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
 from ..rundir import metric_or_none
 from ..schedules import LinearKLAnnealing
-from ..trainer import Callback, TrainConfig, Trainer
+from ..training import Callback, TrainConfig, Trainer
 from .kvae_warmstart import WarmStartConfig, best_warm_start, warm_start_for
 
 # The optimisation recipe of the original code (simonkamronn/kvae): Adam at 0.007, x0.85 every 20 epochs,
@@ -69,15 +69,15 @@ class FreezeParameters(Callback):
     def __init__(self, parameters, epochs: int):
         self.parameters, self.epochs, self.frozen = list(parameters), epochs, epochs > 0
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.frozen = epoch <= self.epochs
 
-    def after_backward(self, trainer: Trainer) -> None:
+    def on_after_backward(self, trainer: Trainer) -> None:
         if self.frozen:
             for p in self.parameters:
                 p.grad = None
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"frozen": self.frozen}
 
 
@@ -94,7 +94,7 @@ class KVAEReport(Callback):
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         model, guide, run = trainer.model, trainer.guide, trainer.run
         x, known, mask, generator = report_mask(trainer, self.num_sequences, self.drop_prob, self.seed)
         with eval_mode(model, guide):

@@ -47,7 +47,7 @@ from pyro_models.imputation import zero_missing
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
 from .. import failpoints
-from ..trainer import TrainConfig
+from ..training import TrainConfig
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .. import plots
 from ..analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
 from ..recipe import Context, Recipe
 from ..schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
-from ..trainer import Callback, TrainConfig, Trainer
+from ..training import Callback, TrainConfig, Trainer
 
 
 @dataclass
@@ -47,7 +47,7 @@ class VAEReport(Callback):
         self.fill, self.num_images, self.num_samples, self.stats_size = fill, num_images, num_samples, stats_size
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
+    def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         model, guide, run = trainer.model, trainer.guide, trainer.run
         test = trainer.test_data[: self.stats_size].to(trainer.device)
         x = test[: self.num_images]
@@ -131,6 +131,7 @@ def _recipe(name: str, summary: str) -> Recipe:
         callbacks=_callbacks, compilable=True, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
         prepare_data=prepare_images, impute=impute, frame_mask=False, example=_example, validate=_validate,
         width_fields=("hidden_dims",) if name == "vae" else ("channels",),
+        unused_fields=("channels",) if name == "vae" else ("hidden_dims",),
     )
 
 

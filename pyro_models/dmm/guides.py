@@ -33,6 +33,7 @@ import torch
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
+from ..params import register
 from ..distributions import FlowPosterior
 from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
@@ -135,7 +136,7 @@ class DMMGuide(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, mask, self.frame_shape, lengths)
-        pyro.module("dmm_guide", self)
+        register("dmm_guide", self)
         chain = self.chain(x, mask, lengths)
         with pyro.plate("sequences", x.shape[0]):
             return sample_latent("z", chain, self.kl_weights)  # (..., batch, T, z_dim)

@@ -41,6 +41,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..params import register
 from ..distributions import observe
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
@@ -81,7 +82,7 @@ class DMM(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, mask, self.frame_shape, lengths)
-        pyro.module("dmm", self)
+        register("dmm", self)
         batch, steps = x.shape[:2]
         valid = step_mask(lengths, steps)  # (batch, T) or None
         with pyro.plate("sequences", batch):

@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..params import register
 from ..imputation import frames_inside, zero_missing
 from ..networks import per_frame
 from .boundaries import SegmentCounter, sample_boundary, update_site
@@ -49,7 +50,7 @@ class HRSSMGuide(_KLScaled, nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, mask, self.frame_shape, self.config, lengths)
-        pyro.module("hrssm_guide", self)
+        register("hrssm_guide", self)
         cfg = self.config
         batch, steps = x.shape[:2]
         inside = frames_inside(None, lengths, steps)  # (batch, T) or None

@@ -70,6 +70,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ..params import register
 from ..imputation import frames_inside
 from ..networks import per_frame
 from .boundaries import SegmentCounter, sample_boundary, update_site
@@ -170,7 +171,7 @@ class HRSSM(_KLScaled, nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> HRSSMStates:
         check_input(x, mask, self.frame_shape, self.config, lengths)
-        pyro.module("hrssm", self)
+        register("hrssm", self)
         batch, steps = x.shape[:2]
         with pyro.plate("sequences", batch):
             states = self.latents(batch, steps, x, lengths)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..params import register
 from ..imputation import zero_missing
 from ..kl_weights import KLWeights, sample_latent
 from ..networks import per_frame
@@ -35,7 +36,7 @@ class KVAEGuide(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module("kvae_guide", self)
+        register("kvae_guide", self)
         mask = frames_inside(mask, lengths, x.shape[1])  # past a sequence's end: as a missing frame
         if mask is not None:
             x = zero_missing(x, mask)  # missing frames are never read

@@ -40,6 +40,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
+from ..params import register
 from ..distributions import GreyBernoulli, observe
 from ..imputation import check_lengths, frames_inside
 from ..kl_weights import KLWeights, sample_latent
@@ -176,7 +177,7 @@ class KVAE(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x, mask, lengths)
-        pyro.module("kvae", self)
+        register("kvae", self)
         batch, steps = x.shape[:2]
         mask = frames_inside(mask, lengths, steps)  # a step past a sequence's end is a missing frame at its end
         with pyro.plate("sequences", batch):

@@ -10,6 +10,7 @@ import torch
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
+from ..params import register
 from ..distributions import FlowPosterior
 from ..kl_weights import KLWeights, sample_latent
 
@@ -29,7 +30,7 @@ class NormalGuide(nn.Module):
         return dist.Normal(loc, scale).to_event(1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module("guide", self)
+        register("guide", self)
         with pyro.plate("data", x.shape[0]):
             return sample_latent("z", self.posterior(x), self.kl_weights)
 
@@ -65,6 +66,6 @@ class IAFGuide(nn.Module):
         return FlowPosterior(base, [flow.condition(h) for flow in self.flows])
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module("guide", self)
+        register("guide", self)
         with pyro.plate("data", x.shape[0]):
             return sample_latent("z", self.posterior(x), self.kl_weights)

@@ -26,6 +26,7 @@ from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
+from ..params import register
 from ..distributions import LIKELIHOODS, likelihood_mean, observe, pixel_likelihood
 from ..kl_weights import KLWeights, sample_latent
 
@@ -100,7 +101,7 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x, mask)
-        pyro.module("model", self)
+        register("model", self)
         with pyro.plate("data", x.shape[0]):
             z = sample_latent("z", self.prior(x.shape[0], x), self.kl_weights)
             params = self.decoder(z)  # (batch, C, H, W)

@@ -54,7 +54,7 @@ def trainer_on_batch(spec, rows: slice, world=None):
     """The library's trainer for ``spec`` (model built, data loaded from ``spec.data``), its optimiser set up
     on the training examples ``rows``, which it returns as the batch ``x`` (the model's arguments, on the
     trainer's device): ``(trainer, x)``."""
-    from inference.experiment import build, model_inputs
+    from inference.runs.experiment import build, model_inputs
     from inference.trainer import Trainer, as_inputs, place, take
 
     context = build(spec, spec.data.load(seed=0))

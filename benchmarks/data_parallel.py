@@ -6,7 +6,7 @@ share of a step the gradient all-reduce takes.
     python benchmarks/data_parallel.py                       # 1 and 2 CPU processes (gloo)
     python benchmarks/data_parallel.py --ranks 1 2 4 --device cuda   # GPUs (nccl), one per rank
 
-Each rank runs the library's trainer (``inference.trainer.Trainer`` with an ``inference.distributed.World``)
+Each rank runs the library's trainer (``inference.trainer.Trainer`` with an ``inference.training.distributed.World``)
 on its own batches of the model's default data (recipe defaults: config and per-rank batch size) and
 times ``--steps`` steps after ``--warmup``; throughput counts the examples of all ranks. The all-reduce
 share is the time of one all-reduce of a gradient-sized buffer over the median step. Writes JSON.
@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 
 from common import RESULTS, machine_info, small_data, trainer_on_batch, write_json
 
-from inference.distributed import World, backend_for
-from inference.experiment import RunSpec
-from inference.registry import recipes
+from inference.training.distributed import World, backend_for
+from inference.runs.experiment import RunSpec
+from inference.recipes.registry import recipes
 
 
 def rank_main(rank: int, world_size: int, args: argparse.Namespace, folder: str) -> None:

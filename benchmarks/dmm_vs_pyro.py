@@ -30,7 +30,7 @@ import torch
 
 from common import RESULTS, machine_info, write_json
 
-from inference.experiment import LENGTHS_ARG, RunSpec, build, model_inputs
+from inference.runs.experiment import LENGTHS_ARG, RunSpec, build, model_inputs
 from inference.recipes.dmm import DMM_TRAIN_DEFAULTS
 from inference.trainer import Trainer
 from pyro_models.datasets.configs import SequenceDataConfig

@@ -7,7 +7,7 @@
   model without latent structure); exact test NLL per step.
 * **frame-wise VAE**: the library's MLP VAE (``vae``) trained on the frames of the training sequences as
   images ``(1, 1, 88)``, one frame at a time: a latent-variable model of a frame with no dynamics. Its test
-  NLL per step is the importance-sampled log-likelihood of every test frame (``inference.likelihood``, the
+  NLL per step is the importance-sampled log-likelihood of every test frame (``inference.evaluation.likelihood``, the
   guide as proposal), with the negative ELBO beside it; trained ``--epochs`` epochs (the validation
   frames' best negative ELBO over the epochs is reported beside it, to show it did not overfit).
 
@@ -23,8 +23,8 @@ import torch
 
 from common import RESULTS, machine_info, write_json
 
-from inference.experiment import RunSpec, load_run, train
-from inference.likelihood import LikelihoodOptions, split_likelihood
+from inference.runs.experiment import RunSpec, load_run, train
+from inference.evaluation.likelihood import LikelihoodOptions, split_likelihood
 from inference.trainer import TrainConfig
 from pyro_models.datasets import ImageData
 from pyro_models.datasets.configs import SequenceDataConfig

@@ -11,7 +11,7 @@ Arguments after ``--`` are ``scripts/train.py MODEL`` flags shared by every guid
 ``--seed`` are set here). Each run goes to ``RUNS/MODEL/GUIDE-sSEED`` (a folder holding the same run is
 continued, not redone).
 
-``--refit-epochs E`` adds the comparison of the guides alone (:mod:`inference.guide_fit`): each trained
+``--refit-epochs E`` adds the comparison of the guides alone (:mod:`inference.evaluation.guide_fit`): each trained
 model is held fixed and every guide is fitted to it for E epochs on the true ELBO, starting from the
 trained guide's weights where they fit; the held-out ELBOs of the fitted guides on one model differ only
 by the variational family.
@@ -27,11 +27,11 @@ import pyro
 
 from common import RESULTS, machine_info, write_json  # benchmarks/common.py (the script's own folder)
 
-from inference import imputation, plots
-from inference.command_line import parse_train_args
-from inference.experiment import load_run, model_inputs, train
-from inference.guide_fit import GuideFitConfig, example_elbos, fit_guide, load_matching
-from inference.registry import recipes
+from inference.evaluation import imputation, plots
+from inference.cli.command_line import parse_train_args
+from inference.runs.experiment import load_run, model_inputs, train
+from inference.evaluation.guide_fit import GuideFitConfig, example_elbos, fit_guide, load_matching
+from inference.recipes.registry import recipes
 from inference.trainer import as_inputs
 
 DROP_PROB = 0.5  # the imputation metric's drop probability

@@ -16,9 +16,9 @@ from common import RESULTS, write_json
 
 from svi_overhead import DEFAULT_MNIST
 
-from inference.schedules import KL_SCHEDULES
+from inference.training.schedules import KL_SCHEDULES
 from inference.trainer import TrainConfig
-from inference.experiment import RunSpec, train
+from inference.runs.experiment import RunSpec, train
 from inference.recipes.vae import VAEOptions
 from pyro_models.datasets import load_image_data
 from pyro_models.vae import VAEConfig

@@ -25,7 +25,7 @@ from common import RESULTS, write_json
 from svi_overhead import DEFAULT_MNIST, HandWrittenVAE
 
 from inference.trainer import TrainConfig
-from inference.experiment import RunSpec, train
+from inference.runs.experiment import RunSpec, train
 from pyro_models.datasets import load_image_data
 from pyro_models.vae import VAEConfig, build_vae
 

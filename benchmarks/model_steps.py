@@ -29,9 +29,9 @@ import torch
 
 from common import RESULTS, machine_info, reset_peak_rss, rss_mib, small_data, trainer_on_batch, write_json
 
-from inference.experiment import RunSpec
-from inference.recipe import widened
-from inference.registry import recipes
+from inference.runs.experiment import RunSpec
+from inference.recipes.recipe import widened
+from inference.recipes.registry import recipes
 
 SWEEPS = ("batch", "length", "width")
 

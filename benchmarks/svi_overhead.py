@@ -7,7 +7,13 @@ trained on the same batches (batch 128) by:
 * ``pyro``: :class:`inference.Trainer`'s SVI step (ELBO ``differentiable_loss``, backward, Adam) with
   ``jit=True`` (the loss compiled by ``torch.jit.trace``);
 * ``pyro_eager``: the same step without compilation (the trainer's default);
-* ``torch``: a hand-written loop: reparameterised sample, BCE-with-logits, analytic Gaussian KL, Adam.
+* ``torch``: a hand-written loop: reparameterised sample, BCE-with-logits, analytic Gaussian KL, Adam;
+* ``pixyz`` (when pixyz is importable; seed 004's library, written for 0.3.3): seed 004's pixyz VAE,
+  ``Model(loss=(KullbackLeibler(q, prior) + StochasticReconstructionLoss(q, p)).mean())``, its
+  ``model.train({"x": x})`` step, on copies of the same networks.
+
+Every path steps with the same optimiser, ``torch.optim.Adam(fused=True)`` (the trainer's), so that the
+ratios measure the framework's overhead, not the optimiser's implementation.
 
 Steps rotate through the paths so all see the same machine state; the ratios of median step times
 are printed and written as JSON with the peak memory of each path (peak RSS of a process running
@@ -18,6 +24,7 @@ that path alone on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -43,7 +50,7 @@ class HandWrittenVAE:
 
     def __init__(self, encoder, decoder, lr: float):
         self.encoder, self.decoder = encoder, decoder
-        self.optimizer = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=lr)
+        self.optimizer = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=lr, fused=True)
 
     def step(self, x: torch.Tensor) -> float:
         loc, scale = self.encoder(x)
@@ -58,7 +65,42 @@ class HandWrittenVAE:
         return loss.item() / x.shape[0]
 
 
-PATHS = ("pyro", "pyro_eager", "torch")
+def pixyz_available() -> bool:
+    return importlib.util.find_spec("pixyz") is not None
+
+
+def pixyz_stepper(encoder, decoder, z_dim: int, lr: float, device):
+    """Seed 004's pixyz VAE on ``encoder`` (flattened x -> loc, scale) and ``decoder`` (z -> logits):
+    ``step(x) -> loss per example``."""
+    from pixyz.distributions import Bernoulli, Normal
+    from pixyz.losses import KullbackLeibler, StochasticReconstructionLoss
+    from pixyz.models import Model
+
+    class Inference(Normal):  # q(z | x)
+        def __init__(self):
+            super().__init__(cond_var=["x"], var=["z"], name="q")
+            self.encoder = encoder
+
+        def forward(self, x):
+            loc, scale = self.encoder(x)
+            return {"loc": loc, "scale": scale}
+
+    class Generator(Bernoulli):  # p(x | z), on flattened images
+        def __init__(self):
+            super().__init__(cond_var=["z"], var=["x"], name="p")
+            self.decoder = decoder
+
+        def forward(self, z):
+            return {"probs": torch.sigmoid(self.decoder(z).flatten(1))}  # (batch, C, H, W) -> (batch, C*H*W)
+
+    p, q = Generator().to(device), Inference().to(device)
+    prior = Normal(loc=torch.tensor(0.0), scale=torch.tensor(1.0), var=["z"], features_shape=[z_dim], name="p_prior").to(device)
+    loss = (KullbackLeibler(q, prior) + StochasticReconstructionLoss(q, p)).mean()
+    model = Model(loss=loss, distributions=[p, q], optimizer=torch.optim.Adam, optimizer_params={"lr": lr, "fused": True})
+    return lambda x: model.train({"x": x.flatten(1)})  # (batch, C, H, W) -> (batch, C*H*W)
+
+
+PATHS = ("pyro", "pyro_eager", "torch") + (("pixyz",) if pixyz_available() else ())
 
 
 def build(args, paths=PATHS):
@@ -81,6 +123,10 @@ def build(args, paths=PATHS):
         model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
         hand = HandWrittenVAE(guide.encoder.to(device), model.decoder.to(device), args.lr)
         steppers["torch"] = hand.step
+    if "pixyz" in paths:
+        torch.manual_seed(args.seed)
+        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        steppers["pixyz"] = pixyz_stepper(guide.encoder, model.decoder, VAEConfig().z_dim, args.lr, device)
     batches = [data[i : i + args.batch_size].to(device) for i in range(0, len(data) - args.batch_size + 1, args.batch_size)]
     return steppers, batches, device
 
@@ -176,11 +222,13 @@ def main(argv=None):
         "median_step_ms": {k: 1e3 * v for k, v in median.items()},
         "ratio_pyro_over_torch": median["pyro"] / median["torch"],
         "ratio_pyro_eager_over_torch": median["pyro_eager"] / median["torch"],
+        "ratio_pixyz_over_torch": median["pixyz"] / median["torch"] if "pixyz" in median else None,
         "memory": peak_memory(args),
     }
     print(f"median step ({args.elbo} ELBO, {args.device}, {args.threads} threads): "
           + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in median.items()))
-    print(f"ratio pyro (jit) / torch: {result['ratio_pyro_over_torch']:.3f}; pyro eager / torch: {result['ratio_pyro_eager_over_torch']:.3f}")
+    print(f"ratio pyro (jit) / torch: {result['ratio_pyro_over_torch']:.3f}; pyro eager / torch: {result['ratio_pyro_eager_over_torch']:.3f}"
+          + (f"; pixyz / torch: {result['ratio_pixyz_over_torch']:.3f}" if "pixyz" in median else "; pixyz: not installed, skipped"))
     for name, memory in result["memory"].items():
         print(f"memory {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items()))
     write_json(args.out, result)

@@ -17,11 +17,11 @@ import sys
 import time
 from dataclasses import replace
 
-from inference import imputation
-from inference.cli import OneLineParser
-from inference.command_line import main_guard
-from inference.experiment import RunSpec, load_run, train
-from inference.registry import get_recipe
+from inference.evaluation import imputation
+from inference.cli.flags import OneLineParser
+from inference.cli.command_line import main_guard
+from inference.runs.experiment import RunSpec, load_run, train
+from inference.recipes.registry import get_recipe
 
 DEMO_FRACTION_FROZEN = 4  # the LSTM is frozen for the first quarter of the epochs (the recipe: 10 of 80)
 DEMO_TRAIN_EVAL_SIZE = 100  # training sequences scored each epoch (train_elbo): the curve, at a fifth of all 500's cost

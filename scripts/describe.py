@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Print a registered model and each of its guides as math: the factorisation read off the Pyro
-programs themselves (``inference/describe.py``), as plain text and as LaTeX.
+programs themselves (``inference/evaluation/describe.py``), as plain text and as LaTeX.
 
     python scripts/describe.py vae          # p(z) p(x | z); q(z | x)
     python scripts/describe.py dmm --graph runs/dmm.pdf
@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from inference.cli import OneLineParser
-from inference.command_line import main_guard
-from inference.describe import describe, jitter
-from inference.registry import recipes
+from inference.cli.flags import OneLineParser
+from inference.cli.command_line import main_guard
+from inference.evaluation.describe import describe, jitter
+from inference.recipes.registry import recipes
 
 EXAMPLE_BATCH = 2
 

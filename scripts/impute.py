@@ -18,10 +18,10 @@ import argparse
 import os
 import sys
 
-from inference import imputation
-from inference.cli import OneLineParser
-from inference.command_line import main_guard
-from inference.experiment import load_run, read_spec
+from inference.evaluation import imputation
+from inference.cli.flags import OneLineParser
+from inference.cli.command_line import main_guard
+from inference.runs.experiment import load_run, read_spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from inference.command_line import main_guard, parse_train_args
-from inference.distributed import main_process
-from inference.experiment import train
+from inference.cli.command_line import main_guard, parse_train_args
+from inference.training.distributed import main_process
+from inference.runs.experiment import train
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,9 @@ import pyro
 import torch
 import torch.distributed as dist
 
-from inference.distributed import World
-from inference.experiment import RunSpec, train
-from inference.registry import get_recipe
+from inference.training.distributed import World
+from inference.runs.experiment import RunSpec, train
+from inference.recipes.registry import get_recipe
 from inference.trainer import TrainConfig, Trainer
 from pyro_models.datasets import ImageData, SequenceData
 from pyro_models.dmm import DMMConfig

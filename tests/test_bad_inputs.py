@@ -11,9 +11,9 @@ import pyro
 import pytest
 import torch
 
-from inference.experiment import RunSpec, train
+from inference.runs.experiment import RunSpec, train
 from inference.trainer import TrainConfig
-from pyro_models.datasets import check_images
+from pyro_models.datasets import ImageData, SequenceData, check_images
 from pyro_models.datasets.configs import ImageDataConfig
 from pyro_models.vae import VAEConfig, build_vae
 
@@ -51,6 +51,9 @@ def files(tmp_path_factory):
     truncated = (root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()[:-8]
     (root / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(truncated)
     (root / "a_file").write_text("x")
+    sequences = np.random.default_rng(0).random((8, 5, 6))
+    np.savez(root / "unobserved.npz", sequences=sequences, mask=np.zeros((8, 5), dtype=bool))
+    (root / "not_an_object.json").write_text("[1, 2, 3]")
     pyro.clear_param_store()
     train(RunSpec("vae", VAEConfig(z_dim=2, hidden_dims=(8,)), TrainConfig(epochs=1, progress=False, batch_size=10),
                   ImageDataConfig(data="shapes", num_shapes=40)), str(root / "vae_run"))
@@ -81,7 +84,10 @@ TRAIN_CASES = [
     (["vae", "--lr-decay", "0"], "--lr-decay: expected in (0, 1]"),
     (["vae", "--lr-decay", "-1"], "--lr-decay: expected in (0, 1]"),
     (["vae", "--clip-norm", "0"], "--clip-norm"),
-    (["vae", "--seed", "-1"], "--seed: expected >= 0"),
+    (["vae", "--seed", "-1"], "--seed: expected an integer in [0, 2**32)"),
+    (["vae", "--seed", str(2**40)], "--seed: expected an integer in [0, 2**32), got 1099511627776"),
+    (["vae", "--seed", str(2**64)], "--seed: expected an integer of at most 64 bits"),
+    (["vae", "--hidden-dims", "100000000000"], "--hidden-dims"),
     (["vae", "--device", "nonsense"], "--device"),
     (["vae", "--device", "cuda"], "--device"),
     (["vae", "--channels", "8,16"], "--channels does not apply to vae (it is a flag of conv-vae)"),
@@ -127,6 +133,8 @@ FILE_CASES = [
     (["vae", "--data", "npz", "--data-path", "{root}/big_values.npz"], "values must lie in [0, 1]"),
     (["kvae", "--data", "npz", "--data-path", "{root}/one_frame.npz"], "--data: kvae needs sequences of >= 2 frames"),
     (["vae", "--data", "mnist", "--data-dir", "{root}/mnist", "--no-download"], "unreadable"),
+    (["dmm", "--data", "npz", "--data-path", "{root}/unobserved.npz"], "train_mask observes no frame"),
+    (["vae", "--config", "{root}/not_an_object.json"], "--config: {root}/not_an_object.json is not a run's config.json"),
 ]
 
 
@@ -134,7 +142,7 @@ FILE_CASES = [
 def test_train_refuses_bad_files_in_one_line(argv, fragment, files, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run_script("train.py", [a.format(root=files) for a in argv] + TINY_VAE[4:] + ["--out", str(out)], capsys)
-    assert code == 2 and fragment in err, err
+    assert code == 2 and fragment.format(root=files) in err, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists()  # checked before the folder is made
 
@@ -184,6 +192,66 @@ def test_library_errors_name_python_arguments():
         TrainConfig(jit=True, check_every_step=True)  # the checks would silently not run
     with pytest.raises(ValueError, match="x: expected shape"):
         model(torch.rand(2, 1, 5, 5))
+
+
+def test_builders_and_imputers_refuse_bad_shapes_naming_the_argument():
+    from pyro_models.dmm import DMMConfig, build_dmm
+    from pyro_models.hrssm import HRSSMConfig, build_hrssm
+    from pyro_models.kvae import KVAEConfig, build_kvae
+    from pyro_models.kvae import impute as kvae_impute
+
+    for build, argument in ((lambda s: build_vae("vae", s, VAEConfig()), "x_shape"),
+                            (lambda s: build_kvae(s, KVAEConfig()), "frame_shape"),
+                            (lambda s: build_dmm(s, DMMConfig()), "frame_shape"),
+                            (lambda s: build_hrssm(s, HRSSMConfig()), "frame_shape")):
+        for shape in ((1, -28, 28), (-3,), (0, 4, 4)):
+            if argument == "x_shape" and len(shape) == 1:
+                continue
+            with pytest.raises(ValueError, match=rf"^{argument}: expected .* with positive sizes, got"):
+                build(shape)
+    model, guide = build_kvae((6,), KVAEConfig(a_dim=2, state_dim=2, num_bases=1, lstm_hidden=4))
+    x = torch.rand(2, 5, 7)  # frames of 7 values for a model of 6
+    with pytest.raises(ValueError, match=r"^x: expected shape \(batch, T, 6\), got \(2, 5, 7\)"):
+        kvae_impute.impute(model, guide, x, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_a_last_batch_of_one_never_reaches_batch_norm(tmp_path):
+    """A conv VAE (batch norm) on 21 training images in batches of 10: the last one joins the batch before."""
+    from inference.training.loop import batch_slices
+
+    assert batch_slices(21, 10) == [slice(0, 10), slice(10, 21)] and batch_slices(1, 10) == [slice(0, 1)]
+    assert batch_slices(20, 10) == [slice(0, 10), slice(10, 20)] and batch_slices(22, 10)[-1] == slice(20, 22)
+    images = torch.rand(24, 1, 8, 8)
+    history = train(RunSpec("conv-vae", VAEConfig(z_dim=2, channels=(4, 8)), TrainConfig(epochs=1, batch_size=10, progress=False)),
+                    None, data=ImageData(images[:21], images[21:], "random"))
+    assert np.isfinite(history[-1]["test_elbo"])
+
+
+def test_hrssm_takes_several_particles(tmp_path):
+    """The HRSSM's programs do not broadcast over a particle dimension: its particles are drawn one by one."""
+    from inference.recipes.registry import recipes
+
+    recipe = recipes()["hrssm"]
+    config, shape = recipe.example()
+    x = torch.rand((6,) + tuple(shape))
+    history = train(RunSpec("hrssm", config, TrainConfig(epochs=1, batch_size=3, num_particles=2, progress=False,
+                                                         train_eval_size=3, eval_batch_size=3)),
+                    None, data=SequenceData(x[:4], x[4:], "random"))
+    assert np.isfinite(history[-1]["test_elbo"])
+
+
+def test_data_that_changed_under_a_run_are_refused_in_one_line(tmp_path, capsys):
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(first, images=np.random.default_rng(0).random((30, 1, 6, 6)))
+    out = str(tmp_path / "run")
+    argv = ["vae", *TINY_VAE, "--batch-size", "10", "--data", "npz", "--data-path", str(first), "--out", out]
+    assert run_script("train.py", argv, capsys)[0] == 0
+    np.savez(first, images=np.random.default_rng(0).random((30, 1, 8, 8)))  # replaced by images of another size
+    code, err = run_script("train.py", argv[:-2] + ["--epochs", "2", "--out", out, "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "was trained on examples of shape (1, 6, 6), but the data now hold examples of shape (1, 8, 8)" in err
+    code, err = run_script("impute.py", ["--run", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "(1, 8, 8)" in err, err
 
 
 def test_channels_last_images_are_read_as_channels():

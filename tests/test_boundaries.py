@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inference.boundaries import boundary_scores
+from inference.evaluation.boundaries import boundary_scores
 from pyro_models.hrssm import decode_boundaries
 from pyro_models.datasets import color_balls
 
@@ -68,7 +68,7 @@ def _result(own, none, elbo):
 
 
 def test_rank_runs_by_segmentation_gap_or_elbo():
-    from inference.boundaries import rank_runs, segmentation_gap
+    from inference.evaluation.boundaries import rank_runs, segmentation_gap
 
     results = {"a": _result(-100.0, -120.0, -110.0), "b": _result(-90.0, -92.0, -95.0), "c": _result(-50.0, -55.0, -60.0)}
     assert segmentation_gap(results["a"]) == 20.0
@@ -119,3 +119,29 @@ def test_decode_boundaries_refuses_a_threshold_outside_the_unit_interval(thresho
         decode_boundaries(torch.zeros(2, 3), threshold=threshold)
     with pytest.raises(ValueError, match="logits: expected"):
         decode_boundaries(torch.zeros(3))
+
+
+def test_runs_on_data_without_events_are_scored_and_selected_without_labels(tmp_path):
+    """``evaluate.py boundaries`` on unlabelled data writes the segmentation ELBOs that the label-free rule
+    of ``select_run.py`` reads (it once crashed there)."""
+    from inference.evaluation.boundaries import rank_runs, segmentation_gap
+    from inference.recipes.hrssm import BoundaryEvaluation, score_boundaries
+    from inference.recipes.registry import recipes
+    from inference.runs.experiment import RunSpec, load_run, train
+    from inference.trainer import TrainConfig
+    from pyro_models.datasets import SequenceData
+
+    config, shape = recipes()["hrssm"].example()
+    x = torch.rand((6,) + tuple(shape), generator=torch.Generator().manual_seed(0))
+    data = SequenceData(x[:4], x[4:], "random")  # no events
+    results = {}
+    for seed in (0, 1):
+        out = str(tmp_path / f"run{seed}")
+        train(RunSpec("hrssm", config, TrainConfig(epochs=1, batch_size=2, seed=seed, progress=False,
+                                                   train_eval_size=2, eval_batch_size=2)), out, data=data)
+        result, _ = score_boundaries(load_run(out, data=data), BoundaryEvaluation(num_test=2, batch_size=2))
+        assert "boundary_f1" not in result and "note" in result
+        assert set(result["segmentation_elbo"]) == {"own", "none"}
+        results[out] = result
+    assert all(torch.isfinite(torch.tensor(segmentation_gap(r))) for r in results.values())
+    assert sorted(rank_runs(results)) == sorted(results)

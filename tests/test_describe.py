@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from inference.describe import describe, jitter
-from inference.registry import recipes
+from inference.evaluation.describe import describe, jitter
+from inference.recipes.registry import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_worker as worker  # tests/distributed_worker.py: the program of each rank
-from inference.distributed import World, shard
-from inference.rundir import read_checkpoint
+from inference.training.distributed import World, shard
+from inference.runs.rundir import read_checkpoint
 from inference.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.elbo import elbo_terms, make_elbo
+from inference.training.elbo import elbo_terms, make_elbo
 from pyro_models.distributions import DimWeighted
 
 PRIOR_SCALE, NOISE_SCALE = 1.5, 0.7

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference.elbo import elbo_terms
-from inference.experiment import RunSpec, load_run, model_inputs, train
-from inference.registry import recipes
+from inference.training.elbo import elbo_terms
+from inference.runs.experiment import RunSpec, load_run, model_inputs, train
+from inference.recipes.registry import recipes
 from inference.trainer import TrainConfig
 from pyro_models.datasets import SequenceData, load_sequence_npz
 from pyro_models.datasets.configs import SequenceDataConfig

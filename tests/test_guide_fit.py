@@ -1,4 +1,4 @@
-"""Fitting a guide to a fixed model (inference.guide_fit) against a conjugate model's analytic posterior.
+"""Fitting a guide to a fixed model (inference.evaluation.guide_fit) against a conjugate model's analytic posterior.
 
 Model: z ~ N(0, 1), x | z ~ N(z, 1), so p(x) = N(x; 0, 2) and p(z | x) = N(x / 2, 1 / 2). A guide
 N(w x + b, s^2) with s learned contains the posterior: its fitted ELBO reaches log p(x). With s fixed
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from inference.elbo import elbo_terms
-from inference.guide_fit import GuideFitConfig, example_elbos, fit_guide, load_matching
+from inference.training.elbo import elbo_terms
+from inference.evaluation.guide_fit import GuideFitConfig, example_elbos, fit_guide, load_matching
 
 N_TRAIN, N_TEST = 2000, 20000
 FIXED_SCALE_GAP = 0.5 * (2.0 - 1.0 + math.log(0.5))

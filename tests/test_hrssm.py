@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from inference.elbo import make_elbo
+from inference.training.elbo import make_elbo
 from inference.recipes.hrssm import TemperatureAnnealing
 from inference.trainer import TrainConfig, Trainer
 from pyro_models.datasets import color_balls

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inference.recipes.kvae import FreezeParameters
-from inference.elbo import make_elbo
+from inference.training.elbo import make_elbo
 from pyro_models.imputation import consecutive_frame_mask, hamming_error, random_frame_mask
 from pyro_models.imputation import last_observed_frame as last_observed_floor
 from pyro_models.imputation import majority_frame as static_floor

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from inference.likelihood import LikelihoodOptions, log_weights, split_likelihood
+from inference.evaluation.likelihood import LikelihoodOptions, log_weights, split_likelihood
 from pyro_models.dmm import DMMConfig, build_dmm, exact_log_marginal, step_mask
 from pyro_models.networks import MLPEncoder
 from pyro_models.vae import VAE, NormalGuide
@@ -105,9 +105,9 @@ def test_bad_options_are_refused():
             LikelihoodOptions(**{name: value})
 
 
-@pytest.mark.parametrize("name", list(__import__("inference.registry", fromlist=["recipes"]).recipes()))
+@pytest.mark.parametrize("name", list(__import__("inference.recipes.registry", fromlist=["recipes"]).recipes()))
 def test_every_model_has_an_importance_sampled_likelihood(name):
-    from inference.registry import recipes
+    from inference.recipes.registry import recipes
 
     recipe = recipes()[name]
     config, shape = recipe.example()

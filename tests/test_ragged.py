@@ -251,7 +251,7 @@ def test_a_ragged_kvae_batch_is_the_sum_of_its_sequences(guide_name, with_gaps):
 
 # ------------------------------------------------------------------------------------------------ the HRSSM
 def hrssm():
-    from inference.registry import get_recipe
+    from inference.recipes.registry import get_recipe
 
     config, _ = get_recipe("hrssm").example()
     torch.manual_seed(0)

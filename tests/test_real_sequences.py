@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference.batching import bucketed_order, cut_to_length
-from inference.experiment import RunSpec, load_run, train
+from inference.training import TIMINGS
+from inference.training.batching import bucketed_order, cut_to_length
+from inference.runs.experiment import RunSpec, load_run, train
 from inference.trainer import TrainConfig
 from pyro_models.datasets import load_sequence_npz
 from pyro_models.datasets.configs import SequenceDataConfig
@@ -153,7 +154,7 @@ def spec(**train):
 
 
 def without_time(metrics):
-    return [{k: v for k, v in m.items() if k not in ("time_s", "train_s")} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
 
 
 def test_a_ragged_run_resumes_exactly_and_keeps_its_best_epoch(tmp_path):
@@ -180,7 +181,7 @@ def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):
 
 
 def test_the_hrssm_trains_and_imputes_on_ragged_data(tmp_path):
-    from inference.registry import get_recipe
+    from inference.recipes.registry import get_recipe
 
     config, _ = get_recipe("hrssm").example()
     metrics = train(RunSpec("hrssm", replace(config, max_segments=3, max_length=3),
@@ -226,6 +227,12 @@ def test_the_command_line_trains_on_a_music_folder_and_scores_its_likelihood(mus
     assert curve.returncode == 0, curve.stderr
     points = json.load(open(os.path.join(out, "wall_time_curve.json")))["points"]
     assert [p["epoch"] for p in points] == [1, 2] and os.path.isfile(os.path.join(out, "figures", "nll_vs_wall_time.png"))
+    cpu = subprocess.run([sys.executable, "benchmarks/wall_time_curve.py", "--run", out, "--clock", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cpu.returncode == 0, cpu.stderr
+    hours = [p["hours"] for p in json.load(open(os.path.join(out, "cpu_time_curve.json")))["points"]]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert hours[-1] * 3600 == pytest.approx(sum(m["cpu_s"] for m in metrics)) and 0 < hours[0] < hours[1]
 
 
 def test_the_frame_floors_and_the_pyro_comparison_run_with_tiny_arguments(music, tmp_path):

@@ -14,9 +14,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from inference.command_line import flag_owners, model_parser, parse_train_args
-from inference.experiment import RunSpec, load_run, train
-from inference.registry import recipes
+from inference.cli.command_line import flag_owners, model_parser, parse_train_args
+from inference.runs.experiment import RunSpec, load_run, train
+from inference.recipes.registry import recipes
 from inference.trainer import TrainConfig, Trainer
 from pyro_models.datasets import ImageData, SequenceData
 

@@ -8,7 +8,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import autoguide
 
-from inference.rundir import RunDir
+from inference.runs.rundir import RunDir
 from inference.trainer import TrainConfig, Trainer
 
 DIM, EXAMPLES = 3, 16

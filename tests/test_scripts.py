@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from inference.command_line import parse_train_args
-from inference.registry import recipes
+from inference.training import TIMINGS
+from inference.cli.command_line import parse_train_args
+from inference.recipes.registry import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_train_help_lists_every_flag(model, capsys):
 
 
 def _metrics(folder):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_s")} for line in open(os.path.join(folder, "metrics.jsonl"))]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in open(os.path.join(folder, "metrics.jsonl"))]
 
 
 def test_train_script_repeats_a_stored_run_from_its_config(tmp_path, capsys):

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from inference.experiment import RunSpec, train
-from inference.registry import get_recipe
-from inference.experiment import check_machine
+from inference.runs.experiment import RunSpec, train
+from inference.recipes.registry import get_recipe
+from inference.runs.experiment import check_machine
 from inference.trainer import TrainConfig
 
 import test_registry  # tests/test_registry.py: the registry's tiny example data

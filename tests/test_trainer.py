@@ -6,9 +6,10 @@ import pyro
 import pytest
 import torch
 
-from inference.rundir import RunDir, atomic_write_bytes
+from inference.runs.rundir import RunDir, atomic_write_bytes
 from inference.trainer import Callback, TrainConfig, Trainer, TrainingDiverged
-from inference.experiment import RunSpec, train
+from inference.training import TIMINGS
+from inference.runs.experiment import RunSpec, train
 from inference.recipes.vae import VAEOptions
 from pyro_models.datasets import ImageData
 from pyro_models.vae import VAEConfig, build_vae
@@ -29,7 +30,7 @@ def train_vae(name, data, vae_config, train_config, out, kl_schedule="none", res
 
 
 def without_time(history):
-    return [{k: v for k, v in m.items() if k not in ("time_s", "train_s")} for m in history]
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in history]
 
 
 def test_training_lowers_held_out_loss(tiny_images):

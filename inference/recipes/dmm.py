@@ -11,10 +11,10 @@ from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse
 
-from .. import plots
-from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
-from ..rundir import metric_or_none
-from ..schedules import LinearKLAnnealing
+from ..evaluation import plots
+from .recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
+from ..runs.rundir import metric_or_none
+from ..training.schedules import LinearKLAnnealing
 from ..training import Callback, TrainConfig, Trainer
 
 # Adam with a global gradient-norm clip of 10 on the loss per frame, as Pyro's DMM example clips.

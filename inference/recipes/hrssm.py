@@ -18,10 +18,10 @@ from pyro_models.hrssm.boundaries import check_threshold
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
 from pyro_models.imputation import frames_inside
 
-from .. import plots
-from ..boundaries import boundary_metrics, boundary_scores
-from ..elbo import elbo_terms
-from ..recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from ..evaluation import plots
+from ..evaluation.boundaries import boundary_metrics, boundary_scores
+from ..training.elbo import elbo_terms
+from .recipe import Context, Recipe, frames_per_sequence, sequence_builder
 from ..training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -110,7 +110,7 @@ GAP_SAMPLES = 2  # draws of (Z, S) per segmentation in the per-epoch gap
 
 
 def epoch_segmentation_gap(model, guide, x: torch.Tensor, starts: torch.Tensor) -> float:
-    """The segmentation gap (``inference.boundaries.segmentation_gap``: the ELBO with q(M | X) a point
+    """The segmentation gap (``inference.evaluation.boundaries.segmentation_gap``: the ELBO with q(M | X) a point
     mass on the guide's own boundaries ``starts (batch, T)`` minus that with none; nats per sequence)
     of ``x (batch, T, *frame_shape)``, both with the same random draws (seed ``GAP_SEED``), in a forked
     random state so that training draws what it would have drawn without it. Label-free."""
@@ -172,6 +172,9 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     elbo = sum(float(elbo_terms(model, guide, b).elbo) for b in _batched(x, options.batch_size)) / len(x)
     result = {"num_test": len(x), "tolerance": options.tolerance, "peaks": options.peaks, "threshold": options.threshold,
               "test_elbo": elbo, "mean_segments": float(starts.sum(1).mean())}
+    if guide.boundary_posterior is not None:  # label-free: the segmentation gap of run selection
+        events = data.test_events[: options.num_test] if data.test_events is not None else None
+        result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, options.batch_size)
     if data.test_events is None:
         result["note"] = "the data have no true events: no boundary F1"
         return result, starts
@@ -185,7 +188,6 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
         control = score_on_control(run, options)
         if control is not None:
             result["control"] = control
-        result["segmentation_elbo"] = compare_segmentations(model, guide, x, starts, events, options.batch_size)
     return result, starts
 
 
@@ -212,8 +214,10 @@ def _read_boundaries(guide, x: torch.Tensor, batch_size: int, peaks: bool, thres
 
 def compare_segmentations(model, guide, x, starts, events, batch_size: int) -> Dict[str, float]:
     """Mean ELBO (nats per sequence) of ``x`` with q(M | X) replaced by a point mass on: the guide's own
-    noise-free boundaries, the true events, and no boundaries (forced ones only)."""
-    candidates = {"own": starts, "true_events": events.to(x.dtype), "none": torch.zeros_like(starts)}
+    noise-free boundaries, the true events (when ``events`` is not None), and no boundaries (forced ones only)."""
+    candidates = {"own": starts, "none": torch.zeros_like(starts)}
+    if events is not None:
+        candidates["true_events"] = events.to(x.dtype)
     return {name: sum(float(segmentation_elbo(model, guide, xb, sb).elbo.sum())
                       for xb, sb in zip(_batched(x, batch_size), _batched(seg, batch_size))) / len(x)
             for name, seg in candidates.items()}

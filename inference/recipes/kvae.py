@@ -13,10 +13,10 @@ from pyro_models.kvae import GUIDES, KVAEConfig, build_kvae
 from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
-from .. import plots
-from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
-from ..rundir import metric_or_none
-from ..schedules import LinearKLAnnealing
+from ..evaluation import plots
+from .recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
+from ..runs.rundir import metric_or_none
+from ..training.schedules import LinearKLAnnealing
 from ..training import Callback, TrainConfig, Trainer
 from .kvae_warmstart import WarmStartConfig, best_warm_start, warm_start_for
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from pyro_models.imputation import zero_missing
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
-from .. import failpoints
+from ..runs import failpoints
 from ..training import TrainConfig
 
 

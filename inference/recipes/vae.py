@@ -14,10 +14,10 @@ from pyro_models.modes import eval_mode
 from pyro_models.vae import GUIDES, VAEConfig, build_vae
 from pyro_models.vae.impute import bottom_half_mask, impute
 
-from .. import plots
-from ..analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
-from ..recipe import Context, Recipe
-from ..schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
+from ..evaluation import plots
+from ..evaluation.analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
+from .recipe import Context, Recipe
+from ..training.schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
 from ..training import Callback, TrainConfig, Trainer
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyro
 import torch
 
-from .. import distributed
+from . import distributed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer

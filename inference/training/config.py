@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..elbo import ELBOS
+from .elbo import ELBOS
+
+SEED_BOUND = 2**32  # NumPy's generators take seeds below this
 
 # Settings of the machine, not of the run: a stored run loads whatever they say, and a resume may change them.
 RUNTIME = ("device", "progress", "tensorboard", "eval_batch_size", "check_every_step")
@@ -59,8 +61,8 @@ class TrainConfig:
                              "expected jit False with it, got jit True")
         if self.elbo not in ELBOS:
             raise ValueError(f"elbo: expected one of {tuple(ELBOS)}, got {self.elbo!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed: expected >= 0, got {self.seed}")
+        if not 0 <= self.seed < SEED_BOUND:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):

@@ -8,13 +8,17 @@ through :class:`~.callbacks.Callback` objects; what a checkpoint holds is :class
 
 Every epoch writes one line of ``metrics.jsonl`` (nats per example, higher ELBO is better) and an
 atomically written checkpoint; ``fit(resume=True)`` continues a run exactly where it stopped. With a
-:class:`~inference.distributed.World` of several ranks (a ``torchrun`` launch) each rank trains on its
+:class:`~inference.training.distributed.World` of several ranks (a ``torchrun`` launch) each rank trains on its
 shard of every epoch and gradients are all-reduced each step; a 1-rank world is the plain
 single-process trainer, draw for draw.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -22,22 +26,43 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..batching import bucketed_order, cut_to_length
-from ..distributed import World
-from ..elbo import elbo_terms
-from ..rundir import RunDir, read_checkpoint
+from . import distributed
+from .batching import bucketed_order, cut_to_length
+from .distributed import World
+from .elbo import elbo_terms
+from ..runs.rundir import RunDir, read_checkpoint
 from .callbacks import Callback, CallbackList
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .data import Data, Inputs, as_inputs, place, take
 from .step import NonFinite, SVIStep, local_params, modules
 
+TIMINGS = ("train_s", "time_s", "cpu_s")  # the metrics that measure time, and so differ between identical runs
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+class RunStorageError(OSError):
+    """The run folder could not be written (no space, read-only); the message says what it still holds."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C between two steps; the message names the checkpoint kept."""
+
+
+def batch_slices(num: int, size: int) -> List[slice]:
+    """Consecutive batches of ``size`` over ``num`` examples; a last batch of one example joins the one
+    before it (batch norm cannot normalise one example in training mode)."""
+    starts = list(range(0, num, size))
+    if len(starts) > 1 and num - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, starts[1:] + [num])]
 
 
 class Trainer:
@@ -47,15 +72,20 @@ class Trainer:
     are called. ``batch_transform(x, generator)``: applied to the first tensor of each training batch
     (e.g. dynamic binarisation). ``units_per_example``: see :class:`~.step.SVIStep`. ``lengths_arg``: for
     sequences of different lengths, the position of their lengths ``(N,)`` among the model's arguments;
-    batches are then formed from sequences of similar length (:func:`~inference.batching.bucketed_order`),
+    batches are then formed from sequences of similar length (:func:`~inference.training.batching.bucketed_order`),
     every batch is cut to its own longest sequence, and metrics gain ``*_per_step`` values (nats per time
     step). ``resume_dir``: where ``fit(resume=True)`` reads the checkpoint (default: ``run``).
+    ``vectorize_particles``: False for models whose programs cannot broadcast over a particle dimension
+    (``num_particles`` draws are then taken one after another).
+
+    Ctrl-C (SIGINT) stops training between two steps with :class:`Interrupted`, which names the
+    checkpoint kept; a second Ctrl-C stops at once.
     """
 
     def __init__(self, model: Callable, guide: Callable, config: TrainConfig, run: Optional[RunDir] = None,
                  callbacks: Sequence[Callback] = (), batch_transform: Optional[BatchTransform] = None,
                  units_per_example: float = 1, world: Optional[World] = None, resume_dir: Optional[str] = None,
-                 lengths_arg: Optional[int] = None):
+                 lengths_arg: Optional[int] = None, vectorize_particles: bool = True):
         self.model, self.guide, self.config, self.run = model, guide, config, run
         self.callbacks = CallbackList(callbacks)
         self.batch_transform, self.lengths_arg = batch_transform, lengths_arg
@@ -64,7 +94,7 @@ class Trainer:
         self.device = torch.device(distributed.rank_device(config.device, self.world))
         for module in modules(model, guide):
             module.to(self.device)
-        self.svi = SVIStep(model, guide, config, units_per_example, self.world)
+        self.svi = SVIStep(model, guide, config, units_per_example, self.world, vectorize_particles)
         self.checkpoints = Checkpointer(self)
         self.generator = torch.Generator().manual_seed(config.seed)  # the epochs' order: the same on every rank
         # batch transforms draw from it too in one process; from their own stream per rank otherwise
@@ -164,11 +194,13 @@ class Trainer:
         """One pass over ``train``; returns the mean loss per example."""
         self.svi.set_mode(True)
         order = self.epoch_order(train)
-        size, total = self.config.batch_size, 0.0
-        bar = tqdm(range(math.ceil(order.numel() / size)), desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
+        total = 0.0
+        slices = batch_slices(order.numel(), self.config.batch_size)
+        bar = tqdm(range(len(slices)), desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
                    disable=not (self.config.progress and self.world.main), dynamic_ncols=True)
         for i in bar:
-            batch = cut_to_length(take(train, order[i * size : (i + 1) * size], self.device), self.lengths_arg)
+            self._stop_if_interrupted()
+            batch = cut_to_length(take(train, order[slices[i]], self.device), self.lengths_arg)
             if self.batch_transform is not None:
                 batch = (self.batch_transform(batch[0], self.transform_generator), *batch[1:])
             self.callbacks.call("on_train_batch_start", self, batch)
@@ -204,11 +236,42 @@ class Trainer:
         if resume:
             self._resume()
         try:
-            while self.epoch < self.config.epochs:
-                self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1, valid))
+            with self._stop_on_sigint():
+                while self.epoch < self.config.epochs:
+                    self.history.append(self._run_epoch(train, train_eval, test, self.epoch + 1, valid))
         finally:
             self.callbacks.call("on_fit_end", self)
         return self.history
+
+    @contextlib.contextmanager
+    def _stop_on_sigint(self):
+        """While training (in the main thread): a first Ctrl-C asks to stop before the next step, a second one
+        stops at once."""
+        self._interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: the default, at once
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_if_interrupted(self) -> None:
+        if not getattr(self, "_interrupted", False):
+            return
+        if self.run is not None and self.epoch > 0:
+            kept = f"{self.run.checkpoint_path} (epoch {self.epoch}) is kept; run the same command again to continue"
+        elif self.run is not None:
+            kept = "no epoch had finished, so no checkpoint was written; run the same command again to start over"
+        else:
+            kept = "nothing was written (no run folder)"
+        raise Interrupted(f"interrupted in epoch {self.epoch + 1}: {kept}")
 
     def _train_eval(self, train: Inputs) -> Inputs:
         """The training examples scored each epoch (``train_elbo``); a fixed transform draw, so that the
@@ -249,8 +312,25 @@ class Trainer:
         if self.run is not None:
             self.run.save_best(self.checkpoints.best(epoch, self.best))
 
+    @contextlib.contextmanager
+    def _storage(self, epoch: int):
+        """Around what an epoch writes into the run folder (reports' figures, the best weights, the metrics
+        line, the checkpoint): a failed write (a full disk, a folder made read-only) becomes
+        :class:`RunStorageError`, one line naming the path and what the folder still holds."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in STORAGE_ERRNOS or self.run is None:
+                raise
+            done = self.run.epochs_done(self.run.path)
+            kept = (f"{self.run.checkpoint_path} holds epoch {done}: make room, then the same command continues "
+                    "from it" if done > 0 else "no checkpoint was written yet: make room, then the same command starts "
+                    "the run again")
+            raise RunStorageError(f"path: could not write epoch {epoch}'s files to {error.filename or self.run.path} "
+                                  f"({error.strerror}); {kept}") from error
+
     def _run_epoch(self, train, train_eval, test, epoch: int, valid: Optional[Inputs] = None) -> Dict[str, Any]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.callbacks.call("on_train_epoch_start", self, epoch)
         lr = self.svi.optimizer.param_groups[0]["lr"]
         objective = self.train_epoch(train, epoch)
@@ -260,16 +340,20 @@ class Trainer:
             distributed.broadcast_tensors(self.svi.buffers, self.world)  # e.g. batch-norm statistics, as DDP keeps them
         held_out = self._held_out_metrics(train_eval, test, valid) if self.scores(epoch) else {}
         metrics: Dict[str, Any] = {"epoch": epoch, "train_objective": -objective, **held_out, "lr": lr}
-        if held_out:  # the reports run on scoring epochs
-            metrics.update(self.callbacks.metrics(self, epoch))
-        metrics["train_s"], metrics["time_s"] = train_seconds, time.perf_counter() - start
-        self.epoch = epoch
-        self._keep_best(metrics, epoch)
-        state = self.checkpoints.state() if self.run is not None or self.world.parallel else None  # collective
-        if self.run is not None:
-            self.run.log_metrics(metrics)
-            self.run.save_checkpoint(state)
-        self.callbacks.call("on_train_epoch_end", self, epoch, metrics)
+        with self._storage(epoch):
+            if held_out:  # the reports run on scoring epochs
+                metrics.update(self.callbacks.metrics(self, epoch))
+            # wall seconds of the steps and of the whole epoch; CPU seconds of the process (every thread), which
+            # a neighbour's load on a shared machine does not inflate
+            metrics["train_s"], metrics["time_s"] = train_seconds, time.perf_counter() - start
+            metrics["cpu_s"] = time.process_time() - cpu_start
+            self.epoch = epoch
+            self._keep_best(metrics, epoch)
+            state = self.checkpoints.state() if self.run is not None or self.world.parallel else None  # collective
+            if self.run is not None:
+                self.run.log_metrics(metrics)
+                self.run.save_checkpoint(state)
+            self.callbacks.call("on_train_epoch_end", self, epoch, metrics)
         if self.config.progress and self.world.main and held_out:
             tqdm.write(f"epoch {epoch}: train ELBO {metrics['train_elbo']:.2f}, test ELBO {metrics['test_elbo']:.2f}, "
                        f"KL {metrics['kl']:.2f} nats/example ({metrics['time_s']:.1f}s)")

@@ -27,8 +27,9 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from pyro.params.param_store import user_param_name
 
-from .. import distributed, failpoints
-from ..elbo import make_elbo
+from . import distributed
+from ..runs import failpoints
+from .elbo import make_elbo
 from .config import TrainConfig
 from .data import Data, as_inputs
 
@@ -62,14 +63,15 @@ class SVIStep:
 
     ``units_per_example``: with ``config.mean_loss`` the gradient step uses the loss divided by ``batch *
     units_per_example`` (e.g. frames per sequence). ``world``: gradients are all-reduced over its ranks
-    each step (:mod:`inference.distributed`)."""
+    each step (:mod:`inference.training.distributed`). ``vectorize_particles``: draw ``num_particles`` at
+    once (False: one after another, for models that cannot broadcast over a particle dimension)."""
 
     def __init__(self, model: Callable, guide: Callable, config: TrainConfig, units_per_example: float = 1,
-                 world: Optional[distributed.World] = None):
+                 world: Optional[distributed.World] = None, vectorize_particles: bool = True):
         self.model, self.guide, self.config = model, guide, config
         self.units_per_example = units_per_example
         self.world = world if world is not None else distributed.current_world()
-        self.objective = make_elbo(config.elbo, config.num_particles)(model, guide)  # an nn.Module
+        self.objective = make_elbo(config.elbo, config.num_particles, vectorize_particles)(model, guide)  # an nn.Module
         # module-local parameters, unless a PyroModule (an autoguide) was built for the global store
         self.local = built_for_local_params(model, guide)
         self.params: List[torch.Tensor] = []

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -275,8 +276,12 @@ def generate_sequences(
     if cached is None:
         cached = GENERATORS[name][1](**arguments)
         if path is not None:
-            os.makedirs(cache_dir, exist_ok=True)
-            _save(path, description, *cached)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                _save(path, description, *cached)
+            except OSError as error:  # the cache only saves time: go on without it, and say so
+                warnings.warn(f"cache_dir: could not cache the generated data in {cache_dir} ({error.strerror}); "
+                              "they were generated and are used without a cache")
     frames, events = cached
     return torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)), (
         None if events is None else torch.from_numpy(events.astype(np.int64))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-from .config import GUIDES, IMAGE_DIMS, VECTOR_DIMS, DMMConfig, check_input
+from ..checks import check_shape
+from .config import GUIDES, DMMConfig, check_input
 from .guides import DMMGuide
 from .impute import impute
 from .linear import LinearGaussianDMM, as_lgssm, exact_log_marginal, sample_exact_posterior
@@ -18,9 +19,7 @@ from .networks import (Combiner, ConvFrameDecoder, ConvFrameEncoder, Emitter, Fr
 def build_dmm(frame_shape: Sequence[int], config: DMMConfig) -> Tuple[DMM, DMMGuide]:
     """Model and guide (``config.guide``) for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)``
     vectors. They share one :class:`~pyro_models.kl_weights.KLWeights` (``model.kl_weights``)."""
-    frame_shape = tuple(int(n) for n in frame_shape)
-    if len(frame_shape) not in (IMAGE_DIMS, VECTOR_DIMS) or min(frame_shape) < 1:
-        raise ValueError(f"frame_shape: expected (C, H, W) or (D,) with positive sizes, got {frame_shape}")
+    frame_shape = check_shape("frame_shape", frame_shape)
     model = DMM(frame_shape, config)
     return model, DMMGuide(frame_shape, config, model.kl_weights)
 

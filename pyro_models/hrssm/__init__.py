@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+from ..checks import check_shape
 from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, decode_boundaries,
                          sample_boundary, update_site)
-from .config import GUIDES, IMAGE_DIMS, PEAK_THRESHOLD, VECTOR_DIMS, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
+from .config import GUIDES, PEAK_THRESHOLD, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
 from .evaluation import (SegmentationELBO, impute, impute_frames, jumpy_rollout, posterior_boundaries,
                          segmentation_elbo, start_probabilities)
 from .guides import HRSSMGuide
@@ -18,9 +19,7 @@ def build_hrssm(frame_shape: Sequence[int], config: HRSSMConfig) -> Tuple[HRSSM,
     """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images (H, W multiples of
     2^conv_layers) or ``(D,)`` vectors. They share one :class:`BoundaryTemperature` (``model.temperature``),
     starting at ``config.temperature_max``; the training recipe anneals it."""
-    frame_shape = tuple(int(n) for n in frame_shape)
-    if len(frame_shape) not in (IMAGE_DIMS, VECTOR_DIMS) or min(frame_shape) < 1:
-        raise ValueError(f"frame_shape: expected (C, H, W) or (D,) with positive sizes, got {frame_shape}")
+    frame_shape = check_shape("frame_shape", frame_shape)
     temperature = BoundaryTemperature(config.temperature_max)
     return HRSSM(frame_shape, config, temperature), HRSSMGuide(frame_shape, config, temperature)
 

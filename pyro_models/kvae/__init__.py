@@ -7,13 +7,13 @@ from typing import Sequence, Tuple
 from .config import GUIDES, KVAEConfig
 from .guides import KVAEGuide, StructuredKVAEGuide, TemporalContext
 from .model import KVAE, KalmanDynamics, KalmanPrior, Latents, generate, generate_latents
+from ..checks import check_shape
 from .networks import CappedGaussianHead, ConvFrameDecoder, ConvFrameEncoder, MLPFrameDecoder, MLPFrameEncoder
 
 
 def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KVAEGuide]:
     """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images or ``(D,)`` vectors."""
-    if len(frame_shape) not in (1, 3):
-        raise ValueError(f"frame_shape: expected (C, H, W) or (D,), got {tuple(frame_shape)}")
+    frame_shape = check_shape("frame_shape", frame_shape)
     model = KVAE(frame_shape, config)
     guide_class = StructuredKVAEGuide if config.guide == "structured" else KVAEGuide
     return model, guide_class(frame_shape, config, model.kl_weights)

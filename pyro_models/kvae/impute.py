@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from pyro.infer import Predictive
 
+from ..checks import check_frames
 from .. import lgssm
 from ..imputation import Imputation, check_lengths, frames_inside, check_mask, consecutive_frame_mask, expand_mask, random_frame_mask, zero_missing
 from ..imputation import last_observed_frame as last_observed_floor
@@ -164,6 +165,7 @@ def impute(model, guide, x: torch.Tensor, mask: torch.Tensor, num_samples: int =
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    check_frames(x, model.frame_shape)
     check_mask(x, mask, frames=True)
     untouched = mask
     if lengths is not None:

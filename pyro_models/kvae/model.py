@@ -40,6 +40,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
+from ..checks import check_frames
 from ..params import register
 from ..distributions import GreyBernoulli, observe
 from ..imputation import check_lengths, frames_inside
@@ -163,8 +164,7 @@ class KVAE(nn.Module):
 
     def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                     lengths: Optional[torch.Tensor] = None) -> None:
-        if x.dim() != len(self.frame_shape) + 2 or tuple(x.shape[2:]) != self.frame_shape:
-            raise ValueError(f"x: expected shape (batch, T, {', '.join(map(str, self.frame_shape))}), got {tuple(x.shape)}")
+        check_frames(x, self.frame_shape)
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])} (batch, T), got {tuple(mask.shape)}")
         if lengths is not None:

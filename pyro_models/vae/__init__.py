@@ -7,6 +7,7 @@ from typing import Sequence, Tuple
 from torch import nn
 
 from ..kl_weights import KLWeights, sample_latent
+from ..checks import IMAGE_RANK, check_shape
 from ..networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .guides import IAFGuide, NormalGuide
 from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig
@@ -17,8 +18,7 @@ def build_vae(name: str, x_shape: Sequence[int], config: VAEConfig) -> Tuple[VAE
     images of shape ``x_shape = (C, H, W)``."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {tuple(ARCHITECTURES)}")
-    if len(x_shape) != 3:
-        raise ValueError(f"x_shape: expected (C, H, W), got {tuple(x_shape)}")
+    x_shape = check_shape("x_shape", x_shape, ranks=(IMAGE_RANK,))
     if ARCHITECTURES[name] == "mlp":
         encoder = MLPEncoder(x_shape, config.hidden_dims, config.z_dim, config.min_scale)
         decoder = MLPDecoder(config.z_dim, config.hidden_dims[::-1], x_shape)

@@ -70,17 +70,17 @@ class TensorTraceMeanField_ELBO(_TensorValued, TraceMeanField_ELBO):
 ELBOS = {"trace": TensorTrace_ELBO, "meanfield": TensorTraceMeanField_ELBO}
 
 
-def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+def make_elbo(name: str, num_particles: int = 1, vectorize: bool = True) -> ELBO:
     """``trace`` (Monte Carlo KL) or ``meanfield`` (analytic KL where known, Monte Carlo otherwise).
 
-    Particles are vectorised; ``max_plate_nesting`` is inferred from the first trace. (Compilation is
+    Particles are vectorised (``vectorize``; False: drawn one after another); ``max_plate_nesting`` is inferred from the first trace. (Compilation is
     the trainer's business: see ``TrainConfig.jit``.)
     """
     if name not in ELBOS:
         raise ValueError(f"elbo: expected one of {tuple(ELBOS)}, got {name!r}")
     if num_particles < 1:
         raise ValueError(f"num_particles: expected >= 1, got {num_particles}")
-    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1)
+    return ELBOS[name](num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
 
 
 class ELBOTerms(NamedTuple):

@@ -20,7 +20,7 @@ import os
 from typing import Any, Dict
 
 from .rundir import RunDir
-from .training import Callback, Trainer
+from ..training import Callback, Trainer
 
 LOG_FOLDER = "tensorboard"
 MISSING = 'tensorboard: the TensorBoard extra is not installed; pip install -e ".[tensorboard]" (or pip install tensorboard)'

@@ -2,12 +2,16 @@
 checkpoints, and ``figures/``."""
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import json
 import math
 import os
 import pickle
 import tempfile
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -18,6 +22,9 @@ CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
 BEST = "best.pt"  # the weights of the epoch with the best validation ELBO (runs with a validation split)
 PREVIOUS_CHECKPOINT, STATE = "checkpoint.prev.pt", "state.json"  # the checkpoint before; {"epoch": N} of the newest
 HISTORY_KEY = "resumes"  # config.json: the changes made at each resume
+# config.json keys that are records, not settings: the resume history, and the shape of the examples
+# (checked on its own, with its own message, once the data are loaded)
+UNCOMPARED = (HISTORY_KEY, "example_shape")
 # Training settings that may change when a run is resumed: they change neither the model nor the data,
 # and the trainer applies the new values from the resumed epoch on (the learning rate as the base of
 # the staircase decay). Every change is recorded in config.json under HISTORY_KEY.
@@ -26,6 +33,81 @@ RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "t
                                "train.eval_every", "world_size"})
 NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
 TMP_PREFIX = ".tmp-"
+LOCK = ".lock"  # held (flock) by the process that writes the run; the kernel frees it when that process dies
+_HELD: Dict[str, List[int]] = {}  # this process's locks: real path of the folder -> [file descriptor, users]
+
+
+class RunFolderBusy(FileExistsError):
+    """Another process is writing the run folder."""
+
+
+def _holder(lock_path: str) -> str:
+    try:
+        with open(lock_path) as f:
+            pid = f.read().strip()
+        return f" (process {pid})" if pid else ""
+    except OSError:
+        return ""
+
+
+def check_writable(path: str) -> None:
+    """Raise ``PermissionError`` naming ``path`` when the run folder (or, before it exists, the nearest
+    existing folder above it) cannot be written: a read-only file system or missing permission."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == os.path.abspath(path) else f" (its folder {existing} cannot be written)"
+        raise PermissionError(f"path: {path} cannot be written{where}: a read-only file system or no permission; "
+                              "choose another folder")
+
+
+def lock_folder(path: str) -> None:
+    """Take ``path``'s run lock for this process (again: nothing to do), or raise :class:`RunFolderBusy`
+    naming the process that holds it. A lock of a process that died is free: the kernel drops it."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    lock_path = os.path.join(path, LOCK)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunFolderBusy(f"path: {path} is being written by another training{_holder(lock_path)}; wait for "
+                                "it to finish or choose another folder") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = [fd, 1]
+
+
+def unlock_folder(path: str) -> None:
+    """One user of this process's lock of ``path`` is done; the last one gives the lock up."""
+    key = os.path.realpath(path)
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the descriptor releases the flock
+
+
+def check_not_busy(path: str) -> None:
+    """Raise :class:`RunFolderBusy` when another process holds ``path``'s lock (the lock is not kept)."""
+    if not os.path.isfile(os.path.join(path, LOCK)) or os.path.realpath(path) in _HELD:
+        return
+    fd = os.open(os.path.join(path, LOCK), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise RunFolderBusy(f"path: {path} is being written by another training{_holder(os.path.join(path, LOCK))}; "
+                            "wait for it to finish or choose another folder") from None
+    finally:
+        os.close(fd)
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
 
 
@@ -79,6 +161,9 @@ class RunDir:
         self._figures_given: Dict[str, None] = {}  # an ordered set of paths
         self.mode = self.preflight(path, config, resume, normalise)
         os.makedirs(self.figures, exist_ok=True)
+        lock_folder(path)  # one writer: a second training into this folder is refused
+        self._unlock = weakref.finalize(self, unlock_folder, path)
+        self.repair_metrics()
         for name in os.listdir(path):  # temporary files of writes a kill interrupted
             if name.startswith(TMP_PREFIX):
                 os.remove(os.path.join(path, name))
@@ -88,6 +173,10 @@ class RunDir:
             config = self._with_history(config)
         self.config = config  # as stored in config.json
         self.write_json(CONFIG, config)
+
+    def close(self) -> None:
+        """Give up the folder's lock (also done when this object is collected or the process ends)."""
+        self._unlock()
 
     @property
     def resuming(self) -> bool:
@@ -105,7 +194,10 @@ class RunDir:
         are compared."""
         if os.path.exists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"path: {path} exists and is not a folder")
-        stored = cls._stored_config(path)
+        if os.path.isdir(path):
+            check_not_busy(path)
+        check_writable(path)
+        stored = cls.stored_config(path)
         if stored is not None and normalise is not None:
             stored = normalise(stored)
         done = cls.epochs_done(path)
@@ -138,21 +230,26 @@ class RunDir:
         return COMPLETE if epochs is not None and epochs == done else RESUME
 
     @staticmethod
-    def _stored_config(path: str) -> Optional[Dict[str, Any]]:
+    def stored_config(path: str) -> Optional[Dict[str, Any]]:
+        """The ``config.json`` stored in ``path`` (None when there is none; ``ValueError`` when unreadable)."""
         config_path = os.path.join(path, CONFIG)
         if not os.path.isfile(config_path):
             return None
         try:
             with open(config_path) as f:
-                return json.load(f)
+                stored = json.load(f)
         except (OSError, ValueError) as error:
             raise ValueError(f"path: {config_path} is unreadable ({error}); remove the folder or choose another") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"path: {config_path} holds {type(stored).__name__} JSON, not a run's config (an object); "
+                             "remove the folder or choose another")
+        return stored
 
     @staticmethod
     def _changes(stored: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, tuple]:
         """``{key: (stored, new)}`` for every flattened key that differs (the resume history ignored)."""
-        old = _flatten({k: v for k, v in stored.items() if k != HISTORY_KEY})
-        new = _flatten(json.loads(json.dumps({k: v for k, v in config.items() if k != HISTORY_KEY}, default=str)))
+        old = _flatten({k: v for k, v in stored.items() if k not in UNCOMPARED})
+        new = _flatten(json.loads(json.dumps({k: v for k, v in config.items() if k not in UNCOMPARED}, default=str)))
         return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
 
     @staticmethod
@@ -174,7 +271,7 @@ class RunDir:
         return 0
 
     def _with_history(self, config: Dict[str, Any]) -> Dict[str, Any]:
-        stored = self._stored_config(self.path) or {}
+        stored = self.stored_config(self.path) or {}
         history = list(stored.get(HISTORY_KEY, []))
         changes = self._changes(stored, config)
         if changes:
@@ -211,15 +308,26 @@ class RunDir:
         atomic_write_bytes(os.path.join(self.path, name), lambda f: f.write(text))
 
     def log_metrics(self, metrics: Dict[str, Any]) -> None:
+        """Append the epoch's line; one ``write`` of a whole line, flushed to disk (a kill or a full disk
+        can still tear it: :meth:`repair_metrics` drops a torn line when the run is opened again)."""
         with open(os.path.join(self.path, METRICS), "a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_metrics(self) -> List[Dict[str, Any]]:
+        """Every whole line of ``metrics.jsonl`` (a torn one, which a kill during an append leaves, skipped)."""
+        return _read_metric_lines(os.path.join(self.path, METRICS))[0]
+
+    def repair_metrics(self) -> None:
+        """Rewrite ``metrics.jsonl`` without the lines that are not whole JSON objects (a torn last line left
+        by a kill or a full disk during an append), with a warning naming the file."""
         path = os.path.join(self.path, METRICS)
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        kept, torn = _read_metric_lines(path)
+        if torn:
+            warnings.warn(f"{path}: dropped {torn} unreadable line(s) (an append cut short)")
+            text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept).encode()
+            atomic_write_bytes(path, lambda f: f.write(text))
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop metric lines after ``last_epoch`` (written after the checkpoint a resume starts from)."""
@@ -235,7 +343,7 @@ class RunDir:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=CHECKPOINT)
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+                f.write(_serialised(state))  # a full disk raises OSError(ENOSPC) here, naming no torch internals
                 f.flush()
                 os.fsync(f.fileno())
             failpoints.reach("checkpoint")
@@ -250,11 +358,41 @@ class RunDir:
 
     def save_best(self, state: Dict[str, Any]) -> None:
         """Write ``state`` (the weights of the best epoch so far) as ``best.pt``, atomically."""
-        atomic_write_bytes(os.path.join(self.path, BEST), lambda f: torch.save(state, f))
+        data = _serialised(state)
+        atomic_write_bytes(os.path.join(self.path, BEST), lambda f: f.write(data))
 
     def load_checkpoint(self, map_location=None) -> Dict[str, Any]:
         """The newest readable checkpoint (see :func:`read_checkpoint`)."""
         return read_checkpoint(self.path, map_location)
+
+
+def _serialised(state: Dict[str, Any]) -> memoryview:
+    """``torch.save(state)`` in memory: the file is then written by one plain ``write``, whose failures are
+    the operating system's own (``OSError`` with its errno), not torch's zip writer's."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer()
+
+
+def _read_metric_lines(path: str):
+    """``(metrics, torn)``: the whole JSON objects of the file ``path`` and how many lines were not."""
+    if not os.path.exists(path):
+        return [], 0
+    kept, torn = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(value, dict):
+                kept.append(value)
+            else:
+                torn += 1
+    return kept, torn
 
 
 def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:

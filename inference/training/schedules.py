@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import distributed
-from .analysis import batch_kl_per_dim
-from .training import Callback, Trainer
+from ..evaluation.analysis import batch_kl_per_dim
+from . import Callback, Trainer
 
 KL_SCHEDULES = ("none", "linear", "free-bits")
 

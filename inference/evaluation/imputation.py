@@ -21,8 +21,8 @@ from pyro_models.imputation import (NUM_GIVEN, Imputation, consecutive_frame_mas
 from pyro_models.vae.impute import bottom_half_mask, random_pixel_mask
 
 from . import plots
-from .experiment import Run
-from .recipe import Recipe
+from ..runs.experiment import Run
+from ..recipes.recipe import Recipe
 
 DROP_PROBS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 CONSECUTIVE_STRIDE = 2  # k = 1, 3, 5, ...

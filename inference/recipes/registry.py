@@ -1,4 +1,4 @@
-"""The registry: model names -> :class:`~inference.recipe.Recipe`. The trainer, the scripts and the
+"""The registry: model names -> :class:`~inference.recipes.recipe.Recipe`. The trainer, the scripts and the
 benchmarks read it and contain no per-model branches. Adding a model means its own files plus one
 line below: the module that defines its ``RECIPES``."""
 from __future__ import annotations

@@ -62,13 +62,31 @@ def field_help(cls) -> Dict[str, str]:
     return helps
 
 
+INT_RANGE = (-(2**63), 2**63)  # what a torch or NumPy integer holds; a flag outside it is refused at parse time
+
+
+def _int64(text: str) -> int:
+    """An integer that fits in 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not INT_RANGE[0] <= value < INT_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected an integer of at most 64 bits, got {text}")
+    return value
+
+
+_int64.__name__ = "int"  # argparse names the type in its messages
+
+
 def _int_tuple(text: str) -> Tuple[int, ...]:
-    """Comma-separated integers; an empty text is the empty tuple (the config says whether it may be)."""
+    """Comma-separated integers of at most 64 bits; an empty text is the empty tuple (the config says
+    whether it may be)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        return tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        return tuple(_int64(p) for p in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at most 64 bits, got {text!r}") from None
 
 
 def _optional(parse):
@@ -98,7 +116,7 @@ def _parser_for(annotation) -> Tuple[Any, bool]:
     if annotation is bool:
         return None, True
     if annotation is int:
-        return int, False
+        return _int64, False
     if annotation is float:
         return _finite_float, False
     if origin in (tuple, Tuple):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pyro_models.modes import eval_mode
 
-from .batching import cut_to_length
+from ..training.batching import cut_to_length
 
 SPLITS = ("train", "valid", "test")
 
@@ -161,7 +161,7 @@ def split_likelihood(model, guide, inputs: Tuple, options: LikelihoodOptions, le
 
 def evaluate_likelihood(run, options: LikelihoodOptions) -> Dict[str, Any]:
     """``scripts/evaluate.py likelihood``: :func:`split_likelihood` on ``options.split`` of a loaded run."""
-    from .experiment import LENGTHS_ARG, data_splits, model_inputs  # (experiment imports the registry)
+    from ..runs.experiment import LENGTHS_ARG, data_splits, model_inputs  # (experiment imports the registry)
 
     if options.split not in data_splits(run.data):
         raise ValueError(f"split: the run's data have the splits {data_splits(run.data)}, got {options.split!r}")

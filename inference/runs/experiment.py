@@ -15,14 +15,31 @@ from pyro_models.datasets import SequenceData
 from pyro_models.datasets.sequences import check_lengths_array
 from pyro_models.datasets.configs import MIN_STEPS
 
-from . import distributed
-from .recipe import Context, Recipe
-from .registry import get_recipe
+from ..training import distributed
+from ..recipes.recipe import Context, Recipe
+from ..recipes.registry import get_recipe
 from .rundir import BEST, CONFIG, RunDir, read_checkpoint
-from .training import Callback, TrainConfig, Trainer, load_weights
+from ..training import Callback, TrainConfig, Trainer, load_weights
 
 RUN_FORMAT = 2  # config.json layout: model, format, config, options, train, data
 WORLD_SIZE_KEY = "world_size"  # config.json: the number of processes the run trains on (absent: 1)
+EXAMPLE_SHAPE_KEY = "example_shape"  # config.json: one training image's or frame's shape, which the networks' sizes follow
+
+
+def example_shape(data) -> List[int]:
+    """The shape the networks are built for: an image's ``(C, H, W)`` or a sequence's frame shape."""
+    return list(data.train.shape[2:] if isinstance(data, SequenceData) else data.train.shape[1:])
+
+
+def check_example_shape(stored: Optional[Dict[str, Any]], data, path: str) -> None:
+    """Raise ``ValueError`` naming ``data`` when the run stored in ``path`` (its ``config.json`` as
+    ``stored``) was trained on examples of another shape than ``data``'s (the data changed under it)."""
+    expected = (stored or {}).get(EXAMPLE_SHAPE_KEY)
+    if expected is not None and list(expected) != example_shape(data):
+        kind = "frames" if isinstance(data, SequenceData) else "examples"
+        raise ValueError(f"data: the run in {path} was trained on {kind} of shape {tuple(expected)}, but the data "
+                         f"now hold {kind} of shape {tuple(example_shape(data))}; restore the run's data "
+                         "(or pass data of that shape), or start a new run in another folder")
 
 
 def dataclass_from_json(cls, stored: Dict[str, Any]):
@@ -68,6 +85,8 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, stored: Dict[str, Any]) -> "RunSpec":
+        if not isinstance(stored, dict):
+            raise ValueError(f"config.json: expected a JSON object (a run's config), got {type(stored).__name__}")
         if stored.get("format") != RUN_FORMAT:
             raise ValueError(f"config.json: format {stored.get('format')!r} is not this library's run format {RUN_FORMAT}")
         recipe = get_recipe(stored["model"])
@@ -127,6 +146,10 @@ def check_data(recipe: Recipe, data, config=None) -> None:
             raise ValueError(f"data: {split}_mask must be bool of shape (N, T) = {tuple(x.shape[:2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
         lengths = getattr(data, f"{split}_lengths")
+        if mask is not None and not _observes_a_frame(mask, lengths):
+            raise ValueError(f"data: {split}_mask observes no frame{' inside the sequences' if lengths is not None else ''}: "
+                             "nothing can be learned or scored (a mask is True, 1, where a frame is observed and "
+                             "False, 0, where it is missing)")
         if (lengths is None) != (data.train_lengths is None):
             raise ValueError(f"data: every split or none needs lengths; train_lengths is "
                              f"{'set' if data.train_lengths is not None else 'None'}, {split}_lengths is not")
@@ -140,10 +163,40 @@ def check_data(recipe: Recipe, data, config=None) -> None:
         recipe.validate_data(config, data)
 
 
+def _observes_a_frame(mask: torch.Tensor, lengths: Optional[torch.Tensor]) -> bool:
+    """Whether ``mask (N, T)`` is True at some frame inside the sequences' ``lengths (N,)`` (None: all T)."""
+    if lengths is None:
+        return bool(mask.any())
+    inside = torch.arange(mask.shape[1]) < torch.as_tensor(lengths).reshape(-1, 1)  # (N, T)
+    return bool((mask & inside).any())
+
+
+BYTES_PER_PARAMETER = 16  # float32 weights, gradients and Adam's two moments
+
+
+def check_size(recipe: Recipe, shape: Tuple[int, ...], config) -> None:
+    """Raise ``ValueError`` naming the width fields when the networks of ``config`` for examples of
+    ``shape`` would not fit in this machine's free memory: they are built on PyTorch's ``meta`` device
+    first (shapes only, no memory), so a mistyped width fails in one line instead of in the allocator."""
+    try:
+        with torch.device("meta"):
+            model, guide = recipe.build(shape, config)
+        modules = torch.nn.ModuleList([m for m in (model, guide) if isinstance(m, torch.nn.Module)])
+        count = sum(p.numel() for p in modules.parameters())
+    except Exception:  # a model that cannot be built without memory: no estimate, nothing refused
+        return
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if count * BYTES_PER_PARAMETER > free:
+        raise ValueError(f"{recipe.width_fields[0] if recipe.width_fields else 'config'}: the networks would hold "
+                         f"{count:,} parameters ({count * BYTES_PER_PARAMETER / 2**30:,.1f} GiB with gradients and "
+                         f"Adam's moments), more than this machine's {free / 2**30:.1f} GiB of free memory; check the widths")
+
+
 def build(spec: RunSpec, data) -> Context:
     """Model and guide of ``spec`` for ``data`` (seeded by ``spec.train.seed``), in a :class:`Context`."""
     recipe = spec.recipe
     check_data(recipe, data, spec.config)
+    check_size(recipe, tuple(data.train.shape[1:]), spec.config)
     pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
     torch.manual_seed(spec.train.seed)  # network initialisation
     if recipe.prepare_data is not None:
@@ -160,7 +213,7 @@ class ELBOCurves(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, epoch: int, metrics: Dict[str, Any]) -> None:
         if "test_elbo" in metrics:
-            from . import plots  # matplotlib, only when a figure is drawn
+            from ..evaluation import plots  # matplotlib, only when a figure is drawn
 
             plots.curves(self.run.read_metrics(), ["train_elbo", "valid_elbo", "test_elbo"],
                          self.run.figure_path("elbo_curves"), "ELBO (nats per example) on each split")
@@ -194,7 +247,7 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
     every epoch run here. ``out``: the run directory (None: no files); ``resume`` continues it.
 
     Under ``torchrun`` (several ranks) every rank trains its shard and rank 0 alone writes ``out``
-    (:mod:`inference.distributed`); a check that fails on rank 0 stops every rank."""
+    (:mod:`inference.training.distributed`); a check that fails on rank 0 stops every rank."""
     if spec.data is None and data is None:
         raise ValueError("data: pass the data or a data config in spec.data")
     check_machine(spec.train)
@@ -202,39 +255,56 @@ def train(spec: RunSpec, out: Optional[str] = None, resume: bool = False, data=N
         return _train(spec, out, resume, data, world)
 
 
+def _load_data(spec: RunSpec, world: distributed.World):
+    """``spec``'s data: rank 0 first (it may generate and cache them), then the others."""
+    data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
+    return data if data is not None else spec.data.load(seed=spec.train.seed)
+
+
+def _open_run(out: Optional[str], stored: Dict[str, Any], resume: bool, world: distributed.World):
+    """``(run, resuming)``: rank 0's run directory (None elsewhere and without ``out``) and every rank's mode."""
+    run = None
+    if out is None:
+        return run, False
+
+    def open_run() -> bool:
+        nonlocal run
+        run = RunDir(out, stored, resume=resume, normalise=normalised_config)
+        return run.resuming
+
+    resuming = distributed.on_main(open_run, world)  # every rank learns rank 0's mode
+    return run, resuming
+
+
 def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distributed.World) -> List[Dict[str, Any]]:
     recipe = spec.recipe  # the spec checked compilability and consistency when it was made
     stored = {**spec.to_json(), WORLD_SIZE_KEY: world.size}  # config.json
     if out is not None:  # before any work: a wrong folder fails fast
         distributed.on_main(lambda: RunDir.preflight(out, stored, resume, normalised_config), world)
-    if data is None:  # rank 0 first (it may generate and cache the data), then the others
-        data = distributed.on_main(lambda: spec.data.load(seed=spec.train.seed), world, share=False)
-        data = data if data is not None else spec.data.load(seed=spec.train.seed)
-    context = build(spec, data)
-    run = None  # rank 0's run directory
+    data = data if data is not None else _load_data(spec, world)
     if out is not None:
-        def open_run() -> bool:
-            nonlocal run
-            run = RunDir(out, stored, resume=resume, normalise=normalised_config)
-            return run.resuming
-        resuming = distributed.on_main(open_run, world)  # every rank learns rank 0's mode
-    else:
-        resuming = False
-    context = context._replace(run=run)
-    if recipe.prepare is not None and not resuming:
-        device = distributed.rank_device(spec.train.device, world)
-        context.model.to(device), context.guide.to(device)
-        recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
-    transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
-    ragged = getattr(context.data, "ragged", False)
-    callbacks = recipe.callbacks(context) + run_callbacks(run, spec.train)
-    trainer = Trainer(context.model, context.guide, spec.train, run, callbacks, batch_transform=transform,
-                      units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out,
-                      lengths_arg=LENGTHS_ARG if ragged else None)
-    splits = data_splits(context.data)
-    valid = model_inputs(context.data, "valid") if "valid" in splits else None
-    return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming,
-                       valid=valid)
+        check_example_shape(RunDir.stored_config(out), data, out)
+    context = build(spec, data)
+    stored[EXAMPLE_SHAPE_KEY] = example_shape(context.data)
+    run, resuming = _open_run(out, stored, resume, world)
+    try:
+        context = context._replace(run=run)
+        if recipe.prepare is not None and not resuming:
+            device = distributed.rank_device(spec.train.device, world)
+            context.model.to(device), context.guide.to(device)
+            recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
+        transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
+        ragged = getattr(context.data, "ragged", False)
+        trainer = Trainer(context.model, context.guide, spec.train, run,
+                          recipe.callbacks(context) + run_callbacks(run, spec.train), batch_transform=transform,
+                          units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out,
+                          lengths_arg=LENGTHS_ARG if ragged else None, vectorize_particles=recipe.vectorized_particles)
+        valid = model_inputs(context.data, "valid") if "valid" in data_splits(context.data) else None
+        return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming,
+                           valid=valid)
+    finally:
+        if run is not None:
+            run.close()
 
 
 class Run(NamedTuple):
@@ -283,6 +353,7 @@ def load_run(path: str, data_dir: Optional[str] = None, data=None, checkpoint: s
             raise ValueError(f"data: the run in {path} was trained on data handed in directly; pass them as data")
         data_config = spec.data if data_dir is None else type(spec.data)(**{**asdict(spec.data), "data_dir": data_dir})
         data = data_config.load(seed=spec.train.seed)
+    check_example_shape(RunDir.stored_config(path), data, path)
     context = build(spec, data)
     load_weights(context.model, context.guide, state)
     context.model.eval(), context.guide.eval()

@@ -22,8 +22,8 @@ from pyro import poutine
 
 from pyro_models.modes import eval_mode
 
-from .elbo import make_elbo
-from .training import Inputs, take
+from ..training.elbo import make_elbo
+from ..training import Inputs, take
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A :class:`Recipe` names a model's config dataclass, its guides, the data it trains on, its training
 defaults and options, its callbacks (schedules, reports), an optional preparation before training
 (e.g. the KVAE's warm start), whether it can be compiled, and its imputer. The registry
-(:mod:`inference.registry`) maps model names to recipes; nothing else in the library branches on a
+(:mod:`inference.recipes.registry`) maps model names to recipes; nothing else in the library branches on a
 model's name.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from pyro_models.imputation import random_frame_mask
 
-from .rundir import RunDir
-from .training import BatchTransform, Callback, TrainConfig
+from ..runs.rundir import RunDir
+from ..training import BatchTransform, Callback, TrainConfig
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Recipe:
     ``fn(run, options) -> dict`` (JSON-able; it may write figures into the run); ``scripts/evaluate.py``
     generates its flags from ``options_class``.
     ``validate(config, options)``: raise ``ValueError`` (naming the arguments) when the two do not fit
-    together; runs when a :class:`~inference.experiment.RunSpec` is made, before any work.
+    together; runs when a :class:`~inference.runs.experiment.RunSpec` is made, before any work.
     ``validate_data(config, data)``: raise ``ValueError`` when the loaded data cannot be modelled with
     ``config`` (e.g. sequences longer than the HRSSM's segments can hold); runs before the run folder.
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and

@@ -12,19 +12,19 @@ import traceback
 from dataclasses import fields
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
-from .cli import OneLineParser, add_dataclass_flags, build_config, flag, flag_error, given, unknown_flag_error
-from . import distributed
-from .experiment import WORLD_SIZE_KEY, RunSpec
-from .recipe import Recipe
-from .registry import recipes
-from .training import TrainConfig, TrainingDiverged
+from .flags import OneLineParser, add_dataclass_flags, build_config, flag, flag_error, given, unknown_flag_error
+from ..training import distributed
+from ..runs.experiment import WORLD_SIZE_KEY, RunSpec
+from ..recipes.recipe import Recipe
+from ..recipes.registry import recipes
+from ..training import Interrupted, RunStorageError, TrainConfig, TrainingDiverged
 
 DEBUG_ENV = "PYRO_MODELS_DEBUG"
 CONFIG_FLAG = "--config"
 REPEAT_SUFFIX = "-repeat"  # --config without --out: the stored run's folder with this suffix
 GROUPS = (("data", "data"), ("config", "model"), ("options", "recipe options"), ("train", "training"))
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-EXIT_USAGE, EXIT_DIVERGED = 2, 1
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class TrainArgs(NamedTuple):
@@ -221,11 +221,22 @@ def main_guard(main: Callable[..., int], argv=None, renames: Optional[Mapping[st
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    except USER_ERRORS as error:
+    except USER_ERRORS + (RunStorageError,) as error:
         if debug:
             raise
         print(f"error: {translate(error, renames)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # the file system: no space, read-only, ... (one line naming the path)
+        if debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as error:
+        if debug:
+            raise
+        print(f"error: {error if isinstance(error, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def translate(error: Exception, renames: Mapping[str, str]) -> str:

@@ -94,7 +94,10 @@ def segmentation_gap(result: Dict) -> float:
     whose segments carry no information (e.g. boundaries at the walls' bounces or at random) gains
     little from them; one whose abstract states track the events gains the cost of re-describing each
     event without a new z."""
-    elbo = result["segmentation_elbo"]
+    elbo = result.get("segmentation_elbo")
+    if elbo is None:
+        raise ValueError("runs: a boundaries.json without segmentation ELBOs (an RSSM run without boundaries, or one "
+                         "written before they were scored for unlabelled data); run scripts/evaluate.py boundaries again")
     return float(elbo["own"] - elbo["none"])
 
 

@@ -21,7 +21,7 @@ setup(
         "test": ["pytest>=7"],
         # torchvision is optional: only the MNIST downloader can use it; the library reads IDX itself.
         "vision": ["torchvision"],
-        # TensorBoard is optional: --tensorboard logs runs to RUN/tensorboard (inference/tensorboard.py).
+        # TensorBoard is optional: --tensorboard logs runs to RUN/tensorboard (inference/runs/tensorboard.py).
         "tensorboard": ["tensorboard"],
     },
 )

@@ -232,6 +232,12 @@ def main_guard(main: Callable[..., int], argv=None, renames: Optional[Mapping[st
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory: lower the sizes (widths, --batch-size, the number of examples or frames) or free "
+              "memory; the run folder keeps its last checkpoint", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt as error:
         if debug:
             raise

@@ -192,3 +192,23 @@ def test_iaf_guide_starts_as_the_normal_guide():
     assert torch.allclose(q.log_prob(z), base_q.log_prob(z), atol=1e-5)
     prior = model.prior(6, x)
     assert torch.allclose(torch.distributions.kl_divergence(q, prior), torch.distributions.kl_divergence(base_q, prior), atol=1e-5)
+
+
+def test_imputation_experiments_start_the_vae_from_the_mean_training_image():
+    """``scripts/impute.py`` (``impute_batch``) starts missing pixels at the mean training image, the floor a
+    user computes, not at the batch's mean observed pixel (0.5 grey where no image observes, e.g. a bottom half)."""
+    from inference.evaluation.imputation import impute_batch
+    from inference.runs.experiment import Run, RunSpec
+    from inference.trainer import TrainConfig
+    from pyro_models.datasets import ImageData
+
+    train = torch.rand(20, 1, 6, 6) * 0.2  # dark training images: their mean is far from 0.5
+    data = ImageData(train, torch.rand(4, 1, 6, 6), "tiny")
+    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(z_dim=2, hidden_dims=(8,)))
+    run = Run(model, guide, RunSpec("vae", VAEConfig(z_dim=2, hidden_dims=(8,)), TrainConfig()), data, "nowhere")
+    mask = torch.ones(4, 1, 6, 6, dtype=torch.bool)
+    mask[..., 3:, :] = False  # the bottom half, missing in every image
+    result = impute_batch(run, data.test, mask, num_samples=2)
+    fill = result.estimates["fill"]
+    assert torch.equal(fill[~mask], train.mean(0).expand_as(fill)[~mask])
+    assert torch.equal(fill[mask], data.test[mask])

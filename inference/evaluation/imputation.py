@@ -102,9 +102,11 @@ def held_out(run: Run, num_test: int = 0):
 
 def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int,
                  lengths: Optional[torch.Tensor] = None) -> Imputation:
-    if lengths is None:
-        return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples)
-    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples, lengths=lengths)
+    """The recipe's imputer on one batch, with the defaults it takes from the training data."""
+    extras = dict(run.recipe.impute_defaults(run.data))
+    if lengths is not None:
+        extras["lengths"] = lengths
+    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples, **extras)
 
 
 def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samples: int = 1,

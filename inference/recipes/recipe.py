@@ -130,6 +130,9 @@ class Recipe:
     batch_transform: Optional[Callable[[Context], Optional[BatchTransform]]] = None
     prepare_data: Optional[Callable[[Any, Any, int], Any]] = None
     impute: Optional[Callable[..., Any]] = None
+    # keyword arguments of ``impute`` that come from the training data (the VAE's starting fill: the mean
+    # training image), so every caller starts from the same place
+    impute_defaults: Callable[[Any], Dict[str, Any]] = lambda data: {}
     frame_mask: bool = True
     evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
     validate: Optional[Callable[[Any, Any], None]] = None

@@ -38,7 +38,8 @@ class VAEOptions:
 class VAEReport(Callback):
     """Each epoch, on the held-out set: reconstructions, prior samples, bottom-half imputation, KL per
     dimension and decoder weight norms (figures), plus ``active_units``, ``kl_per_dim``,
-    ``impute_mse`` and ``impute_baseline_mse`` (metrics).
+    ``impute_mse`` and ``impute_baseline_mse`` (metrics; on the first ``impute_images`` held-out images,
+    ``num_images``, logged beside them; ``scripts/impute.py`` scores every held-out image).
 
     ``fill (C, H, W)``: the mean training image, the imputation's starting point and baseline.
     """
@@ -62,6 +63,7 @@ class VAEReport(Callback):
             "kl_per_dim": [round(v, 5) for v in stats.kl_per_dim.tolist()],
             "impute_mse": missing_mse(x, imputation.imputed, mask),
             "impute_baseline_mse": missing_mse(x, imputation.estimates["fill"], mask),
+            "impute_images": int(x.shape[0]),
         }
 
     def _figures(self, trainer, epoch, x, mask, imputation, stats) -> None:
@@ -73,8 +75,8 @@ class VAEReport(Callback):
         plots.image_grid(model.mean_image(z), run.figure_path("samples", epoch), self.num_images, f"epoch {epoch}: samples, decoder mean of z ~ p(z)")
         error, baseline = missing_mse(x, imputation.imputed, mask), missing_mse(x, imputation.estimates["fill"], mask)
         plots.image_rows([x, x, imputation.imputed], ["truth", "observed", "imputed"], run.figure_path("imputation", epoch),
-                         f"epoch {epoch}: bottom half imputed (missing pixels in blue), MSE on missing pixels "
-                         f"{error:.4f}; mean-image fill {baseline:.4f}",
+                         f"epoch {epoch}: bottom half imputed (missing pixels in blue), MSE on the missing pixels of "
+                         f"these {x.shape[0]} images {error:.4f}; mean-image fill {baseline:.4f}",
                          observed=[None, mask, None])
         kind = "exact" if guide.factorised else "Gaussian moment-matched"
         plots.bars(stats.kl_per_dim, run.figure_path("kl_per_dim", epoch),
@@ -97,7 +99,7 @@ def prepare_images(data: ImageData, data_config: Optional[ImageDataConfig], seed
 
 
 def _callbacks(context: Context) -> List[Callback]:
-    callbacks: List[Callback] = [VAEReport(fill=context.data.train.mean(0))]
+    callbacks: List[Callback] = [VAEReport(fill=_impute_defaults(context.data)["fill"])]
     free_bits = FreeBitsConfig(target=context.options.free_bits_target)
     schedule = make_kl_schedule(context.options.kl_schedule, context.model.kl_weights, context.train.epochs, free_bits)
     return ([schedule] if schedule is not None else []) + callbacks
@@ -129,10 +131,16 @@ def _recipe(name: str, summary: str) -> Recipe:
         name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(name, shape, config),
         data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
         callbacks=_callbacks, compilable=True, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
-        prepare_data=prepare_images, impute=impute, frame_mask=False, example=_example, validate=_validate,
+        prepare_data=prepare_images, impute=impute, impute_defaults=_impute_defaults, frame_mask=False, example=_example, validate=_validate,
         width_fields=("hidden_dims",) if name == "vae" else ("channels",),
         unused_fields=("channels",) if name == "vae" else ("hidden_dims",),
     )
+
+
+def _impute_defaults(data) -> Dict[str, Any]:
+    """Missing pixels start at the mean training image (the floor a user would compute), not at a grey
+    guess from the batch's observed pixels, which leaves a region no image observes (a bottom half) at 0.5."""
+    return {"fill": data.train.mean(0)}
 
 
 RECIPES = (

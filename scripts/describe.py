@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
@@ -34,12 +35,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def render_graph(model, x, path: str) -> str:
+    """``pyro.render_model``'s graph of ``model`` written to exactly ``path``, in the format its extension
+    names (pdf, png, svg, ...); a one-line note instead when Graphviz (bindings or ``dot``) is missing."""
     try:
-        import graphviz  # noqa: F401  (optional extra)
+        import graphviz  # optional extra
     except ImportError:
         return "graph: not written; install the Graphviz bindings (pip install graphviz) and the graphviz package"
     import pyro
-    pyro.render_model(model, model_args=(x,), filename=path)
+
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in graphviz.FORMATS:
+        raise ValueError(f"graph: expected a file name ending in a Graphviz format (.pdf, .png, .svg, ...), got {path}")
+    try:
+        image = pyro.render_model(model, model_args=(x,)).pipe(format=extension)  # no source file beside it
+    except graphviz.ExecutableNotFound:
+        return "graph: not written; Graphviz's dot program is not installed (apt install graphviz)"
+    with open(path, "wb") as f:
+        f.write(image)
     return f"graph: wrote {path}"
 
 

@@ -60,8 +60,13 @@ def test_untraceable_programs_fall_back_on_the_chain_rule():
     assert not description.traced and "past" in description.text and "prod_{t=1..T-1} p(m_t | past)" in description.text
 
 
-def test_describe_script():
-    result = subprocess.run([sys.executable, "scripts/describe.py", "dmm", "--graph", os.devnull], cwd=ROOT,
+def test_describe_script(tmp_path):
+    (tmp_path / "dmm").mkdir()  # a run folder named like the graph's stem: never touched
+    graph = tmp_path / "dmm.pdf"
+    result = subprocess.run([sys.executable, "scripts/describe.py", "dmm", "--graph", str(graph)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "guide mf-lr" in result.stdout and "graph:" in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("graph:"))
+    assert (line == f"graph: wrote {graph}" and graph.stat().st_size > 0) or ("not written" in line and not graph.exists())
+    assert os.listdir(tmp_path / "dmm") == [] and sorted(os.listdir(tmp_path)) in (["dmm"], ["dmm", "dmm.pdf"])

@@ -145,3 +145,40 @@ def test_runs_on_data_without_events_are_scored_and_selected_without_labels(tmp_
         results[out] = result
     assert all(torch.isfinite(torch.tensor(segmentation_gap(r))) for r in results.values())
     assert sorted(rank_runs(results)) == sorted(results)
+
+
+def test_the_decoupled_colour_balls_change_colour_away_from_the_bounces():
+    from pyro_models.datasets.balls import HIT_CLEARANCE, color_balls
+
+    n = 1000
+    bounces, hits = color_balls(n, seed=3)
+    frames, changes = color_balls(n, seed=3, changes="random")
+    control, would_be = color_balls(n, seed=3, changes="random", change_colors=False)
+    assert (bounces.sum(2) > 0).tolist() == (frames.sum(2) > 0).tolist()  # the same ball, frame by frame
+    assert (control.sum(2) > 0).tolist() == (frames.sum(2) > 0).tolist() and (would_be == changes).all()
+    colour = frames.max(axis=(3, 4))  # (N, T, 3): the ball's colour
+    assert ((colour[:, 1:] != colour[:, :-1]).any(-1) == changes[:, 1:].astype(bool)).all()  # events = changes
+    assert ((control.max(axis=(3, 4))[:, 1:] == control.max(axis=(3, 4))[:, :-1]).all())  # the control: one colour
+    for shift in range(-HIT_CLEARANCE, HIT_CLEARANCE + 1):  # never within the clearance of a wall hit
+        assert not (changes.astype(bool) & torch.from_numpy(hits).roll(shift, 1).numpy().astype(bool))[:, HIT_CLEARANCE:-HIT_CLEARANCE].any()
+    gaps = [b - a for row in changes for a, b in zip(row.nonzero()[0], row.nonzero()[0][1:])]
+    assert min(gaps) >= 3
+    # as many changes as wall hits: 2.49 hits per sequence; the mean count's standard error is about 0.04
+    assert abs(changes.sum(1).mean() - hits.sum(1).mean()) < 0.2
+
+
+def test_cue_scores_and_their_chance_level():
+    from inference.evaluation.boundaries import cue_scores, random_boundaries
+
+    generator = torch.Generator().manual_seed(0)
+    events = (torch.rand(200, 20, generator=generator) < 0.15).long()
+    events[:, 0] = 0
+    other = events.roll(5, 1)
+    other[:, :5] = 0
+    starts = events.clone()
+    starts[:, 0] = 1
+    drawn = random_boundaries(starts, generator)
+    assert torch.equal(drawn[:, 1:].sum(1), starts[:, 1:].bool().sum(1)) and drawn[:, 0].all()
+    scores = cue_scores(starts, {"own": events, "other": other}, tolerance=1)
+    assert scores["own"]["f1"] == 1.0 and scores["own"]["share"] == 1.0
+    assert scores["own"]["random_f1"] < 0.7 and abs(scores["other"]["f1"] - scores["other"]["random_f1"]) < 0.15

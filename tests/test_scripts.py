@@ -145,7 +145,7 @@ def test_kvae_step_benchmark(tmp_path):
     assert 0 < json.load(open(out))["lgssm_share"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-boundaries"]])
+@pytest.mark.parametrize("extra", [[], ["--no-boundaries"], ["--data", "color-balls-random"]])
 def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     out = str(tmp_path / "hrssm")
     run("scripts/train.py", "hrssm", "--num-sequences", "16", "--num-steps", "10", "--belief-size", "16", "--conv-channels", "8",
@@ -159,12 +159,19 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")
     scores = json.load(open(os.path.join(out, "boundaries.json")))
     assert 0 <= scores["boundary_f1_one_to_one"] <= scores["boundary_f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
-    if not extra:
+    boundaries = "--no-boundaries" not in extra
+    if boundaries:
         assert set(scores["segmentation_elbo"]) == {"own", "true_events", "none"}
         assert scores["peaks"] and 0 <= scores["argmax"]["boundary_f1"] <= 1 and "boundary_f1_argmax" in metrics
-        assert scores["control"]["data"] == "color-balls-constant" and 0 <= scores["control"]["boundary_f1"] <= 1
+        control = "color-balls-random-constant" if extra else "color-balls-constant"
+        assert scores["control"]["data"] == control and 0 <= scores["control"]["boundary_f1"] <= 1
+        for where in (scores, scores["control"]):  # colour changes and wall hits, each with its chance level
+            assert set(where["cues"]) == {"colour_changes", "wall_hits"}
+            assert all(0 <= v <= 1 for cue in where["cues"].values() for v in cue.values())
+        if extra:  # the colour changes are the data's events; the wall hits are apart from them
+            assert scores["cues"]["colour_changes"]["f1"] == pytest.approx(scores["boundary_f1"])
     figures = ["boundaries_eval.png", "jumpy.png", "boundaries_epoch001.png", "f1_vs_time.png"]
-    figures += [] if extra else ["boundary_probabilities.png"]  # the RSSM has no boundary posterior
+    figures += ["boundary_probabilities.png"] if boundaries else []  # the RSSM has no boundary posterior
     for name in figures:
         assert os.path.exists(os.path.join(out, "figures", name)), name
 

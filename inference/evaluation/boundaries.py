@@ -83,6 +83,38 @@ def boundary_metrics(starts: torch.Tensor, events: torch.Tensor, tolerance: int 
     return metrics
 
 
+RANDOM_DRAWS = 20  # draws of random boundaries behind each cue's chance level
+
+
+def random_boundaries(starts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Boundaries ``(N, T)`` as many per sequence as ``starts (N, T)`` has (frame 0 aside), at frames drawn
+    uniformly without replacement from 1..T-1: the chance level of a segmentation of that count."""
+    num, steps = starts.shape
+    counts = starts[:, 1:].bool().sum(1)
+    ranks = torch.rand(num, steps - 1, generator=generator).argsort(1).argsort(1)  # a random order of the frames
+    chosen = ranks < counts[:, None]  # (N, T - 1)
+    out = torch.zeros_like(starts, dtype=torch.bool)
+    out[:, 1:], out[:, 0] = chosen, starts[:, 0].bool()
+    return out
+
+
+def cue_scores(starts: torch.Tensor, cues: Dict[str, torch.Tensor], tolerance: int = 1,
+               draws: int = RANDOM_DRAWS, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """How far the boundaries ``starts (N, T)`` follow each cue (``{name: events (N, T)}``, e.g. colour
+    changes and wall hits): ``f1`` and ``recall`` (window rule, ``tolerance`` frames), ``share`` (of the
+    boundaries, the fraction within ``tolerance`` of an event of the cue: the window precision) and
+    ``random_f1`` (the mean F1 of ``draws`` random segmentations with the same count per sequence: the
+    level a segmentation blind to the cue reaches)."""
+    generator = torch.Generator().manual_seed(seed)
+    chance = [random_boundaries(starts, generator) for _ in range(draws)]
+    result = {}
+    for name, events in cues.items():
+        scores = boundary_scores(starts, events, tolerance)
+        result[name] = {"f1": scores.f1, "share": scores.precision, "recall": scores.recall,
+                        "random_f1": sum(boundary_scores(r, events, tolerance).f1 for r in chance) / draws}
+    return result
+
+
 # ----------------------------------------------------------------------------- choosing among runs
 SELECTION_RULES = ("segmentation-gap", "elbo")
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
-from pyro_models.datasets.sequences import CONTROLS
+from pyro_models.datasets.sequences import CONTROLS, CUES
 from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_temperature, build_hrssm, impute,
                                 jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
 from pyro_models.hrssm.boundaries import check_threshold
@@ -19,7 +19,7 @@ from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
 from pyro_models.imputation import frames_inside
 
 from ..evaluation import plots
-from ..evaluation.boundaries import boundary_metrics, boundary_scores
+from ..evaluation.boundaries import boundary_metrics, boundary_scores, cue_scores
 from ..training.elbo import elbo_terms
 from .recipe import Context, Recipe, frames_per_sequence, sequence_builder
 from ..training import Callback, TrainConfig, Trainer
@@ -178,6 +178,9 @@ def score_boundaries(run, options: BoundaryEvaluation) -> Tuple[Dict[str, Any], 
     if data.test_events is None:
         result["note"] = "the data have no true events: no boundary F1"
         return result, starts
+    cues = _cue_events(run, getattr(run.spec.data, "data", None), options.num_test)
+    if cues:
+        result["cues"] = cue_scores(starts, cues, options.tolerance)
     events = data.test_events[: options.num_test]
     scores = boundary_scores(starts, events, options.tolerance)
     result.update(boundary_metrics(starts, events, options.tolerance), num_predicted=scores.num_predicted,
@@ -202,8 +205,25 @@ def score_on_control(run, options: BoundaryEvaluation) -> Optional[Dict[str, Any
     control = dataclasses.replace(data_config, data=CONTROLS[data_config.data]).load(seed=run.spec.train.seed)
     x, events = control.test[: options.num_test], control.test_events[: options.num_test]
     starts = _read_boundaries(run.guide, x, options.batch_size, options.peaks, options.threshold)
-    return {"data": CONTROLS[data_config.data], "mean_segments": float(starts.sum(1).mean()),
-            **boundary_metrics(starts, events, options.tolerance)}
+    result = {"data": CONTROLS[data_config.data], "mean_segments": float(starts.sum(1).mean()),
+              **boundary_metrics(starts, events, options.tolerance)}
+    cues = _cue_events(run, CONTROLS[data_config.data], options.num_test)
+    if cues:
+        result["cues"] = cue_scores(starts, cues, options.tolerance)
+    return result
+
+
+def _cue_events(run, name: Optional[str], num_test: int) -> Dict[str, torch.Tensor]:
+    """``{cue: events (n, T)}`` of the held-out sequences of the generated set ``name`` (``CUES``: its colour
+    changes and its wall hits, on the same trajectories), generated with the run's data settings; {} for
+    data without cues."""
+    if name not in CUES or run.spec.data is None:
+        return {}
+    cues = {}
+    for cue, source in CUES[name].items():
+        data = dataclasses.replace(run.spec.data, data=source).load(seed=run.spec.train.seed)
+        cues[cue] = data.test_events[:num_test]
+    return cues
 
 
 def _read_boundaries(guide, x: torch.Tensor, batch_size: int, peaks: bool, threshold: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ UNCOMPARED = (HISTORY_KEY, "example_shape")
 # the staircase decay). Every change is recorded in config.json under HISTORY_KEY.
 RESUMABLE_CHANGES = frozenset({"train.epochs", "train.lr", "train.clip_norm", "train.progress", "train.device",
                                "train.eval_batch_size", "train.tensorboard", "train.check_every_step",
-                               "train.eval_every", "world_size"})
+                               "train.eval_every", "train.flush_denormal", "world_size"})
 NEW, RESTART, RESUME, COMPLETE = "new", "restart", "resume", "complete"
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"  # held (flock) by the process that writes the run; the kernel frees it when that process dies

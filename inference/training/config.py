@@ -41,6 +41,10 @@ class TrainConfig:
     train_eval_size: int = 1000  # training examples scored in eval mode each epoch (train_elbo)
     progress: bool = True  # tqdm progress bars and one line per epoch
     bucket_batches: int = 8  # sequences of different lengths: each batch is drawn from a window of this many batches sorted by length, so a batch's sequences have similar lengths (1: no bucketing)
+    # treat denormal floats (below 1.2e-38) as zero on the CPU (x86 FTZ/DAZ, torch.set_flush_denormal): weight
+    # decay drives unused weights into that range, where every product with them is many times slower (a JSB DMM
+    # epoch went from 2.5 s to 11 s after 350 epochs, with 14% of its weights denormal; docs/benchmarks.md)
+    flush_denormal: bool = True
     check_every_step: bool = False  # every SVI step under Pyro's and torch's argument validation; off: each epoch's first step only (the checks cost 6-8% of an HRSSM step, docs/benchmarks.md; non-finite losses and gradients are caught at every step either way)
 
     def __post_init__(self):

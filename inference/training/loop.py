@@ -218,6 +218,7 @@ class Trainer:
         With ``valid`` (a validation split), each scoring epoch also scores it (``valid_elbo``) and the run
         keeps the weights of the epoch with the best validation ELBO as ``best.pt``."""
         self.config.check_machine()
+        torch.set_flush_denormal(self.config.flush_denormal)  # process-wide; False where the CPU cannot
         train, test = as_inputs(train, "train"), as_inputs(test, "test")
         valid = as_inputs(valid, "valid") if valid is not None else None
         if train[0].shape[0] == 0 or test[0].shape[0] == 0:

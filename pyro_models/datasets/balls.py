@@ -3,7 +3,8 @@
 * :func:`bouncing_balls`: the Kalman VAE data (Fraccaro et al. 2017): binary ``(N, T, size, size)``
   frames of a disc bouncing inside an always-on one-pixel wall outline.
 * :func:`color_balls`: the VTA-style data: RGB ``(N, T, 3, size, size)`` frames of a disc on black
-  whose colour changes at every wall hit, and the ``(N, T)`` change events.
+  whose colour changes at every wall hit (``changes="bounces"``) or at random frames away from the wall
+  hits (``changes="random"``: the two causes of a boundary apart), and the ``(N, T)`` change events.
 
 Physics is exact without sub-steps: a ball moving at constant velocity between two walls follows
 the straight "unfolded" line ``start + velocity * time`` reflected (folded) back into the box, so
@@ -28,6 +29,8 @@ PALETTE = np.array(
     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=np.float32
 )
 MIN_COLORS = 2
+CHANGES = ("bounces", "random")  # when color_balls changes the ball's colour
+HIT_CLEARANCE = 2  # changes="random": no colour change within this many frames of a wall hit
 CHUNK_SEQUENCES = 500  # sequences rasterised at once (bounds the temporary memory)
 SPATIAL_AXES = 2  # (x, y)
 RGB_CHANNELS = 3
@@ -128,6 +131,32 @@ def _color_indices(rng: np.random.Generator, events: np.ndarray, num_colors: int
     return (first[:, None] + np.cumsum(shifts, axis=1)) % num_colors
 
 
+def wall_hits(folds: np.ndarray) -> np.ndarray:
+    """``(N, T)`` int64: 1 at every frame whose step from the frame before hit a wall (``folds (N, T, 2)``)."""
+    hits = np.zeros(folds.shape[:2], dtype=np.int64)
+    hits[:, 1:] = (np.diff(folds, axis=1) != 0).any(axis=2)
+    return hits
+
+
+def random_changes(rng: np.random.Generator, hits: np.ndarray, rate: float, min_gap: int,
+                   clearance: int = HIT_CLEARANCE) -> np.ndarray:
+    """``(N, T)`` int64 change frames independent of the bounces: frame ``t >= 1`` changes with probability
+    ``rate`` when no wall hit of ``hits (N, T)`` lies within ``clearance`` frames of it and the previous
+    change is at least ``min_gap`` frames before it."""
+    num, steps = hits.shape
+    near = hits.astype(bool)
+    for shift in range(1, clearance + 1):  # a hit within +-shift frames
+        near[:, shift:] |= hits[:, :-shift].astype(bool)
+        near[:, :-shift] |= hits[:, shift:].astype(bool)
+    draws = rng.random((num, steps))
+    events = np.zeros((num, steps), dtype=np.int64)
+    last = np.full(num, -min_gap)
+    for t in range(1, steps):
+        change = ~near[:, t] & (t - last >= min_gap) & (draws[:, t] < rate)
+        events[change, t], last[change] = 1, t
+    return events
+
+
 def color_balls(
     num_sequences: int,
     num_steps: int = 20,
@@ -137,6 +166,9 @@ def color_balls(
     num_colors: int = 4,
     seed: int = 0,
     change_colors: bool = True,
+    changes: str = "bounces",
+    change_rate: float = 0.5,
+    min_gap: int = 3,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """VTA-style coloured ball: frames float32 ``(N, T, 3, size, size)`` in {0, 1} and events int64 ``(N, T)``.
 
@@ -147,20 +179,30 @@ def color_balls(
     ``events[n, t] = 1`` iff the colour of frame ``t`` differs from that of frame ``t - 1``
     (``events[:, 0] = 0``): 2.49 per 20-frame sequence on average with the defaults.
 
-    ``change_colors=False`` is the control: the same trajectories (the same ``seed`` gives the same
-    positions and wall hits) with the first colour kept throughout; ``events`` then marks the wall hits,
-    where the colour would have changed, so boundaries can be scored against what is *not* an event.
+    ``changes="random"`` decouples the colour from the motion: the same trajectories (the same ``seed``
+    gives the same positions and wall hits as ``changes="bounces"``), but the colour changes at random
+    frames (:func:`random_changes`: probability ``change_rate`` at each frame at least ``HIT_CLEARANCE``
+    frames from any wall hit and ``min_gap`` frames after the previous change; about 2.5 changes per 20
+    frames with the defaults, as many as wall hits), so a boundary at a change and one at a bounce differ.
+
+    ``change_colors=False`` is the control: the same trajectories with the first colour kept throughout;
+    ``events`` then marks where the colour would have changed (the wall hits, or the random frames), so
+    boundaries can be scored against what is *not* an event.
     """
     _check_common("color_balls", num_sequences, num_steps, radius, speed)
     if not MIN_COLORS <= num_colors <= len(PALETTE):
         raise ValueError(f"color_balls: num_colors must be in [{MIN_COLORS}, {len(PALETTE)}], got {num_colors}")
+    if changes not in CHANGES or not 0 < change_rate <= 1 or min_gap < 1:
+        raise ValueError(f"color_balls: expected changes in {CHANGES}, change_rate in (0, 1] and min_gap >= 1, "
+                         f"got {changes!r}, {change_rate}, {min_gap}")
     low, high = radius, size - radius
     _check_box("color_balls", size, low, high)
     rng = np.random.default_rng(seed)
     start = rng.uniform(low, high, size=(num_sequences, SPATIAL_AXES))
     centres, folds = _trajectories(start, _velocities(rng, num_sequences, speed), num_steps, 1.0, low, high)
-    events = np.zeros((num_sequences, num_steps), dtype=np.int64)
-    events[:, 1:] = (np.diff(folds, axis=1) != 0).any(axis=2)
+    events = wall_hits(folds)
+    if changes == "random":  # drawn after the trajectories, so these stay those of changes="bounces"
+        events = random_changes(rng, events, change_rate, min_gap)
     colors = PALETTE[_color_indices(rng, events if change_colors else np.zeros_like(events), num_colors)]  # (N, T, 3)
     frames = np.empty((num_sequences, num_steps, RGB_CHANNELS, size, size), dtype=np.float32)
     for begin in range(0, num_sequences, CHUNK_SEQUENCES):

@@ -28,7 +28,8 @@ from ..imputation import random_frame_mask, zero_missing
 from .mnist import load_mnist
 from .polyphonic import POLYPHONIC_DATASETS, load_polyphonic
 
-SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "color-balls-constant", "mnist-rows", "npz") + POLYPHONIC_DATASETS
+SEQUENCE_DATASETS = ("bouncing-balls", "color-balls", "color-balls-constant", "color-balls-random",
+                     "color-balls-random-constant", "mnist-rows", "npz") + POLYPHONIC_DATASETS
 DEFAULT_SEED = 1234  # the Kalman VAE's training seed
 TEST_SEED_OFFSET = 4444  # held-out data use seed + TEST_SEED_OFFSET: 5678 by default, as the KVAE
 TEST_FRACTION = 0.1  # of a user's .npz sequences held out (the last ones, at least one)
@@ -197,18 +198,40 @@ def _constant_colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return color_balls(change_colors=False, **arguments)
 
 
+def _random_colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``color-balls`` trajectories whose colour changes at random frames away from the wall hits."""
+    return color_balls(changes="random", **arguments)
+
+
+def _random_constant_colors(**arguments) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The control of ``color-balls-random``: no colour change; its events are the random frames."""
+    return color_balls(changes="random", change_colors=False, **arguments)
+
+
 # name -> (generator whose signature defines the cache key, adapter returning ((N, T, C, H, W), events))
 GENERATORS: Dict[str, Tuple[Callable, Callable]] = {
     "bouncing-balls": (bouncing_balls, _bouncing),
     "color-balls": (color_balls, _colors),
     "color-balls-constant": (color_balls, _constant_colors),
+    "color-balls-random": (color_balls, _random_colors),
+    "color-balls-random-constant": (color_balls, _random_constant_colors),
 }
 
 # name -> its control: the same trajectories (same generator arguments and seed) in which nothing
 # happens; its "events" mark where the data set's events would have been (the wall hits). Scoring a
 # model trained on the data set on its control shows how far the boundaries follow the events
 # themselves rather than what they coincide with (a colour changes exactly at a bounce).
-CONTROLS: Dict[str, str] = {"color-balls": "color-balls-constant"}
+CONTROLS: Dict[str, str] = {"color-balls": "color-balls-constant", "color-balls-random": "color-balls-random-constant"}
+
+# name -> {cue: the generated set whose events mark that cue on the same trajectories}: the causes a
+# boundary may follow. On color-balls both are the wall hits; on color-balls-random they are apart; on a
+# control, "colour_changes" marks where the colour would have changed.
+CUES: Dict[str, Dict[str, str]] = {
+    "color-balls": {"colour_changes": "color-balls", "wall_hits": "color-balls-constant"},
+    "color-balls-constant": {"colour_changes": "color-balls-constant", "wall_hits": "color-balls-constant"},
+    "color-balls-random": {"colour_changes": "color-balls-random", "wall_hits": "color-balls-constant"},
+    "color-balls-random-constant": {"colour_changes": "color-balls-random-constant", "wall_hits": "color-balls-constant"},
+}
 
 
 def _cache_key(name: str, arguments: dict) -> Tuple[str, str]:

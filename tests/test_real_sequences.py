@@ -227,6 +227,10 @@ def test_the_command_line_trains_on_a_music_folder_and_scores_its_likelihood(mus
     assert curve.returncode == 0, curve.stderr
     points = json.load(open(os.path.join(out, "wall_time_curve.json")))["points"]
     assert [p["epoch"] for p in points] == [1, 2] and os.path.isfile(os.path.join(out, "figures", "nll_vs_wall_time.png"))
+    slow = subprocess.run([sys.executable, "benchmarks/denormals.py", "--run", out, "--rounds", "1", "--out",
+                           os.path.join(out, "denormals.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert slow.returncode == 0, slow.stderr
+    assert json.load(open(os.path.join(out, "denormals.json")))["rounds"][0]["flush_on_s"] > 0
     cpu = subprocess.run([sys.executable, "benchmarks/wall_time_curve.py", "--run", out, "--clock", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert cpu.returncode == 0, cpu.stderr

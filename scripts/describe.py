@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from inference.cli.flags import OneLineParser
+from inference.cli.flags import HelpFormatter, OneLineParser
 from inference.cli.command_line import main_guard
 from inference.evaluation.describe import describe, jitter
 from inference.recipes.registry import recipes
@@ -27,7 +27,7 @@ EXAMPLE_BATCH = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="describe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="describe.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", choices=tuple(recipes()), help="the model to describe")
     p.add_argument("--graph", help="also write pyro.render_model's graph to this file (needs Graphviz)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

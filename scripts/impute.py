@@ -19,13 +19,13 @@ import os
 import sys
 
 from inference.evaluation import imputation
-from inference.cli.flags import OneLineParser
+from inference.cli.flags import HelpFormatter, OneLineParser
 from inference.cli.command_line import main_guard
 from inference.runs.experiment import load_run, read_spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="impute.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="impute.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run directory (scripts/train.py MODEL --out RUN)")
     p.add_argument("--mask", choices=("random", "consecutive", "bottom-half"), default="random",
                    help="random or consecutive frames (sequence models); random pixels or bottom-half (image models)")
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     rows = imputation.evaluate(run, args.mask, args.batch_size, args.seed, args.num_samples, args.metric, args.num_test)
     for row in rows:
         print(f"{args.mask} {row['setting']}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "setting"))
-    imputation.figures(run, args.mask, rows, args.seed)
+    imputation.figures(run, args.mask, rows, args.seed, args.metric)
     num_test = args.num_test or int(run.data.test.shape[0])
     out = imputation.save(run, args.mask, rows, metric=args.metric, num_test=num_test, seed=args.seed)
     print(f"wrote {out} and figures in {os.path.join(args.run, 'figures')}")

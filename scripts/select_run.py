@@ -15,7 +15,7 @@ import os
 import sys
 
 from inference.evaluation.boundaries import SELECTION_RULES, rank_runs, segmentation_gap
-from inference.cli.flags import OneLineParser
+from inference.cli.flags import HelpFormatter, OneLineParser
 from inference.cli.command_line import main_guard
 
 RESULT = "boundaries.json"
@@ -33,7 +33,7 @@ def read_results(runs) -> dict:
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="select_run.py", description=__doc__)
+    p = OneLineParser(prog="select_run.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="HRSSM run directories, each evaluated (RUN/boundaries.json)")
     p.add_argument("--rule", choices=SELECTION_RULES, default=SELECTION_RULES[0], help="the rule that picks")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

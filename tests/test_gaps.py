@@ -127,3 +127,28 @@ def test_every_sequence_model_trains_on_gaps_without_reading_them(name, tmp_path
         assert histories[0][-1][key] == pytest.approx(histories[1][-1][key], rel=1e-5), key
     loaded = load_run(out, data=data)
     assert torch.equal(loaded.data.train_mask, data.train_mask)
+
+
+def test_the_imputation_strip_draws_the_datas_own_gaps_as_missing(tmp_path, monkeypatch):
+    """The figure's mask is the experiment's mask AND the data's own (a frame the data lack is neither shown
+    as observed nor given to the imputer), as the scores have it."""
+    from inference.evaluation import imputation, plots
+    from inference.runs.experiment import Run, RunSpec
+    from inference.trainer import TrainConfig
+    from pyro_models.datasets import SequenceData
+    from pyro_models.dmm import DMMConfig, build_dmm
+    from pyro_models.imputation import expand_mask
+
+    x = torch.rand(3, 8, 1, 6, 6)
+    own = torch.ones(3, 8, dtype=torch.bool)
+    own[0, 5] = False  # a frame the data lack, after the frames always given
+    data = SequenceData(x, x.clone(), "gappy", train_mask=own.clone(), test_mask=own.clone())
+    config = DMMConfig(z_dim=2, transition_dim=4, emission_hidden=(4,), rnn_dim=4)
+    model, guide = build_dmm((1, 6, 6), config)
+    run = Run(model, guide, RunSpec("dmm", config, TrainConfig()), data, str(tmp_path))
+    (tmp_path / "figures").mkdir()
+    shown = {}
+    monkeypatch.setattr(plots, "image_rows", lambda rows, labels, path, title, observed=None: shown.setdefault("observed", observed[1]))
+    imputation.figures(run, "random", [{"setting": 0.0, "posterior_mean": 0.1}], metric="mse")
+    expected = imputation.make_mask(run, "random", 0.0, x[:1].shape, 0) & own[:1]
+    assert not expected[0, 5] and torch.equal(shown["observed"], expand_mask(expected, x[:1])[0])

@@ -54,7 +54,7 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[Ru
     if recipe.shortcuts:
         group = p.add_argument_group("shortcuts (set several model fields at once; explicit flags win)")
         for name, (targets, text) in recipe.shortcuts.items():
-            group.add_argument(flag(name), dest="shortcut." + name, type=int, default=argparse.SUPPRESS, help=text)
+            group.add_argument(flag(name), dest="shortcut." + name, type=int, metavar=name.upper(), default=argparse.SUPPRESS, help=text)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=stored is None, default=argparse.SUPPRESS if stored is None else None,
                      help="the run directory" + ("" if stored is None else " (default: the stored run's folder + '-repeat')"))

@@ -22,6 +22,10 @@ COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 NONE_WORDS = ("none", "None", "")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' help: the module docstring as written, and every flag's default."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``error: MESSAGE; see PROG --help``, and which
     takes no abbreviated flags (an abbreviation of one model's flag could be another model's flag)."""

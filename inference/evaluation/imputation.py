@@ -28,6 +28,9 @@ DROP_PROBS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 CONSECUTIVE_STRIDE = 2  # k = 1, 3, 5, ...
 FRAME_MASKS, PIXEL_MASKS = ("random", "consecutive"), ("random", "bottom-half")
 METRICS = {"hamming": hamming_error, "mse": missing_mse}
+# what each metric's number is, for the axis of the error curves
+METRIC_LABELS = {"hamming": "fraction of wrong values (0.5 threshold) on the missing parts",
+                 "mse": "mean squared error on the missing parts"}
 
 
 class Setting(NamedTuple):
@@ -137,20 +140,23 @@ def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samp
     return rows
 
 
-def figures(run: Run, kind: str, rows: List[Dict[str, float]], seed: int = 0) -> List[str]:
-    """The error curves of ``rows`` and, for image frames, a strip of one held-out example at the middle
-    strength (truth / observed / each estimate / a posterior-predictive draw). Returns the paths."""
+def figures(run: Run, kind: str, rows: List[Dict[str, float]], seed: int = 0, metric: str = "hamming") -> List[str]:
+    """The error curves of ``rows`` (``metric`` on the axis) and, for image frames, a strip of one held-out
+    example at the middle strength (truth / observed / each estimate / a posterior-predictive draw), whose
+    mask is the experiment's and the data's own (a frame the data lack is drawn as missing, and is not
+    given to the imputer). Returns the paths."""
     folder = os.path.join(run.path, "figures")
     xs = [r["setting"] for r in rows]
     names = [k for k in rows[0] if k != "setting"] if rows else []
     label = {"random": "drop probability", "consecutive": "consecutive missing frames k"}.get(kind, kind)
     paths = [plots.error_curves(xs, {k: [r.get(k, float("nan")) for r in rows] for k in names},
                                 os.path.join(folder, f"imputation_{kind}.png"), label,
-                                f"{run.spec.model} imputation, {kind} masks")]
-    x = run.data.test[:1]
+                                f"{run.spec.model} imputation, {kind} masks", METRIC_LABELS[metric])]
     middle = xs[len(xs) // 2]
+    x, known, lengths = held_out(run, 1)
     mask = make_mask(run, kind, middle, x.shape, seed)
-    _, _, lengths = held_out(run, 1)
+    if known is not None:  # the data's own gaps: missing in the figure as in the scores
+        mask = mask & known
     result = impute_batch(run, x, mask, num_samples=1, lengths=lengths)
     images = x[0] if run.recipe.frame_mask else x
     if images.dim() == 4:  # (T, C, H, W) frames or (batch, C, H, W) images

@@ -160,14 +160,15 @@ def trajectories(points: torch.Tensor, path: str, title: str) -> str:
     return _save(fig, path)
 
 
-def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel: str, title: str) -> str:
-    """Imputation error against a setting (drop probability or number of missing frames)."""
+def error_curves(x_values, series: Dict[str, Sequence[float]], path: str, xlabel: str, title: str,
+                 ylabel: str) -> str:
+    """Imputation error (``ylabel``: the metric) against a setting (drop probability or missing frames)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, values in series.items():
         style = "--" if "floor" in label else "-"
         ax.plot(x_values, values, style, marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of wrong pixels (missing frames)")
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -37,7 +37,7 @@ class DMMConfig:
     conv_channels: Tuple[int, ...] = (16, 32)  # "conv": filters of the 3x3 stride-2 layers (decoder reversed)
     likelihood: str = field(default="bernoulli", metadata={"choices": LIKELIHOODS})  # p(x_t | z_t): "bernoulli" (grey values allowed) or "gaussian"
     obs_scale: float = 0.1  # "gaussian": initial standard deviation r of each frame element (learned)
-    guide: str = field(default="st-r", metadata={"choices": GUIDES})  # inference network, one of GUIDES
+    guide: str = field(default="st-r", metadata={"choices": GUIDES})  # inference network (the paper's Table 1): st-r, st-l, st-lr or mf-lr
     rnn_dim: int = 600  # hidden size of the guide's RNN (each direction)
     rnn_layers: int = 1  # stacked layers of the guide's RNN
     rnn_nonlinearity: str = field(default="relu", metadata={"choices": RNN_NONLINEARITIES})  # of the guide's RNN: "relu" or "tanh"

@@ -70,12 +70,14 @@ def hrssm_trainer(x: torch.Tensor, config, device: str = "cpu", **train_override
     recipe's training defaults (``train_overrides`` replacing fields, e.g. ``jit=False``) and temperature
     annealing, its optimiser set up on ``x``."""
     from inference.recipes.hrssm import HRSSM_TRAIN_DEFAULTS, TemperatureAnnealing
+    from pyro_models.hrssm import BoundarySchedule
     from inference.trainer import Trainer
     from pyro_models.hrssm import build_hrssm
 
     model, guide = build_hrssm(tuple(x.shape[2:]), config)
     trainer = Trainer(model, guide, dataclasses.replace(HRSSM_TRAIN_DEFAULTS, device=device, progress=False, **train_overrides),
-                      callbacks=[TemperatureAnnealing(model.temperature, config)], units_per_example=x.shape[1])
+                      callbacks=[TemperatureAnnealing(model.temperature, BoundarySchedule(), config.boundaries)],
+                      units_per_example=x.shape[1])
     trainer.setup(x)
     return trainer
 

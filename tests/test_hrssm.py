@@ -15,9 +15,9 @@ from inference.recipes.hrssm import TemperatureAnnealing
 from inference.trainer import TrainConfig, Trainer
 from pyro_models.datasets import color_balls
 from pyro_models.hrssm import (
+    BoundarySchedule,
     HRSSMConfig,
     SegmentCounter,
-    annealed_temperature,
     apply_constraints,
     boundaries_from_trace,
     build_hrssm,
@@ -40,7 +40,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field rest
 # set them explicitly.
 TINY = dict(abstract_belief_size=6, observation_belief_size=6, abstract_state_size=3, observation_state_size=3,
             feature_size=6, conv_channels=4, mlp_hidden=(8,), boundary_layers=1,
-            kl_weight_abstract=1.0, update_kl_gradient=0.0, boundary_warmup_steps=0, copy_step_every=0)
+            kl_weight_abstract=1.0, update_kl_gradient=0.0)
+NO_SCHEDULE = dict(boundary_warmup_steps=0, copy_step_every=0)  # no warm-up, no copy steps: the official schedule
 IMAGE, VECTOR = (3, 32, 32), (12,)
 
 
@@ -56,6 +57,11 @@ def one_thread():
 
 def tiny(**overrides):
     return HRSSMConfig(**{**TINY, **overrides})
+
+
+def plan(**overrides):
+    """The boundary schedule of the tests: the official one (no warm-up, no copy steps) unless overridden."""
+    return BoundarySchedule(**{**NO_SCHEDULE, **overrides})
 
 
 def traces(model, guide, x):
@@ -150,16 +156,17 @@ class TrainedSteps(NamedTuple):
     boundary_params: torch.Tensor
 
 
-def train_steps(config, jit, steps, bias=None):
+def train_steps(config, jit, steps, bias=None, **schedule):
     """``steps`` training steps of a tiny HRSSM on 4 colour-ball sequences (fixed seeds), the boundary
-    schedule set before each, eager or compiled; ``bias``: boundary logits' bias in model and guide."""
+    schedule (``plan(**schedule)``) set before each, eager or compiled; ``bias``: boundary logits' bias in
+    model and guide."""
     frames = torch.from_numpy(color_balls(4, num_steps=5, size=16, seed=0)[0])
     pyro.clear_param_store()
     torch.manual_seed(0)
     model, guide = build_hrssm((3, 16, 16), config)
     if bias is not None:
         set_boundary_bias(model, guide, bias)
-    schedule = TemperatureAnnealing(model.temperature, config)
+    schedule = TemperatureAnnealing(model.temperature, plan(**schedule), config.boundaries)
     trainer = Trainer(model, guide, TrainConfig(batch_size=4, lr=1e-3, jit=jit, progress=False), callbacks=[schedule],
                       units_per_example=5)
     trainer.setup(frames)
@@ -208,10 +215,10 @@ def test_boundary_warmup_draws_only_the_forced_boundaries():
 
 
 def test_boundary_warmup_schedule_and_checkpoint():
-    config = tiny(boundary_warmup_steps=3)
+    config = tiny()
     model, guide = build_hrssm(VECTOR, config)
     assert model.temperature.free_boundaries  # a built model is not in warm-up until training starts
-    schedule = TemperatureAnnealing(model.temperature, config)
+    schedule = TemperatureAnnealing(model.temperature, plan(boundary_warmup_steps=3))
     free = []
     for _ in range(5):
         schedule.on_train_batch_start(None, None)
@@ -229,14 +236,14 @@ def test_copy_steps_after_the_warmup(warmup, every, expected):
     """``copy_step_every`` k: after the warm-up, the last step of every k is a COPY step (no free
     boundary, as in the warm-up); after each step the switch is back on once the warm-up is over, so
     evaluation and checkpoints between steps always see free boundaries (and none inside the warm-up)."""
-    config = tiny(boundary_warmup_steps=warmup, copy_step_every=every)
-    model, _ = build_hrssm(VECTOR, config)
-    schedule = TemperatureAnnealing(model.temperature, config)
+    steps_plan = plan(boundary_warmup_steps=warmup, copy_step_every=every)
+    model, _ = build_hrssm(VECTOR, tiny())
+    schedule = TemperatureAnnealing(model.temperature, steps_plan)
     during, after = "", []
     for step in range(len(expected)):
         schedule.on_train_batch_start(None, None)
         during += "F" if model.temperature.free_boundaries else "C"
-        assert config.free_boundaries_at(step) == (during[-1] == "F")
+        assert steps_plan.free_boundaries_at(step) == (during[-1] == "F")
         schedule.on_train_batch_end(None, 0.0)
         after.append(model.temperature.free_boundaries)
     assert during == expected
@@ -247,7 +254,7 @@ def test_compiled_training_follows_the_boundary_warmup():
     # The switch is read from a buffer like the temperature: a loss compiled during the warm-up (no free
     # boundary) draws free boundaries after it, step for step as the eager run; a warm-up of 0 steps
     # gives other losses from the first step (the warm-up did act).
-    runs = {(warmup, jit): train_steps(tiny(max_segments=3, max_length=3, boundary_warmup_steps=warmup), jit, 6, bias=2.0)
+    runs = {(warmup, jit): train_steps(tiny(max_segments=3, max_length=3), jit, 6, bias=2.0, boundary_warmup_steps=warmup)
             for warmup, jit in ((3, False), (3, True), (0, False))}
     eager, compiled = runs[3, False], runs[3, True]
     assert eager.free == compiled.free == [False] * 3 + [True] * 3
@@ -571,17 +578,21 @@ def test_bad_input_is_named():
         build_hrssm((4, 4), tiny())
     with pytest.raises(ValueError, match=r"multiples of 2\^conv_layers = 8, got 30x30"):
         build_hrssm((3, 30, 30), tiny())
-    for bad, match in [(dict(max_segments=0), "max_segments"), (dict(temperature_min=2.0), "temperature_min"),
+    for bad, match in [(dict(max_segments=0), "max_segments"),
                        (dict(boundary_kernel=2), "boundary_kernel"), (dict(obs_scale=0.0), "obs_scale"),
                        (dict(kl_weight_boundary=-1.0), "kl_weight_boundary"),
-                       (dict(boundary_warmup_steps=-1), "boundary_warmup_steps: expected >= 0, got -1"),
-                       (dict(boundary_warmup_steps=5, boundaries=False), "boundary_warmup_steps: applies to boundaries only"),
-                       (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only"),
-                       (dict(copy_step_every=-1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got -1"),
-                       (dict(copy_step_every=1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got 1"),
-                       (dict(copy_step_every=3, boundaries=False), "copy_step_every: applies to boundaries only")]:
+                       (dict(observation_reset=False, boundaries=False), "observation_reset: False applies to boundaries only")]:
         with pytest.raises(ValueError, match=match):
             tiny(**bad)
+    for bad, match in [(dict(temperature_min=2.0), "temperature_min"),
+                       (dict(boundary_warmup_steps=-1), "boundary_warmup_steps: expected >= 0, got -1"),
+                       (dict(copy_step_every=-1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got -1"),
+                       (dict(copy_step_every=1), r"copy_step_every: expected 0 \(off\) or >= 2 .* got 1")]:
+        with pytest.raises(ValueError, match=match):
+            plan(**bad)
+    for bad in (dict(boundary_warmup_steps=5), dict(copy_step_every=3)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}: applies to boundaries only"):
+            plan(**bad).check(tiny(boundaries=False))
     with pytest.raises(ValueError, match="num_segments"):
         jumpy_rollout(model, guide, x, 0)
     with pytest.raises(ValueError, match="num_steps"):
@@ -593,23 +604,22 @@ def test_bad_input_is_named():
 def test_default_boundary_schedules_are_off_for_the_rssm_baseline(field, resolved, default):
     """The default boundary warm-up and copy steps hold back boundaries; the RSSM baseline has none, so
     its defaults are 0. An explicit value there is refused, even one equal to the default with boundaries."""
-    assert getattr(HRSSMConfig(), resolved) == default > 0
-    assert getattr(HRSSMConfig(boundaries=False), resolved) == 0
-    assert getattr(HRSSMConfig(boundaries=False, **{field: 0}), resolved) == 0
-    assert getattr(HRSSMConfig(**{field: 7}), resolved) == 7
-    # Switching a default config's boundaries off gives the baseline's default, not a refused value.
-    assert getattr(dataclasses.replace(HRSSMConfig(), boundaries=False), resolved) == 0
+    assert getattr(BoundarySchedule(), resolved)(True) == default > 0
+    assert getattr(BoundarySchedule(), resolved)(False) == 0
+    assert getattr(BoundarySchedule(**{field: 0}), resolved)(False) == 0
+    assert getattr(BoundarySchedule(**{field: 7}), resolved)(True) == 7
+    BoundarySchedule().check(HRSSMConfig(boundaries=False))  # the defaults suit the baseline
     with pytest.raises(ValueError, match=f"{field}: applies to boundaries only"):
-        HRSSMConfig(boundaries=False, **{field: default})
+        BoundarySchedule(**{field: default}).check(HRSSMConfig(boundaries=False))
 
 
 # ------------------------------------------------------------------------------------- training
 def test_temperature_schedule():
-    config = HRSSMConfig()
-    assert annealed_temperature(0, config) == config.temperature_max
-    values = [annealed_temperature(step, config) for step in (0, 100, 10_000, 10_000_000)]
-    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(config.temperature_min)
-    assert annealed_temperature(100, config) == pytest.approx(0.9 * 0.999 + 0.1)  # the official formula
+    schedule = BoundarySchedule()
+    assert schedule.temperature_at(0) == schedule.temperature_max
+    values = [schedule.temperature_at(step) for step in (0, 100, 10_000, 10_000_000)]
+    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(schedule.temperature_min)
+    assert schedule.temperature_at(100) == pytest.approx(0.9 * 0.999 + 0.1)  # the official formula
 
 
 def test_trainer_smoke_run_on_color_balls():
@@ -617,9 +627,9 @@ def test_trainer_smoke_run_on_color_balls():
     frames, _ = color_balls(12, num_steps=steps, size=16, seed=0)
     data = torch.from_numpy(frames)
     train, test = data[:8], data[8:]
-    config = tiny(max_segments=3, max_length=4, temperature_decay_steps=1.0)
+    config = tiny(max_segments=3, max_length=4)
     model, guide = build_hrssm((3, 16, 16), config)
-    annealing = TemperatureAnnealing(model.temperature, config)
+    annealing = TemperatureAnnealing(model.temperature, plan(temperature_decay_steps=1.0))
     train_config = TrainConfig(epochs=2, batch_size=4, lr=5e-4, clip_norm=10.0, mean_loss=True, progress=False,
                                train_eval_size=8, eval_batch_size=4)
     history = Trainer(model, guide, train_config, callbacks=[annealing], units_per_example=steps).fit(train, test)
@@ -627,7 +637,7 @@ def test_trainer_smoke_run_on_color_balls():
     for metrics in history:
         for key in ("train_objective", "train_elbo", "test_elbo", "test_log_lik", "kl", "temperature"):
             assert math.isfinite(metrics[key]), key
-    assert annealing.step == 4 and history[-1]["temperature"] < config.temperature_max
+    assert annealing.step == 4 and history[-1]["temperature"] < annealing.schedule.temperature_max
     assert guide.temperature is model.temperature
 
 
@@ -636,8 +646,8 @@ def test_compiled_training_follows_the_annealed_temperature():
     # every annealed value: with the schedule moving it at each step, the compiled run's losses and
     # parameters equal the eager run's step for step. (A trace reading a Python float would freeze the
     # first temperature; the boundary KL then differs from the eager one from step 1 on.)
-    config = tiny(max_segments=3, max_length=3, temperature_decay=0.5, temperature_decay_steps=1.0)
-    eager, compiled = (train_steps(config, jit, 8) for jit in (False, True))
+    config = tiny(max_segments=3, max_length=3)
+    eager, compiled = (train_steps(config, jit, 8, temperature_decay=0.5, temperature_decay_steps=1.0) for jit in (False, True))
     assert compiled.temperatures == eager.temperatures and eager.temperatures[-1] < 0.2  # it did move
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     assert torch.allclose(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
@@ -720,8 +730,23 @@ def test_compiled_training_keeps_every_training_option(option):
     # Each option changes what q(M | X) learns in the eager run, and the compiled run learns the same.
     # (A compiled loss is traced on inputs that need no gradient: a branch on ``requires_grad`` in the
     # model took the wrong way there, and update_kl_gradient did nothing when compiled.)
+    scheduled = {k: v for k, v in option.items() if k in NO_SCHEDULE}
     base = tiny(max_segments=3, max_length=3)
-    changed = tiny(max_segments=3, max_length=3, **option)
-    eager, compiled, unchanged = (train_steps(c, jit, 4).boundary_params for c, jit in ((changed, False), (changed, True), (base, True)))
+    changed = tiny(max_segments=3, max_length=3, **{k: v for k, v in option.items() if k not in scheduled})
+    eager, compiled, unchanged = (train_steps(c, jit, 4, **s).boundary_params
+                                  for c, jit, s in ((changed, False, scheduled), (changed, True, scheduled), (base, True, {})))
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(compiled, unchanged, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_stored_with_the_schedule_in_its_config_is_read_with_it_as_options():
+    """The boundary schedule moved from HRSSMConfig to the recipe's options: an older config.json is read
+    with the moved fields as options (and the same run compares equal)."""
+    from inference.runs.experiment import RunSpec, normalised_config
+
+    spec = RunSpec("hrssm", tiny(), TrainConfig(), options=plan(copy_step_every=4, temperature_decay_steps=2.0))
+    stored = spec.to_json()
+    old = {**stored, "config": {**stored["config"], **stored["options"]}, "options": {}}  # as written before the move
+    read = RunSpec.from_json(old)
+    assert read.options == spec.options and read.config == spec.config
+    assert normalised_config(old)["options"] == stored["options"]

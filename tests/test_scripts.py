@@ -152,8 +152,8 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
         "--epochs", "1", "--batch-size", "8", "--temperature-decay-steps", "2", "--update-kl-gradient", "0.5",
         "--cache-dir", str(tmp_path / "cache"),
         "--no-progress", "--out", out, *extra)
-    stored = json.load(open(os.path.join(out, "config.json")))["config"]
-    assert stored["temperature_decay_steps"] == 2 and stored["update_kl_gradient"] == 0.5
+    stored = json.load(open(os.path.join(out, "config.json")))
+    assert stored["options"]["temperature_decay_steps"] == 2 and stored["config"]["update_kl_gradient"] == 0.5
     metrics = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"boundary_f1", "boundary_f1_one_to_one", "mean_segments", "temperature", "test_elbo"} <= set(metrics)
     result = run("scripts/evaluate.py", "boundaries", "--run", out, "--num-test", "3")

@@ -12,7 +12,7 @@ import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.datasets.sequences import CONTROLS, CUES
-from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, HRSSMConfig, annealed_temperature, build_hrssm, impute,
+from pyro_models.hrssm import (GUIDES, PEAK_THRESHOLD, BoundarySchedule, HRSSMConfig, build_hrssm, impute,
                                 jumpy_rollout, posterior_boundaries, segmentation_elbo, start_probabilities)
 from pyro_models.hrssm.boundaries import check_threshold
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
@@ -36,25 +36,29 @@ HRSSM_TRAIN_DEFAULTS = TrainConfig(epochs=20, batch_size=16, lr=5e-4, lr_decay=0
 # q(M | X) q(Z | M, X) q(S | Z, M, X)), so Pyro cannot verify the mean-field site order from the
 # traces; the analytic z and s KLs are still right (docs/hrssm.md).
 MEAN_FIELD_WARNING = "Failed to verify mean field restriction"
+# the schedule's fields, in the model's config before they became the recipe's options (read from older runs)
+SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(BoundarySchedule))
 
 
 class TemperatureAnnealing(Callback):
-    """The boundary schedule: before every training step, sets the boundary temperature to
-    :func:`annealed_temperature` and allows free boundaries once ``config.warmup_steps`` steps
-    are done, except on the COPY steps of ``config.copy_step_every`` (``HRSSMConfig.free_boundaries_at``;
-    after such a step free boundaries are allowed again, so evaluation and checkpoints never see one);
-    its own step count is saved in checkpoints; reports the temperature each epoch."""
+    """The boundary schedule (:class:`BoundarySchedule`, the recipe's options): before every training
+    step, sets the boundary temperature to ``schedule.temperature_at(step)`` and allows free boundaries
+    once the warm-up is done, except on the COPY steps (``schedule.free_boundaries_at``; after such a step
+    free boundaries are allowed again, so evaluation and checkpoints never see one); ``boundaries``: the
+    model's switch, which resolves the schedule's defaults. Its step count is saved in checkpoints; it
+    reports the temperature each epoch."""
 
-    def __init__(self, temperature: BoundaryTemperature, config: HRSSMConfig):
-        self.temperature, self.config, self.step = temperature, config, 0
+    def __init__(self, temperature: BoundaryTemperature, schedule: BoundarySchedule, boundaries: bool = True):
+        self.temperature, self.schedule, self.boundaries, self.step = temperature, schedule, boundaries, 0
 
     def on_train_batch_start(self, trainer: Trainer, batch) -> None:
-        self.temperature.value = annealed_temperature(self.step, self.config)
-        self.temperature.free_boundaries = self.config.free_boundaries_at(self.step)
+        self.temperature.value = self.schedule.temperature_at(self.step)
+        self.temperature.free_boundaries = self.schedule.free_boundaries_at(self.step, self.boundaries)
         self.step += 1
 
     def on_train_batch_end(self, trainer: Trainer, loss: float) -> None:
-        self.temperature.free_boundaries = self.step > self.config.warmup_steps  # the step just taken was after the warm-up
+        # the step just taken was after the warm-up
+        self.temperature.free_boundaries = self.step > self.schedule.warmup_steps(self.boundaries)
 
     def on_validation_epoch_end(self, trainer: Trainer, epoch: int) -> Dict[str, Any]:
         return {"temperature": self.temperature.value}
@@ -274,7 +278,8 @@ def evaluate_boundaries(run, options: BoundaryEvaluation) -> Dict[str, Any]:
 
 def _callbacks(context: Context) -> List[Callback]:
     warnings.filterwarnings("ignore", message=MEAN_FIELD_WARNING)
-    return [TemperatureAnnealing(context.model.temperature, context.config), HRSSMReport(context.data.test_events)]
+    return [TemperatureAnnealing(context.model.temperature, context.options, context.config.boundaries),
+            HRSSMReport(context.data.test_events)]
 
 
 def _validate_data(config: HRSSMConfig, data) -> None:
@@ -286,8 +291,7 @@ def _validate_data(config: HRSSMConfig, data) -> None:
 
 def _example():
     config = HRSSMConfig(abstract_belief_size=8, abstract_state_size=3, observation_belief_size=8, observation_state_size=3,
-                         feature_size=8, conv_channels=4, conv_layers=2, max_segments=3, max_length=3,
-                         boundary_warmup_steps=0)  # free boundaries from the first step of a tiny run
+                         feature_size=8, conv_channels=4, conv_layers=2, max_segments=3, max_length=3)
     return config, (6, 3, 16, 16)
 
 
@@ -298,7 +302,8 @@ RECIPES = (
     Recipe(
         name="hrssm", summary="hierarchical recurrent state-space model (Kim et al. 2019) on sequences",
         config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
-        train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks,
+        train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks, options=BoundarySchedule,
+        validate=lambda config, schedule: schedule.check(config), moved_to_options=SCHEDULE_FIELDS,
         units_per_example=frames_per_sequence, compilable=True,
         impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False, ragged=True,
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),

@@ -145,6 +145,9 @@ class Recipe:
     unused_fields: Tuple[str, ...] = ()
     ragged: bool = False
     vectorized_particles: bool = True
+    # fields that moved from the model's config to the recipe's options: a stored run's config.json that
+    # still has them under "config" is read with them under "options"
+    moved_to_options: Tuple[str, ...] = ()
 
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""

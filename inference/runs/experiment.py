@@ -90,11 +90,21 @@ class RunSpec:
         if stored.get("format") != RUN_FORMAT:
             raise ValueError(f"config.json: format {stored.get('format')!r} is not this library's run format {RUN_FORMAT}")
         recipe = get_recipe(stored["model"])
+        stored = _moved_to_options(stored, recipe)
         data = stored.get("data")
         return cls(stored["model"], dataclass_from_json(recipe.config, stored["config"]),
                    dataclass_from_json(TrainConfig, stored["train"]),
                    dataclass_from_json(type(recipe.data_config), data) if data is not None else None,
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
+
+
+def _moved_to_options(stored: Dict[str, Any], recipe: Recipe) -> Dict[str, Any]:
+    """``stored`` with the config fields that ``recipe.moved_to_options`` moved read as options."""
+    config = dict(stored.get("config") or {})
+    moved = {name: config.pop(name) for name in recipe.moved_to_options if name in config}
+    if not moved:
+        return stored
+    return {**stored, "config": config, "options": {**(stored.get("options") or {}), **moved}}
 
 
 def normalised_config(stored: Dict[str, Any]) -> Dict[str, Any]:

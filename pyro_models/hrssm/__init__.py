@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 from ..checks import check_shape
 from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, decode_boundaries,
                          sample_boundary, update_site)
-from .config import GUIDES, PEAK_THRESHOLD, BoundaryTemperature, HRSSMConfig, annealed_temperature, check_input
+from .config import GUIDES, PEAK_THRESHOLD, BoundarySchedule, BoundaryTemperature, HRSSMConfig, check_input
 from .evaluation import (SegmentationELBO, impute, impute_frames, jumpy_rollout, posterior_boundaries,
                          segmentation_elbo, start_probabilities)
 from .guides import HRSSMGuide
@@ -18,9 +18,10 @@ from .model import HRSSM, HRSSMStates, generate
 def build_hrssm(frame_shape: Sequence[int], config: HRSSMConfig) -> Tuple[HRSSM, HRSSMGuide]:
     """Model and guide for frames of ``frame_shape``: ``(C, H, W)`` images (H, W multiples of
     2^conv_layers) or ``(D,)`` vectors. They share one :class:`BoundaryTemperature` (``model.temperature``),
-    starting at ``config.temperature_max``; the training recipe anneals it."""
+    starting at ``BoundarySchedule().temperature_max`` (the official 1.0); the training recipe anneals it with
+    its :class:`BoundarySchedule`."""
     frame_shape = check_shape("frame_shape", frame_shape)
-    temperature = BoundaryTemperature(config.temperature_max)
+    temperature = BoundaryTemperature(BoundarySchedule().temperature_max)
     return HRSSM(frame_shape, config, temperature), HRSSMGuide(frame_shape, config, temperature)
 
 
@@ -36,7 +37,7 @@ __all__ = [
     "Segmentation",
     "SegmentationELBO",
     "SegmentCounter",
-    "annealed_temperature",
+    "BoundarySchedule",
     "apply_constraints",
     "boundaries_from_trace",
     "build_hrssm",

@@ -25,8 +25,8 @@ BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as
 # trained runs, where F1 is flat from 0.35 to 0.45; two further seeds were scored after it was fixed
 # (docs/benchmarks.md, "Reading the boundaries: peaks").
 PEAK_THRESHOLD = 0.4
-BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up with boundaries (HRSSMConfig.boundary_warmup_steps=None)
-# The default copy-step period with boundaries (HRSSMConfig.copy_step_every=None): every 8th step after the
+BOUNDARY_WARMUP_STEPS = 1250  # the default boundary warm-up with boundaries (BoundarySchedule.boundary_warmup_steps=None)
+# The default copy-step period with boundaries (BoundarySchedule.copy_step_every=None): every 8th step after the
 # warm-up draws no free boundary. 8 was measured against 4 and off (docs/benchmarks.md, "Copy steps").
 COPY_STEP_EVERY = 8
 
@@ -51,20 +51,6 @@ class HRSSMConfig:
     observation_reset: bool = True  # True: a segment's start re-initialises h_t = a_t and the guide's phi (the paper); False: the observation level carries h_t and phi across boundaries (not the paper; docs/hrssm.md)
     max_segments: int = 5  # N_max (official seg_num)
     max_length: int = 8  # l_max (official seg_len)
-    temperature_max: float = 1.0  # boundary temperature at step 0 (official max_beta)
-    temperature_min: float = 0.1  # its floor (official min_beta)
-    temperature_decay: float = 0.999  # the boundary temperature is multiplied by this ...
-    temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
-    # Training steps at the start with no free boundary: every m_t is a COPY unless l_max forces a READ,
-    # so the observation level learns the dynamics before any boundary is drawn (not official, which is
-    # 0: off). None (the default) resolves to 1,250 steps (10 epochs of 2,000 sequences in batches of
-    # 16, docs/benchmarks.md) with boundaries and to 0 for the RSSM baseline (boundaries=False).
-    boundary_warmup_steps: Optional[int] = None
-    # After the warm-up, every k-th training step is drawn as a warm-up step (no free boundary), so the
-    # observation level keeps learning the dynamics across the whole sequence instead of only within the
-    # segments the boundaries cut (not official; 0: off, every step after the warm-up has free boundaries).
-    # None (the default) resolves to 8 (COPY_STEP_EVERY) with boundaries and to 0 for the RSSM baseline.
-    copy_step_every: Optional[int] = None
     obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
     # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
     # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
@@ -93,32 +79,11 @@ class HRSSMConfig:
             raise ValueError(f"boundary_kernel: expected an odd size (centred over time), got {self.boundary_kernel}")
         if not self.mlp_hidden or min(self.mlp_hidden) < 1:
             raise ValueError(f"mlp_hidden: expected one or more widths >= 1, got {self.mlp_hidden}")
-        if not 0 < self.temperature_min <= self.temperature_max:
-            raise ValueError(
-                f"temperature_min, temperature_max: expected 0 < min <= max, "
-                f"got {self.temperature_min}, {self.temperature_max}"
-            )
-        if not 0 < self.temperature_decay <= 1 or not self.temperature_decay_steps > 0:
-            raise ValueError(
-                f"temperature_decay: expected in (0, 1] and temperature_decay_steps > 0, "
-                f"got {self.temperature_decay}, {self.temperature_decay_steps}"
-            )
         for name in ("obs_scale", "min_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if not 0.0 <= self.update_kl_gradient <= 1.0:
             raise ValueError(f"update_kl_gradient: expected in [0, 1], got {self.update_kl_gradient}")
-        # None stays None (not resolved in place), so dataclasses.replace(config, boundaries=False) of a
-        # default config is still a default config; ``warmup_steps`` resolves it.
-        if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
-            raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
-        if self.copy_step_every is not None and (self.copy_step_every < 0 or self.copy_step_every == 1):
-            raise ValueError(f"copy_step_every: expected 0 (off) or >= 2 (1 would never draw a free boundary), "
-                             f"got {self.copy_step_every}")
-        for name in ("boundary_warmup_steps", "copy_step_every"):  # boundary schedules; None (the default) and 0 are falsy
-            if getattr(self, name) and not self.boundaries:
-                raise ValueError(f"{name}: applies to boundaries only; expected 0 with boundaries=False, "
-                                 f"got {getattr(self, name)}")
         if not self.observation_reset and not self.boundaries:
             raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
                              "re-initialises h_t at every step")
@@ -129,48 +94,89 @@ class HRSSMConfig:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
     @property
-    def warmup_steps(self) -> int:
-        """The boundary warm-up in steps: ``boundary_warmup_steps``, or where that is None (the default)
-        ``BOUNDARY_WARMUP_STEPS`` with boundaries and 0 for the RSSM baseline, which has none to hold back."""
-        return self._schedule_default(self.boundary_warmup_steps, BOUNDARY_WARMUP_STEPS)
-
-    @property
-    def copy_period(self) -> int:
-        """The copy-step period k (0: off): ``copy_step_every``, or where that is None (the default)
-        ``COPY_STEP_EVERY`` with boundaries and 0 for the RSSM baseline."""
-        return self._schedule_default(self.copy_step_every, COPY_STEP_EVERY)
-
-    def _schedule_default(self, value: Optional[int], default: int) -> int:
-        """A boundary schedule's value: ``value`` where set, else ``default`` with boundaries and 0 for the
-        RSSM baseline, which has no boundaries to hold back."""
-        if value is not None:
-            return value
-        return default if self.boundaries else 0
-
-    def free_boundaries_at(self, step: int) -> bool:
-        """Whether training step ``step`` (0-based) draws free boundaries: not during the warm-up, nor on
-        every ``copy_period``-th step after it (its last step of each period)."""
-        after, period = step - self.warmup_steps, self.copy_period
-        if after < 0:
-            return False
-        return not (period and after % period == period - 1)
-
-    @property
     def max_steps(self) -> Optional[int]:
         """The longest sequence the constraints can segment (N_max * l_max); None without boundaries."""
         return self.max_segments * self.max_length if self.boundaries else None
 
 
-def annealed_temperature(step: int, config: HRSSMConfig) -> float:
-    """The official schedule: ``(max - min) * decay^(step / decay_steps) + min``."""
-    decay = config.temperature_decay ** (step / config.temperature_decay_steps)
-    return (config.temperature_max - config.temperature_min) * decay + config.temperature_min
+@dataclass
+class BoundarySchedule:
+    """The HRSSM's training schedule of its boundaries (the recipe's options, as the other models' KL
+    schedules are): the temperature of the relaxed boundaries, annealed step by step as the official code
+    does, the warm-up without free boundaries and the copy steps after it. ``boundaries``, the model's
+    switch, resolves the defaults of the last two (None: on with boundaries, 0 for the RSSM baseline)."""
+
+    temperature_max: float = 1.0  # boundary temperature at step 0 (official max_beta)
+    temperature_min: float = 0.1  # its floor (official min_beta)
+    temperature_decay: float = 0.999  # the boundary temperature is multiplied by this ...
+    temperature_decay_steps: float = 100.0  # ... every this many steps (official beta_anneal), smoothly
+    # Training steps at the start with no free boundary: every m_t is a COPY unless l_max forces a READ,
+    # so the observation level learns the dynamics before any boundary is drawn (not official, which is
+    # 0: off). None (the default) resolves to 1,250 steps (10 epochs of 2,000 sequences in batches of
+    # 16, docs/benchmarks.md) with boundaries and to 0 for the RSSM baseline (boundaries=False).
+    boundary_warmup_steps: Optional[int] = None
+    # After the warm-up, every k-th training step is drawn as a warm-up step (no free boundary), so the
+    # observation level keeps learning the dynamics across the whole sequence instead of only within the
+    # segments the boundaries cut (not official; 0: off, every step after the warm-up has free boundaries).
+    # None (the default) resolves to 8 (COPY_STEP_EVERY) with boundaries and to 0 for the RSSM baseline.
+    copy_step_every: Optional[int] = None
+
+    def __post_init__(self):
+        if not 0 < self.temperature_min <= self.temperature_max:
+            raise ValueError(f"temperature_min, temperature_max: expected 0 < min <= max, "
+                             f"got {self.temperature_min}, {self.temperature_max}")
+        if not 0 < self.temperature_decay <= 1 or not self.temperature_decay_steps > 0:
+            raise ValueError(f"temperature_decay: expected in (0, 1] and temperature_decay_steps > 0, "
+                             f"got {self.temperature_decay}, {self.temperature_decay_steps}")
+        # None stays None (not resolved in place): ``warmup_steps`` and ``copy_period`` resolve it
+        if self.boundary_warmup_steps is not None and self.boundary_warmup_steps < 0:
+            raise ValueError(f"boundary_warmup_steps: expected >= 0, got {self.boundary_warmup_steps}")
+        if self.copy_step_every is not None and (self.copy_step_every < 0 or self.copy_step_every == 1):
+            raise ValueError(f"copy_step_every: expected 0 (off) or >= 2 (1 would never draw a free boundary), "
+                             f"got {self.copy_step_every}")
+
+    def check(self, config: "HRSSMConfig") -> None:
+        """Raise ``ValueError`` when a boundary schedule is set for a model without boundaries."""
+        for name in ("boundary_warmup_steps", "copy_step_every"):  # None (the default) and 0 are falsy
+            if getattr(self, name) and not config.boundaries:
+                raise ValueError(f"{name}: applies to boundaries only; expected 0 with boundaries=False, "
+                                 f"got {getattr(self, name)}")
+
+    def warmup_steps(self, boundaries: bool = True) -> int:
+        """The boundary warm-up in steps: ``boundary_warmup_steps``, or where that is None (the default)
+        ``BOUNDARY_WARMUP_STEPS`` with ``boundaries`` and 0 for the RSSM baseline, which has none to hold back."""
+        return _resolved(self.boundary_warmup_steps, BOUNDARY_WARMUP_STEPS, boundaries)
+
+    def copy_period(self, boundaries: bool = True) -> int:
+        """The copy-step period k (0: off): ``copy_step_every``, or where that is None (the default)
+        ``COPY_STEP_EVERY`` with ``boundaries`` and 0 for the RSSM baseline."""
+        return _resolved(self.copy_step_every, COPY_STEP_EVERY, boundaries)
+
+    def free_boundaries_at(self, step: int, boundaries: bool = True) -> bool:
+        """Whether training step ``step`` (0-based) draws free boundaries: not during the warm-up, nor on
+        every ``copy_period``-th step after it (its last step of each period)."""
+        after, period = step - self.warmup_steps(boundaries), self.copy_period(boundaries)
+        if after < 0:
+            return False
+        return not (period and after % period == period - 1)
+
+    def temperature_at(self, step: int) -> float:
+        """The official schedule: ``(max - min) * decay^(step / decay_steps) + min``."""
+        decay = self.temperature_decay ** (step / self.temperature_decay_steps)
+        return (self.temperature_max - self.temperature_min) * decay + self.temperature_min
+
+
+def _resolved(value: Optional[int], default: int, boundaries: bool) -> int:
+    """A boundary schedule's value: ``value`` where set, else ``default`` with boundaries and 0 without."""
+    if value is not None:
+        return value
+    return default if boundaries else 0
 
 
 class BoundaryTemperature(nn.Module):
     """The boundary schedule's state, shared by model and guide: the temperature of the relaxed
     boundaries (q and p of a boundary are scored at the same temperature) and whether free boundaries
-    may be drawn (``free_boundaries``; False during ``boundary_warmup_steps``, when every boundary the
+    may be drawn (``free_boundaries``; False during ``BoundarySchedule.boundary_warmup_steps``, when every boundary the
     constraints do not force is a COPY). ``value`` and ``free_boundaries`` read and set them as Python
     values; both are held in 0-d buffers (not persistent: the state dict keeps the Python values, as
     before), which the model and guide read, so a compiled loss (``TrainConfig.jit``) takes their

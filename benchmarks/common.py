@@ -44,7 +44,7 @@ def machine_info() -> dict:
 def small_data(recipe, num_examples: int, cache_dir: str, length: Optional[int] = None):
     """The data config of ``recipe``'s default data set cut to ``num_examples`` training examples (sequences
     of ``length`` frames when given; generated sets cached in ``cache_dir``)."""
-    if not recipe.frame_mask:
+    if not recipe.sequences:
         return dataclasses.replace(recipe.data_config, num_shapes=num_examples + max(1, num_examples // 10))
     lengths = {} if length is None else {"num_steps": length}
     return dataclasses.replace(recipe.data_config, num_sequences=num_examples, cache_dir=cache_dir, **lengths)

@@ -42,7 +42,7 @@ def task_metrics(run, last: dict, num_test: int, metric: str) -> dict:
     error of the recipe's imputer at ``DROP_PROB`` (sequence models)."""
     if "boundary_f1" in last:
         return {"boundary_f1": last["boundary_f1"]}
-    if not run.recipe.frame_mask or run.recipe.impute is None:
+    if not run.recipe.sequences or run.recipe.impute is None:
         return {}
     rows = imputation.evaluate(run, "random", num_test=num_test, metric=metric)
     row = next(r for r in rows if r["setting"] == DROP_PROB)

@@ -66,7 +66,7 @@ def time_steps(name: str, batch: int, length: int, width: float, steps: int, dev
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib("VmHWM")) - base
     median = statistics.median(times)
     params = sum(p.numel() for p in trainer.params)
-    return {"model": name, "batch": batch, "length": length if recipe.frame_mask else None, "width": width,
+    return {"model": name, "batch": batch, "length": length if recipe.sequences else None, "width": width,
             "parameters": params, "step_s": median, "examples_per_s": batch / median, "peak_mib": peak}
 
 

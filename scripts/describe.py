@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     recipe = recipes()[args.model]
     config, shape = recipe.example()
     x = torch.rand((EXAMPLE_BATCH,) + tuple(shape))
-    steps = shape[0] if recipe.frame_mask else None  # sequences (T, *frame): sites over all T may split per step
+    steps = shape[0] if recipe.sequences else None  # sequences (T, *frame): sites over all T may split per step
     for index, guide_name in enumerate(recipe.guides):
         model, guide = recipe.build(tuple(shape), dataclasses.replace(config, guide=guide_name))
         jitter(model, guide)  # so that weights that start at zero hide no dependence

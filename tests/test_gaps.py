@@ -15,7 +15,7 @@ from pyro_models.datasets import SequenceData, load_sequence_npz
 from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.modes import eval_mode
 
-SEQUENCE_MODELS = [name for name, recipe in recipes().items() if recipe.frame_mask]
+SEQUENCE_MODELS = [name for name, recipe in recipes().items() if recipe.sequences]
 MODEL_GUIDES = [(name, guide) for name in SEQUENCE_MODELS for guide in recipes()[name].guides]
 
 

@@ -36,7 +36,7 @@ def example_data(recipe, num: int = 8, seed: int = 0):
     config, shape = recipe.example()
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((num,) + tuple(shape), generator=generator)
-    data = SequenceData(x[:-2], x[-2:], "random") if len(shape) > 3 or recipe.frame_mask else ImageData(x[:-2], x[-2:], "random")
+    data = SequenceData(x[:-2], x[-2:], "random") if len(shape) > 3 or recipe.sequences else ImageData(x[:-2], x[-2:], "random")
     return config, data
 
 
@@ -215,7 +215,7 @@ def test_every_model_and_guide_trains_loads_and_imputes_through_one_path(name, g
     assert run.spec.config == config and run.spec.model == name
     assert not run.model.training and not run.guide.training
     x = data.test
-    mask = torch.ones(x.shape[:2] if recipe.frame_mask else x.shape, dtype=torch.bool)
+    mask = torch.ones(x.shape[:2] if recipe.sequences else x.shape, dtype=torch.bool)
     mask[:, 1:3] = False
     run.model.train(), run.guide.train()
     result = recipe.impute(run.model, run.guide, x, mask, num_samples=2)

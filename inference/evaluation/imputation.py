@@ -39,7 +39,7 @@ class Setting(NamedTuple):
 
 
 def mask_kinds(recipe: Recipe) -> Sequence[str]:
-    return FRAME_MASKS if recipe.frame_mask else PIXEL_MASKS
+    return FRAME_MASKS if recipe.sequences else PIXEL_MASKS
 
 
 def check_request(recipe: Recipe, kind: str, batch_size: int = 1, num_samples: int = 1, metric: str = "hamming",
@@ -70,7 +70,7 @@ def settings(run: Run, kind: str) -> List[float]:
 def make_mask(run: Run, kind: str, value, shape: torch.Size, seed: int) -> torch.Tensor:
     """The boolean mask (True = observed) of ``kind`` at strength ``value`` for data of ``shape``."""
     generator = torch.Generator().manual_seed(seed)
-    if run.recipe.frame_mask:
+    if run.recipe.sequences:
         if kind == "random":
             return random_frame_mask(shape[0], shape[1], value, NUM_GIVEN, generator)
         return consecutive_frame_mask(shape[0], shape[1], int(value), NUM_GIVEN)
@@ -83,7 +83,7 @@ def floors(run: Run, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Ten
     """Trivial predictions of ``x`` to compare with: the training set's majority frame and its mean frame
     (each pixel's or key's frequency: the best constant under squared error), and the last observed frame
     where every sequence's first frame is observed."""
-    if run.recipe.frame_mask:
+    if run.recipe.sequences:
         known = run.data.frames_held("train")
         frames = run.data.train.flatten(0, 1) if known is None else run.data.train[known]  # (frames, *frame)
         result = {"floor_majority_frame": majority_frame(run.data.train, x, known),
@@ -98,7 +98,7 @@ def held_out(run: Run, num_test: int = 0):
     """The first ``num_test`` (0: all) held-out examples, the mask of the parts they hold (None: all; not
     the steps past the ends of ragged sequences) and their lengths (None: not ragged)."""
     end = None if num_test == 0 else num_test
-    known = run.data.frames_held("test") if run.recipe.frame_mask else None
+    known = run.data.frames_held("test") if run.recipe.sequences else None
     lengths = getattr(run.data, "test_lengths", None)
     return run.data.test[:end], (None if known is None else known[:end]), (None if lengths is None else lengths[:end])
 
@@ -158,9 +158,9 @@ def figures(run: Run, kind: str, rows: List[Dict[str, float]], seed: int = 0, me
     if known is not None:  # the data's own gaps: missing in the figure as in the scores
         mask = mask & known
     result = impute_batch(run, x, mask, num_samples=1, lengths=lengths)
-    images = x[0] if run.recipe.frame_mask else x
+    images = x[0] if run.recipe.sequences else x
     if images.dim() == 4:  # (T, C, H, W) frames or (batch, C, H, W) images
-        pick = (lambda t: t[0]) if run.recipe.frame_mask else (lambda t: t)
+        pick = (lambda t: t[0]) if run.recipe.sequences else (lambda t: t)
         rows_shown = [pick(x), pick(x)] + [pick(e) for e in result.estimates.values()] + [pick(result.samples[0])]
         labels = ["truth", "observed", *result.estimates, "sampled"]
         observed = [None, pick(expand_mask(mask, x))] + [None] * (len(rows_shown) - 2)

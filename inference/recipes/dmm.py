@@ -83,7 +83,7 @@ RECIPES = (
     Recipe(
         name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=sequence_builder(build_dmm),
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
-        options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence, compilable=True,
+        options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence,
         jit_refusal=_jit_refusal, impute=impute, example=_example,
         width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"), ragged=True,
     ),

@@ -21,7 +21,7 @@ from pyro_models.imputation import frames_inside
 from ..evaluation import plots
 from ..evaluation.boundaries import boundary_metrics, boundary_scores, cue_scores
 from ..training.elbo import elbo_terms
-from .recipe import Context, Recipe, frames_per_sequence, sequence_builder
+from .recipe import Context, Recipe, always_compiled, frames_per_sequence, sequence_builder
 from ..training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -304,7 +304,7 @@ RECIPES = (
         config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
         train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks, options=BoundarySchedule,
         validate=lambda config, schedule: schedule.check(config), moved_to_options=SCHEDULE_FIELDS,
-        units_per_example=frames_per_sequence, compilable=True,
+        units_per_example=frames_per_sequence, jit_refusal=always_compiled,
         impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False, ragged=True,
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
                    "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},

@@ -14,7 +14,7 @@ from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
 from ..evaluation import plots
-from .recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
+from .recipe import Context, Recipe, frames_per_sequence, never_compiled, report_mask, sequence_builder
 from ..runs.rundir import metric_or_none
 from ..training.schedules import LinearKLAnnealing
 from ..training import Callback, TrainConfig, Trainer
@@ -164,7 +164,7 @@ RECIPES = (
         name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=_build,
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=KVAE_TRAIN_DEFAULTS, guides=GUIDES,
         options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
-        compilable=False, not_compilable_because="the Kalman scan's custom autograd and the LSTM freeze are not traceable",
+        jit_refusal=never_compiled("the Kalman scan's custom autograd and the LSTM freeze are not traceable"),
         impute=impute, example=_example,
         width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"), ragged=True,
     ),

@@ -70,6 +70,19 @@ def report_mask(trainer, num_sequences: int, drop_prob: float, seed: int):
     return x, known, (mask if known is None else mask & known), generator
 
 
+DATA_KINDS = ("images", "sequences")
+
+
+def always_compiled(config, options, train: TrainConfig) -> Optional[str]:
+    """``Recipe.jit_refusal`` of a model whose loss can always be compiled."""
+    return None
+
+
+def never_compiled(reason: str) -> Callable[[Any, Any, TrainConfig], Optional[str]]:
+    """``Recipe.jit_refusal`` of a model whose loss cannot be compiled, for ``reason``."""
+    return lambda config, options, train: reason
+
+
 def sequence_builder(build_for_frames: Callable[[Tuple[int, ...], Any], Tuple[torch.nn.Module, torch.nn.Module]]):
     """A recipe's ``build`` for a sequence model from ``build_for_frames(frame_shape, config)``: an example's
     shape ``(T, *frame_shape)`` loses its time axis."""
@@ -87,14 +100,16 @@ class Recipe:
     ``options``: the options dataclass of the recipe (flags like the config's); ``NoOptions`` if none.
     ``callbacks(context)``: training callbacks in order. ``prepare(context)``: runs once before the first
     epoch of a new run (not on resume), e.g. a warm start; it may write its record into ``context.run``.
-    ``compilable``: whether the training loss can be compiled (``TrainConfig.jit``) at all;
-    ``jit_refusal(config, options, train)``: why it cannot be for these settings (e.g. a KL schedule
-    whose weights a trace would freeze), or None.
+    ``jit_refusal(config, options, train)``: the one answer to "can the training loss be compiled"
+    (``TrainConfig.jit``): why not for these settings (e.g. a KL schedule whose weights a trace would
+    freeze; :func:`never_compiled` for a model that cannot be at all), or None.
     ``units_per_example(data)``: the divisor of ``TrainConfig.mean_loss`` (frames per sequence).
     ``batch_transform(context)``: applied to each training batch, or None.
     ``prepare_data(data, data_config, seed)``: data as trained on (e.g. static binarisation).
     ``impute(model, guide, x, mask, num_samples, generator)``: the model's imputer, returning
-    :class:`pyro_models.imputation.Imputation`; ``frame_mask``: masks are ``(batch, T)``, not pixels.
+    :class:`pyro_models.imputation.Imputation`.
+    ``data_kind``: "images" (``(N, C, H, W)``, pixel masks) or "sequences" (``(N, T, *frame)``, frame masks
+    ``(N, T)``).
     ``evaluations``: the model's own evaluations by name, ``{name: (options_class, fn)}`` with
     ``fn(run, options) -> dict`` (JSON-able; it may write figures into the run); ``scripts/evaluate.py``
     generates its flags from ``options_class``.
@@ -123,9 +138,8 @@ class Recipe:
     options: type = NoOptions
     callbacks: Callable[[Context], List[Callback]] = _no_callbacks
     prepare: Optional[Callable[[Context], None]] = None
-    compilable: bool = False
-    jit_refusal: Optional[Callable[[Any, Any, TrainConfig], Optional[str]]] = None
-    not_compilable_because: str = "its ELBO reads Python values that a trace would freeze"
+    jit_refusal: Callable[[Any, Any, TrainConfig], Optional[str]] = field(
+        default_factory=lambda: never_compiled("its ELBO reads Python values that a trace would freeze"))
     units_per_example: Callable[[Any], int] = _one_unit
     batch_transform: Optional[Callable[[Context], Optional[BatchTransform]]] = None
     prepare_data: Optional[Callable[[Any, Any, int], Any]] = None
@@ -133,7 +147,7 @@ class Recipe:
     # keyword arguments of ``impute`` that come from the training data (the VAE's starting fill: the mean
     # training image), so every caller starts from the same place
     impute_defaults: Callable[[Any], Dict[str, Any]] = lambda data: {}
-    frame_mask: bool = True
+    data_kind: str = "sequences"
     evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
     validate: Optional[Callable[[Any, Any], None]] = None
     validate_data: Optional[Callable[[Any, Any], None]] = None
@@ -149,13 +163,23 @@ class Recipe:
     # still has them under "config" is read with them under "options"
     moved_to_options: Tuple[str, ...] = ()
 
+    def __post_init__(self):
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"data_kind: expected one of {DATA_KINDS}, got {self.data_kind!r}")
+
+    @property
+    def sequences(self) -> bool:
+        """Whether the model takes sequences (``(N, T, *frame)``, masks per frame), not images."""
+        return self.data_kind == "sequences"
+
+    @property
+    def compilable(self) -> bool:
+        """Whether the training loss of the default settings can be compiled."""
+        return self.jit_refusal(self.config(), self.options(), self.train_defaults) is None
+
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""
-        if not train.jit:
-            return
-        reason = self.not_compilable_because if not self.compilable else None
-        if reason is None and self.jit_refusal is not None:
-            reason = self.jit_refusal(config, options, train)
+        reason = self.jit_refusal(config, options, train) if train.jit else None
         if reason:
             raise ValueError(f"jit: {self.name} cannot be compiled here: {reason}")
 

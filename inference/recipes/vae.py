@@ -130,8 +130,8 @@ def _recipe(name: str, summary: str) -> Recipe:
     return Recipe(
         name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(name, shape, config),
         data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
-        callbacks=_callbacks, compilable=True, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
-        prepare_data=prepare_images, impute=impute, impute_defaults=_impute_defaults, frame_mask=False, example=_example, validate=_validate,
+        callbacks=_callbacks, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
+        prepare_data=prepare_images, impute=impute, impute_defaults=_impute_defaults, data_kind="images", example=_example, validate=_validate,
         width_fields=("hidden_dims",) if name == "vae" else ("channels",),
         unused_fields=("channels",) if name == "vae" else ("hidden_dims",),
     )

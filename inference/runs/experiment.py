@@ -143,8 +143,8 @@ def check_data(recipe: Recipe, data, config=None) -> None:
     """Raise ``ValueError`` naming ``data`` when ``data`` does not suit ``recipe``'s model: images for an
     image model, sequences of at least two frames for a sequence model, examples in both splits."""
     sequences = isinstance(data, SequenceData)
-    if sequences != recipe.frame_mask:
-        want = "sequences (N, T, *frame)" if recipe.frame_mask else "images (N, C, H, W)"
+    if sequences != recipe.sequences:
+        want = "sequences (N, T, *frame)" if recipe.sequences else "images (N, C, H, W)"
         raise ValueError(f"data: {recipe.name} trains on {want}, got {type(data).__name__} of shape {tuple(data.train.shape)}")
     if data.train.shape[0] < 1 or data.test.shape[0] < 1:
         raise ValueError(f"data: expected >= 1 training and held-out examples, got {data.train.shape[0]} and {data.test.shape[0]}")

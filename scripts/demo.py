@@ -7,7 +7,7 @@ frames by Kalman smoothing and filtering, and write the figures.
 
 Each call makes a fresh run directory ``OUT/<timestamp>`` and prints where its figures are. The demo
 is smaller than the paper's recipe (fewer sequences and epochs, a narrower decoder) and starts with the
-warm start against posterior collapse (``inference/recipes/kvae_warmstart.py``); see ``docs/kvae.md``.
+warm start against posterior collapse (``inference/recipes/kvae/warmstart.py``); see ``docs/kvae.md``.
 """
 from __future__ import annotations
 

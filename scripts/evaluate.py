@@ -7,7 +7,7 @@
 q(m_t | X) above --threshold; --no-peaks --threshold 0.5 is the official per-frame argmax, also reported
 under "argmax") against the data's true events within +-tolerance frames (``boundary_f1``: the window
 rule of the VTA evaluation;
-``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/evaluation/boundaries.py), segments per
+``boundary_f1_one_to_one``: stricter one-to-one matching; see inference/recipes/hrssm/boundaries.py), segments per
 sequence, the held-out ELBO (nats per sequence) and the ELBO with the boundaries fixed to the guide's own,
 to the true events and to none; on color-balls runs, under "control", the same scores on the same
 held-out balls without colour changes, against the wall hits; figures under RUN/figures/: boundaries_eval.png,

@@ -4,7 +4,7 @@
     python scripts/evaluate.py boundaries --run runs/hrssm-s0     # once per run: writes RUN/boundaries.json
     python scripts/select_run.py runs/hrssm-s0 runs/hrssm-s1 runs/hrssm-s2 [--rule segmentation-gap]
 
-Rules (``inference/evaluation/boundaries.py``): ``segmentation-gap``, the ELBO with the model's own boundaries minus
+Rules (``inference/recipes/hrssm/boundaries.py``): ``segmentation-gap``, the ELBO with the model's own boundaries minus
 the ELBO with none (label-free); ``elbo``, the held-out ELBO. Prints every run's numbers (F1 and segments
 for reference, where the data have events) and the pick.
 """
@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from inference.evaluation.boundaries import SELECTION_RULES, rank_runs, segmentation_gap
+from inference.recipes.hrssm.boundaries import SELECTION_RULES, rank_runs, segmentation_gap
 from inference.cli.flags import HelpFormatter, OneLineParser
 from inference.cli.command_line import main_guard
 

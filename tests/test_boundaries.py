@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inference.evaluation.boundaries import boundary_scores
+from inference.recipes.hrssm.boundaries import boundary_scores
 from pyro_models.hrssm import decode_boundaries
 from pyro_models.datasets import color_balls
 
@@ -68,7 +68,7 @@ def _result(own, none, elbo):
 
 
 def test_rank_runs_by_segmentation_gap_or_elbo():
-    from inference.evaluation.boundaries import rank_runs, segmentation_gap
+    from inference.recipes.hrssm.boundaries import rank_runs, segmentation_gap
 
     results = {"a": _result(-100.0, -120.0, -110.0), "b": _result(-90.0, -92.0, -95.0), "c": _result(-50.0, -55.0, -60.0)}
     assert segmentation_gap(results["a"]) == 20.0
@@ -124,7 +124,7 @@ def test_decode_boundaries_refuses_a_threshold_outside_the_unit_interval(thresho
 def test_runs_on_data_without_events_are_scored_and_selected_without_labels(tmp_path):
     """``evaluate.py boundaries`` on unlabelled data writes the segmentation ELBOs that the label-free rule
     of ``select_run.py`` reads (it once crashed there)."""
-    from inference.evaluation.boundaries import rank_runs, segmentation_gap
+    from inference.recipes.hrssm.boundaries import rank_runs, segmentation_gap
     from inference.recipes.hrssm import BoundaryEvaluation, score_boundaries
     from inference.recipes.registry import recipes
     from inference.runs.experiment import RunSpec, load_run, train
@@ -168,7 +168,7 @@ def test_the_decoupled_colour_balls_change_colour_away_from_the_bounces():
 
 
 def test_cue_scores_and_their_chance_level():
-    from inference.evaluation.boundaries import cue_scores, random_boundaries
+    from inference.recipes.hrssm.boundaries import cue_scores, random_boundaries
 
     generator = torch.Generator().manual_seed(0)
     events = (torch.rand(200, 20, generator=generator) < 0.15).long()

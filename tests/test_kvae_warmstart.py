@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inference.recipes.kvae_warmstart import (
+from inference.recipes.kvae.warmstart import (
     WarmStartConfig,
     best_warm_start,
     fit_dynamics,
@@ -100,7 +100,7 @@ def test_warm_start_for_takes_the_runs_batch_lr_and_seed():
 
 
 def test_trajectory_kinks_against_a_hand_computation_and_its_mask():
-    from inference.recipes.kvae_warmstart import trajectory_kinks
+    from inference.recipes.kvae.warmstart import trajectory_kinks
     line = torch.arange(6.0).reshape(1, 6, 1) * torch.tensor([2.0, -1.0])  # straight: no kink
     assert trajectory_kinks(line).item() == 0.0
     bounce = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0]).reshape(1, 5, 1)  # one kink of |1 - 4 + 1| = 2 at t = 2

@@ -14,11 +14,11 @@ from pyro_models.modes import eval_mode
 from pyro_models.vae import GUIDES, VAEConfig, build_vae
 from pyro_models.vae.impute import bottom_half_mask, impute
 
-from ..evaluation import plots
-from ..evaluation.analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
-from .recipe import Context, Recipe
-from ..training.schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
-from ..training import Callback, TrainConfig, Trainer
+from ...evaluation import plots
+from ...evaluation.analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
+from ..recipe import Context, Recipe
+from ...training.schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
+from ...training import Callback, TrainConfig, Trainer
 
 
 @dataclass

@@ -13,12 +13,12 @@ from pyro_models.kvae import GUIDES, KVAEConfig, build_kvae
 from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
-from ..evaluation import plots
-from .recipe import Context, Recipe, frames_per_sequence, never_compiled, report_mask, sequence_builder
-from ..runs.rundir import metric_or_none
-from ..training.schedules import LinearKLAnnealing
-from ..training import Callback, TrainConfig, Trainer
-from .kvae_warmstart import WarmStartConfig, best_warm_start, warm_start_for
+from ...evaluation import plots
+from ..recipe import Context, Recipe, frames_per_sequence, never_compiled, report_mask, sequence_builder
+from ...runs.rundir import metric_or_none
+from ...training.schedules import LinearKLAnnealing
+from ...training import Callback, TrainConfig, Trainer
+from .warmstart import WarmStartConfig, best_warm_start, warm_start_for
 
 # The optimisation recipe of the original code (simonkamronn/kvae): Adam at 0.007, x0.85 every 20 epochs,
 # clip 150, batch 32, 80 epochs, LSTM frozen 10 epochs. Its loss is the mean per frame, which its gradient
@@ -32,7 +32,7 @@ LSTM_FROZEN_EPOCHS = 2
 # The warm start of the default run: 1,500 autoencoder steps with the straight-trajectory penalty, the
 # bases, then 1,500 steps fitting the LSTM too, all at the recipe's initial rate.
 WARM_START_STEPS, TRAJECTORY_PENALTY, DYNAMICS_LSTM_STEPS = 1500, 30.0, 1500
-# Warm starts tried from fresh initialisations, the best by its own score kept (kvae_warmstart.py).
+# Warm starts tried from fresh initialisations, the best by its own score kept (warmstart.py).
 WARM_START_RESTARTS = 3
 WARM_START_FILE = "warm_start.json"
 

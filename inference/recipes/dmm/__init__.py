@@ -11,11 +11,11 @@ from pyro_models.datasets.configs import SequenceDataConfig
 from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse
 
-from ..evaluation import plots
-from .recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
-from ..runs.rundir import metric_or_none
-from ..training.schedules import LinearKLAnnealing
-from ..training import Callback, TrainConfig, Trainer
+from ...evaluation import plots
+from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
+from ...runs.rundir import metric_or_none
+from ...training.schedules import LinearKLAnnealing
+from ...training import Callback, TrainConfig, Trainer
 
 # Adam with a global gradient-norm clip of 10 on the loss per frame, as Pyro's DMM example clips.
 DMM_TRAIN_DEFAULTS = TrainConfig(epochs=20, batch_size=20, lr=8e-4, clip_norm=10.0, mean_loss=True)

@@ -18,11 +18,11 @@ from pyro_models.hrssm.boundaries import check_threshold
 from pyro_models.hrssm.config import BINARY_THRESHOLD, BoundaryTemperature
 from pyro_models.imputation import frames_inside
 
-from ..evaluation import plots
-from ..evaluation.boundaries import boundary_metrics, boundary_scores, cue_scores
-from ..training.elbo import elbo_terms
-from .recipe import Context, Recipe, always_compiled, frames_per_sequence, sequence_builder
-from ..training import Callback, TrainConfig, Trainer
+from ...evaluation import plots
+from .boundaries import boundary_metrics, boundary_scores, cue_scores
+from ...training.elbo import elbo_terms
+from ..recipe import Context, Recipe, always_compiled, frames_per_sequence, sequence_builder
+from ...training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
 # Batch 16 instead of 64 on a CPU machine.
@@ -114,7 +114,7 @@ GAP_SAMPLES = 2  # draws of (Z, S) per segmentation in the per-epoch gap
 
 
 def epoch_segmentation_gap(model, guide, x: torch.Tensor, starts: torch.Tensor) -> float:
-    """The segmentation gap (``inference.evaluation.boundaries.segmentation_gap``: the ELBO with q(M | X) a point
+    """The segmentation gap (``inference.recipes.hrssm.boundaries.segmentation_gap``: the ELBO with q(M | X) a point
     mass on the guide's own boundaries ``starts (batch, T)`` minus that with none; nats per sequence)
     of ``x (batch, T, *frame_shape)``, both with the same random draws (seed ``GAP_SEED``), in a forked
     random state so that training draws what it would have drawn without it. Label-free."""

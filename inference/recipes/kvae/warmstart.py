@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 from pyro_models.imputation import zero_missing
 from pyro_models.kvae import KVAE, KalmanPrior, KVAEGuide
 
-from ..runs import failpoints
-from ..training import TrainConfig
+from ...runs import failpoints
+from ...training import TrainConfig
 
 
 @dataclass

@@ -198,7 +198,10 @@ def test_builders_and_imputers_refuse_bad_shapes_naming_the_argument():
     from pyro_models.dmm import DMMConfig, build_dmm
     from pyro_models.hrssm import HRSSMConfig, build_hrssm
     from pyro_models.kvae import KVAEConfig, build_kvae
+    from pyro_models.dmm import impute as dmm_impute
+    from pyro_models.hrssm import impute as hrssm_impute
     from pyro_models.kvae import impute as kvae_impute
+    from pyro_models.vae import impute as vae_impute
 
     for build, argument in ((lambda s: build_vae("vae", s, VAEConfig()), "x_shape"),
                             (lambda s: build_kvae(s, KVAEConfig()), "frame_shape"),
@@ -212,7 +215,8 @@ def test_builders_and_imputers_refuse_bad_shapes_naming_the_argument():
     model, guide = build_kvae((6,), KVAEConfig(a_dim=2, state_dim=2, num_bases=1, lstm_hidden=4))
     x = torch.rand(2, 5, 7)  # frames of 7 values for a model of 6
     with pytest.raises(ValueError, match=r"^x: expected shape \(batch, T, 6\), got \(2, 5, 7\)"):
-        kvae_impute.impute(model, guide, x, torch.ones(2, 5, dtype=torch.bool))
+        kvae_impute(model, guide, x, torch.ones(2, 5, dtype=torch.bool))
+    assert all(callable(f) for f in (dmm_impute, hrssm_impute, kvae_impute, vae_impute))  # every model's imputer by one name
 
 
 def test_a_last_batch_of_one_never_reaches_batch_norm(tmp_path):

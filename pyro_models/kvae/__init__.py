@@ -8,6 +8,7 @@ from .config import GUIDES, KVAEConfig
 from .guides import KVAEGuide, StructuredKVAEGuide, TemporalContext
 from .model import KVAE, KalmanDynamics, KalmanPrior, Latents, generate, generate_latents
 from ..checks import check_shape
+from .impute import impute  # the function, as pyro_models.dmm.impute and pyro_models.hrssm.impute are
 from .networks import CappedGaussianHead, ConvFrameDecoder, ConvFrameEncoder, MLPFrameDecoder, MLPFrameEncoder
 
 
@@ -19,6 +20,6 @@ def build_kvae(frame_shape: Sequence[int], config: KVAEConfig) -> Tuple[KVAE, KV
     return model, guide_class(frame_shape, config, model.kl_weights)
 
 
-__all__ = ["GUIDES", "KVAE", "KVAEConfig", "KVAEGuide", "StructuredKVAEGuide", "TemporalContext", "KalmanDynamics", "KalmanPrior", "Latents", "build_kvae", "generate",
+__all__ = ["GUIDES", "KVAE", "impute", "KVAEConfig", "KVAEGuide", "StructuredKVAEGuide", "TemporalContext", "KalmanDynamics", "KalmanPrior", "Latents", "build_kvae", "generate",
            "generate_latents", "CappedGaussianHead", "ConvFrameDecoder", "ConvFrameEncoder", "MLPFrameDecoder",
            "MLPFrameEncoder"]

@@ -10,6 +10,7 @@ from ..kl_weights import KLWeights, sample_latent
 from ..checks import IMAGE_RANK, check_shape
 from ..networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .guides import IAFGuide, NormalGuide
+from .impute import impute  # the function, as every model package exports its imputer
 from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig
 
 
@@ -33,4 +34,4 @@ def build_vae(name: str, x_shape: Sequence[int], config: VAEConfig) -> Tuple[VAE
     return model, guide
 
 
-__all__ = ["ARCHITECTURES", "GUIDES", "VAE", "IAFGuide", "KLWeights", "NormalGuide", "VAEConfig", "build_vae", "sample_latent"]
+__all__ = ["ARCHITECTURES", "GUIDES", "VAE", "IAFGuide", "KLWeights", "NormalGuide", "VAEConfig", "build_vae", "impute", "sample_latent"]

@@ -300,3 +300,33 @@ def test_a_ragged_hrssm_batch_is_the_sum_of_its_sequences(with_gaps):
         mine = {n: sliced(v, i) for n, v in latent.items() if int(n.split("_")[1]) <= (length if n[0] != "m" else length - 1)}
         parts.append(loss_and_grads(mine, *sequence_args(x, gaps, i, length)))
     assert_same(batch, parts, loss_tol=1e-9, grad_rtol=1e-7, grad_atol=1e-9)
+
+
+@pytest.mark.parametrize("guide_name", ["st-r", "st-lr"])
+def test_a_batch_sorted_longest_first_takes_the_no_reorder_path_with_the_same_numbers(guide_name, monkeypatch):
+    """The trainer hands the DMM batches longest first, where no rows are gathered and scattered back
+    (``longest_first`` is None); the ELBO and every gradient equal those of the reordering path."""
+    from pyro_models.dmm import DMMConfig, build_dmm
+    from pyro_models.dmm import chains, networks
+
+    lengths = torch.tensor([9, 7, 7, 4, 2])
+    assert chains.longest_first(lengths) is None and chains.longest_first(lengths.flip(0)) is not None
+    x = torch.bernoulli(torch.full((5, 9, 6), 0.3))
+
+    def run():
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model, guide = build_dmm((6,), DMMConfig(z_dim=3, transition_dim=8, emission_hidden=(8,), rnn_dim=8, guide=guide_name))
+        torch.manual_seed(1)
+        loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide, x, None, lengths)
+        params = list(guide.parameters()) + list(model.parameters())
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    fast = run()
+    always = lambda lengths: torch.argsort(lengths, descending=True, stable=True)  # noqa: E731
+    monkeypatch.setattr(chains, "longest_first", always)
+    monkeypatch.setattr(networks, "longest_first", always)
+    reordered = run()
+    assert torch.equal(fast[0], reordered[0])
+    for a, b in zip(fast[1], reordered[1]):
+        assert (a is None and b is None) or torch.equal(a, b)

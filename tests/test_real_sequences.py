@@ -129,6 +129,8 @@ def test_bucketed_batches_are_a_seeded_permutation_of_similar_lengths():
     order = bucketed_order(lengths, 10, 4, torch.Generator().manual_seed(1))
     assert sorted(order.tolist()) == list(range(97))
     assert torch.equal(order, bucketed_order(lengths, 10, 4, torch.Generator().manual_seed(1)))
+    for batch in order.split(10):  # the trainer's batches: each longest first (no reordering in the model)
+        assert (lengths[batch][:-1] >= lengths[batch][1:]).all()
     padded = sum(int(lengths[b].max()) * len(b) for b in order.split(10))
     random = bucketed_order(lengths, 10, 1, torch.Generator().manual_seed(1))
     assert padded < 0.8 * sum(int(lengths[b].max()) * len(b) for b in random.split(10))

@@ -19,8 +19,10 @@ def bucketed_order(lengths: torch.Tensor, batch_size: int, bucket_batches: int,
                    generator: torch.Generator) -> torch.Tensor:
     """A permutation of the examples ``(N,)`` whose consecutive runs of ``batch_size`` have similar
     ``lengths (N,)``: a random permutation, cut into windows of ``bucket_batches * batch_size``, each
-    window sorted by length (stable) and cut into batches, then the batches shuffled. Every draw comes
-    from ``generator``; ``bucket_batches = 1`` gives random batches."""
+    window sorted by length (stable) and cut into batches, each batch longest first (a model that runs
+    only the sequences not yet ended, a prefix of the rows, then needs no reordering), then the full
+    batches shuffled and a short one last. Every draw comes from ``generator``; ``bucket_batches = 1``
+    gives random batches."""
     num = lengths.numel()
     order = torch.randperm(num, generator=generator)
     window = batch_size * bucket_batches
@@ -28,9 +30,13 @@ def bucketed_order(lengths: torch.Tensor, batch_size: int, bucket_batches: int,
     for start in range(0, num, window):
         chunk = order[start : start + window]
         chunk = chunk[torch.argsort(lengths[chunk], stable=True)]  # similar lengths side by side
-        batches += list(chunk.split(batch_size))
-    shuffled = torch.randperm(len(batches), generator=generator)
-    return torch.cat([batches[i] for i in shuffled.tolist()])
+        batches += [batch.flip(0) for batch in chunk.split(batch_size)]  # longest first within each batch
+    # the batches shuffled, a short one (the last window's rest) last, so that cutting the order into
+    # consecutive runs of batch_size gives back exactly these batches
+    full = [b for b in batches if b.numel() == batch_size]
+    short = [b for b in batches if b.numel() != batch_size]
+    shuffled = torch.randperm(len(full), generator=generator)
+    return torch.cat([full[i] for i in shuffled.tolist()] + short)
 
 
 def cut_to_length(inputs: Inputs, lengths_arg: Optional[int]) -> Inputs:

@@ -214,6 +214,14 @@ def _kl_chain(q: PosteriorChain, p: TransitionChain) -> torch.Tensor:
     return _masked_sum(torch.stack(per_step, dim=-1), q.valid)
 
 
+def longest_first(lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The permutation that sorts ``lengths (batch,)`` by decreasing length (stable), or None when they
+    are sorted already (the trainer's batches are: then no gather and no scatter back is needed)."""
+    if lengths is None or bool((lengths[:-1] >= lengths[1:]).all()):
+        return None
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
 def active_rows(lengths: Optional[torch.Tensor], num_rows: int, num_steps: int, repeat: int = 1) -> List[int]:
     """For rows sorted by decreasing ``lengths (batch,)``, each repeated ``repeat`` times: how many rows are
     still inside their sequence at each step (a prefix of the rows). Without lengths every row is."""
@@ -311,7 +319,7 @@ def combiner_chain(context: torch.Tensor, noise: torch.Tensor, z_0: torch.Tensor
     head = combiner.head
     if head.scale_fn is not F.softplus:
         raise ValueError("combiner: the fused chain is written for a softplus scale")
-    order = None if lengths is None else torch.argsort(lengths, descending=True, stable=True)
+    order = longest_first(lengths)
     repeat = int(torch.Size(lead).numel())  # draws per sequence (particles)
 
     def rows_first(t: torch.Tensor) -> torch.Tensor:  # (..., batch, T, D) -> (batch * particles, T, D), sorted

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..distributions import likelihood_mean, pixel_likelihood
 from ..networks import GaussianHead, conv_spatial_sizes, mlp
-from .chains import active_rows
+from .chains import active_rows, longest_first
 from .config import IMAGE_DIMS, DMMConfig
 
 CONV_KERNEL, CONV_STRIDE, CONV_PADDING = 3, 2, 1  # each layer halves H and W (rounding up)
@@ -208,39 +208,43 @@ class _ElmanRecurrence(torch.autograd.Function):
         # rows are one contiguous block that the products write into directly.
         pre = pre.transpose(0, 1).contiguous()  # (N, T, H) -> (T, N, H)
         out = torch.zeros_like(pre)
-        inputs = torch.zeros_like(pre)  # the state each step read: h_{t-1} (h_{t+1} against time)
         h = h_0[:0]
         w_t = w_hh.t()
         for t in (reversed(range(pre.shape[0])) if reverse else range(pre.shape[0])):
             rows = active[t]
             h_in = h[:rows] if h.shape[0] >= rows else torch.cat([h, h_0[h.shape[0] : rows]])  # new rows start at h_0
-            inputs[t, :rows] = h_in
             h = torch.addmm(pre[t, :rows], h_in, w_t, out=out[t, :rows])
             h.relu_() if relu else h.tanh_()
-        ctx.save_for_backward(out, inputs, w_hh)
-        ctx.relu, ctx.active, ctx.reverse, ctx.batch = relu, active, reverse, h_0.shape[0]
+        ctx.save_for_backward(out, w_hh, h_0)
+        ctx.relu, ctx.active, ctx.reverse = relu, active, reverse
         return out.transpose(0, 1)  # (N, T, H)
 
     @staticmethod
     def backward(ctx, grad_out):
-        out, inputs, w_hh = ctx.saved_tensors  # (T, N, H)
+        out, w_hh, h_0 = ctx.saved_tensors  # out (T, N, H)
         grad_out = grad_out.transpose(0, 1).contiguous()  # (N, T, H) -> (T, N, H)
         # f'(a_t) from the output: relu' = 1[h > 0], tanh' = 1 - h^2
         slope = (out > 0).to(out.dtype) if ctx.relu else 1.0 - out * out
         d_pre = torch.zeros_like(out)  # dL/da_t
-        d_h_0 = out.new_zeros(ctx.batch, out.shape[-1])
-        steps = list(reversed(range(out.shape[0])) if ctx.reverse else range(out.shape[0]))
-        d_input = out.new_zeros(0, out.shape[-1])  # dL/d(the state the step after t read)
-        for t in reversed(steps):
-            rows = ctx.active[t]
-            # the next step read this step's state in its first rows; rows it started itself read h_0
-            d_h_0[rows : d_input.shape[0]] += d_input[rows:]
+        d_first = torch.zeros_like(h_0)  # dL/da of each row at the step that read h_0 (its first)
+        steps = list(reversed(range(out.shape[0])) if ctx.reverse else range(out.shape[0]))  # loop order
+        d_input = out.new_zeros(0, out.shape[-1])  # dL/d(the state the step after read), its rows
+        for i in range(len(steps) - 1, -1, -1):
+            t, rows = steps[i], ctx.active[steps[i]]
+            # the step after read this step's state in its first rows (rows it started itself read h_0)
             carry = d_input[:rows] if d_input.shape[0] >= rows else F.pad(d_input, (0, 0, 0, rows - d_input.shape[0]))
             d_a = torch.add(grad_out[t, :rows], carry, out=d_pre[t, :rows]).mul_(slope[t, :rows])
-            d_input = d_a @ w_hh
-        d_h_0[: d_input.shape[0]] += d_input  # the first step read h_0
-        flat = (-1, out.shape[-1])  # every step at once: (T, N, H) -> (T N, H)
-        return d_pre.transpose(0, 1), d_pre.reshape(flat).t() @ inputs.reshape(flat), d_h_0, None, None, None
+            before = ctx.active[steps[i - 1]] if i > 0 else 0  # rows the step before ran; the rest started here
+            if rows > before:
+                d_first[before:rows] = d_a[before:]
+            if i > 0:
+                d_input = d_a @ w_hh
+        # dL/dW_hh = sum_t d_a_t^T (the state step t read): the output of the step before in loop order (its
+        # rows past their end are 0), or h_0 for the rows a step starts: one product for each
+        flat = (-1, out.shape[-1])  # (T - 1, N, H) -> ((T - 1) N, H)
+        later, earlier = (d_pre[:-1], out[1:]) if ctx.reverse else (d_pre[1:], out[:-1])
+        d_w = later.reshape(flat).t() @ earlier.reshape(flat) + d_first.t() @ h_0
+        return d_pre.transpose(0, 1), d_w, d_first @ w_hh, None, None, None
 
 
 def elman_rnn(rnn: nn.RNN, e: torch.Tensor, h_0: torch.Tensor, active: Optional[List[int]] = None,
@@ -296,8 +300,11 @@ class SequenceContext(nn.Module):
     def forward(self, e: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if lengths is None:
             return self.states(e, None, None)
-        order = torch.argsort(lengths, descending=True, stable=True)  # the sequences still running: a prefix
-        states = self.states(e[order], lengths[order], active_rows(lengths, e.shape[0], e.shape[1]))
+        active = active_rows(lengths, e.shape[0], e.shape[1])
+        order = longest_first(lengths)  # the sequences still running: a prefix of the rows
+        if order is None:  # sorted already
+            return self.states(e, lengths, active)
+        states = self.states(e[order], lengths[order], active)
         return states[torch.argsort(order)]  # the batch's own order
 
     def states(self, e: torch.Tensor, lengths: Optional[torch.Tensor], active: Optional[List[int]]) -> torch.Tensor:

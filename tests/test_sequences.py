@@ -268,8 +268,8 @@ def test_loader_errors():
         load_sequence_data("mnist-rows")
     with pytest.raises(ValueError, match="data_path"):
         load_sequence_data("npz")
-    assert SEQUENCE_DATASETS == ("bouncing-balls", "color-balls", "color-balls-constant", "mnist-rows", "npz", "jsb",
-                                 "nottingham", "piano", "musedata")
+    assert SEQUENCE_DATASETS == ("bouncing-balls", "color-balls", "color-balls-constant", "color-balls-random",
+                                 "color-balls-random-constant", "mnist-rows", "npz", "jsb", "nottingham", "piano", "musedata")
 
 
 def test_generated_seeds_and_layout():

@@ -400,3 +400,20 @@ def test_argument_validation_runs_on_each_epochs_first_step_or_every_step(every_
     assert [on for on, _ in seen] == first_epoch * 2  # 2 epochs of 4 steps
     assert all(torch_on == on for on, torch_on in seen)  # torch's distributions follow Pyro's switch
     assert pyro.infer.util.is_validation_enabled()  # the global setting (conftest's) is left as it was
+
+
+def test_a_run_of_a_bare_trainer_loads_its_weights_and_load_run_says_how(tiny_images, tmp_path):
+    from inference.runs.experiment import load_run
+    from inference.runs.rundir import read_checkpoint
+    from inference.training import load_weights
+
+    train, test = tiny_images
+    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    run = RunDir(str(tmp_path / "mine"), {"note": "my run"})
+    Trainer(model, guide, config(epochs=1), run).fit(train, test)
+    again, again_guide = build_vae("vae", (1, 12, 12), SMALL)
+    load_weights(again, again_guide, read_checkpoint(run.path))
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(again_guide.parameters(), guide.parameters()))
+    with pytest.raises(ValueError, match="written by a Trainer of your own .*load_weights"):
+        load_run(run.path)

@@ -336,8 +336,12 @@ def read_spec(path: str) -> RunSpec:
     config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"path: {os.path.abspath(path)} holds no run ({CONFIG} not found)")
-    with open(config_path) as f:
-        return RunSpec.from_json(json.load(f))
+    stored = RunDir.stored_config(path)
+    if isinstance(stored, dict) and "model" not in stored and "format" not in stored:
+        raise ValueError(f"path: {path} was written by a Trainer of your own (its {CONFIG} holds no RunSpec), so "
+                         "load_run cannot rebuild its model; build the model and guide as you did, then "
+                         "inference.training.load_weights(model, guide, read_checkpoint(path))")
+    return RunSpec.from_json(stored)
 
 
 CHECKPOINTS = ("last", "best")

@@ -41,31 +41,40 @@ def _to_display(images: torch.Tensor, observed: Optional[torch.Tensor] = None) -
 
 
 FRAME_GREY = 0.55  # the thin frame drawn around each image, so white image borders stay visible
+BORDER = 2  # pixels of the frame around each image (coloured where an image is marked)
 
 
-def _strip(shown: np.ndarray, num_cols: int) -> np.ndarray:
-    """Images ``(n, H, W)`` or ``(n, H, W, 3)`` side by side in one array, each in a one-pixel grey frame,
-    padded with white to ``num_cols`` images."""
+def _strip(shown: np.ndarray, num_cols: int, colours: Optional[Sequence[Optional[Tuple[float, float, float]]]] = None) -> np.ndarray:
+    """Images ``(n, H, W)`` or ``(n, H, W, 3)`` side by side in one array, each in a grey frame (in
+    ``colours[c]`` where given: the image's content is left as it is), padded with white to ``num_cols``."""
+    if colours is not None and any(c is not None for c in colours) and shown.ndim == 3:
+        shown = np.repeat(shown[..., None], 3, axis=-1)  # grey -> RGB, so that a frame can be coloured
     n, height, width = shown.shape[:3]
-    strip = np.ones((height + 2, num_cols * (width + 1) + 1, *shown.shape[3:]))  # white
+    step = width + BORDER
+    strip = np.ones((height + 2 * BORDER, num_cols * step + BORDER, *shown.shape[3:]))  # white
     for c in range(n):
-        left = c * (width + 1)
-        strip[:, left : left + width + 2] = FRAME_GREY
-        strip[1 : height + 1, left + 1 : left + width + 1] = shown[c]
+        left = c * step
+        colour = colours[c] if colours is not None else None
+        strip[:, left : left + width + 2 * BORDER] = FRAME_GREY if colour is None else colour
+        strip[BORDER : height + BORDER, left + BORDER : left + width + BORDER] = shown[c]
     return strip
 
 
 def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, title: Optional[str] = None,
-               observed: Optional[Sequence[Optional[torch.Tensor]]] = None) -> str:
+               observed: Optional[Sequence[Optional[torch.Tensor]]] = None,
+               frame_colours: Optional[Sequence[Optional[Sequence]]] = None) -> str:
     """A grid whose row ``i`` shows the images ``rows[i] (N, C, H, W)``, labelled ``labels[i]``;
-    ``observed[i]`` (optional bool masks) marks row ``i``'s missing pixels in colour. Each row is one
-    image (its frames tiled), so a strip of many frames costs one ``imshow``."""
+    ``observed[i]`` (optional bool masks) marks row ``i``'s missing pixels in colour; ``frame_colours[i]``
+    (optional, one RGB or None per image) colours the frame around marked images, their content shown as
+    it is. Each row is one image (its frames tiled), so a strip of many frames costs one ``imshow``."""
     num_cols = max(r.shape[0] for r in rows)
     fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
     observed = list(observed) if observed is not None else [None] * len(rows)
+    frame_colours = list(frame_colours) if frame_colours is not None else [None] * len(rows)
     for r, (images, label) in enumerate(zip(rows, labels)):
         ax = axes[r, 0]
-        ax.imshow(_strip(_to_display(images, observed[r]), num_cols), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(_strip(_to_display(images, observed[r]), num_cols, frame_colours[r]), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():

@@ -105,7 +105,7 @@ class HRSSMReport(Callback):
             metrics["segmentation_gap"] = epoch_segmentation_gap(trainer.model, trainer.guide, x[:n], starts[:n].to(x.device))
         if trainer.run is not None and x.dim() == 5:
             boundary_figure(trainer.run.figure_path("boundaries", epoch), x, starts, self.test_events,
-                            f"epoch {epoch}: frames starting a segment in blue")
+                            f"epoch {epoch}, held-out frames")
         return metrics
 
 
@@ -126,18 +126,25 @@ def epoch_segmentation_gap(model, guide, x: torch.Tensor, starts: torch.Tensor) 
     return elbos[0] - elbos[1]
 
 
+BOUNDARY_RGB, EVENT_RGB, BOTH_RGB = (0.1, 0.3, 1.0), (1.0, 0.55, 0.0), (0.0, 0.75, 0.2)  # frame colours of boundary_figure
+
+
 def boundary_figure(path: str, x: torch.Tensor, starts: torch.Tensor, events: Optional[torch.Tensor], title: str,
                     num_shown: int = 2) -> str:
-    """Frames of the first sequences of ``x (N, T, C, H, W)``, each above a copy whose segment starts
-    (``starts (N, T)``) are drawn in colour; the true event count in the label when ``events`` is given."""
-    rows, labels, observed = [], [], []
+    """Frames of the first sequences of ``x (N, T, C, H, W)``, one row each, content as it is: a frame that
+    starts a segment (``starts (N, T)``) framed blue, a true event (``events (N, T)``, when given) orange,
+    both green; the title says so."""
+    rows, labels, colours = [], [], []
     for n in range(min(num_shown, x.shape[0])):
-        marks = starts[n].bool().reshape(-1, 1, 1, 1).expand_as(x[n])
-        rows += [x[n], x[n]]
-        events_text = f" ({int(events[n].sum())} true events)" if events is not None else ""
-        labels += [f"sequence {n + 1}", "boundaries" + events_text]
-        observed += [None, ~marks]
-    return plots.image_rows(rows, labels, path, title, observed=observed)
+        start = starts[n].bool().tolist()
+        event = events[n].bool().tolist() if events is not None else [False] * len(start)
+        colours.append([BOTH_RGB if s and e else BOUNDARY_RGB if s else EVENT_RGB if e else None
+                        for s, e in zip(start, event)])
+        rows.append(x[n])
+        counts = f"{sum(start)} segments" + (f", {sum(event)} true events" if events is not None else "")
+        labels.append(f"sequence {n + 1}\n{counts}")
+    key = "frames starting a segment framed blue" + (", true events orange, both green" if events is not None else "")
+    return plots.image_rows(rows, labels, path, f"{title}: {key}", frame_colours=colours)
 
 
 @dataclass
@@ -263,7 +270,7 @@ def boundary_figures(run, options: BoundaryEvaluation, starts: torch.Tensor) -> 
         plots.metric_against_time(history, "boundary_f1", os.path.join(folder, "f1_vs_time.png"),
                                   f"boundary F1 (+-{options.tolerance} frame, window rule) on held-out sequences while training")
     if x.dim() == 5:
-        boundary_figure(os.path.join(folder, "boundaries_eval.png"), x, starts, data.test_events, "held-out frames; segment starts in blue")
+        boundary_figure(os.path.join(folder, "boundaries_eval.png"), x, starts, data.test_events, "held-out frames")
         frames = jumpy_rollout(model, guide, x[:1, : options.prefix], num_segments=min(8, x.shape[1]))
         plots.image_rows([x[0, : options.prefix], frames[0].clamp(0, 1)], ["prefix", "one frame per segment"],
                          os.path.join(folder, "jumpy.png"), "jumpy imagination")

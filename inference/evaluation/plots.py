@@ -41,6 +41,7 @@ def _to_display(images: torch.Tensor, observed: Optional[torch.Tensor] = None) -
 
 
 FRAME_GREY = 0.55  # the thin frame drawn around each image, so white image borders stay visible
+MIN_FIGURE_WIDTH = 5.0  # inches: room for a title and row labels beside a strip of few images
 BORDER = 2  # pixels of the frame around each image (coloured where an image is marked)
 
 
@@ -68,7 +69,8 @@ def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, t
     (optional, one RGB or None per image) colours the frame around marked images, their content shown as
     it is. Each row is one image (its frames tiled), so a strip of many frames costs one ``imshow``."""
     num_cols = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * num_cols + 1.0, 1.15 * len(rows) + 0.4), squeeze=False)
+    width = max(1.1 * num_cols + 1.0, MIN_FIGURE_WIDTH)  # a strip of one image still fits its title and labels
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, 1.15 * len(rows) + 0.4), squeeze=False)
     observed = list(observed) if observed is not None else [None] * len(rows)
     frame_colours = list(frame_colours) if frame_colours is not None else [None] * len(rows)
     for r, (images, label) in enumerate(zip(rows, labels)):
@@ -81,7 +83,7 @@ def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str, t
             spine.set_visible(False)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9, wrap=True)
     return _save(fig, path)
 
 

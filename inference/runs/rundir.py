@@ -41,13 +41,19 @@ class RunFolderBusy(FileExistsError):
     """Another process is writing the run folder."""
 
 
-def _holder(lock_path: str) -> str:
+LOCK_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # what flock(LOCK_NB) reports for a lock held elsewhere
+
+
+def _busy(path: str) -> RunFolderBusy:
+    """The one-line error for ``path``'s lock being held, naming the holder's pid where it wrote one."""
     try:
-        with open(lock_path) as f:
+        with open(os.path.join(path, LOCK)) as f:
             pid = f.read().strip()
-        return f" (process {pid})" if pid else ""
     except OSError:
-        return ""
+        pid = ""
+    holder = f" (process {pid})" if pid else ""
+    return RunFolderBusy(f"path: {path} is being written by another training{holder}; wait for it to finish or "
+                         "choose another folder")
 
 
 def check_writable(path: str) -> None:
@@ -75,9 +81,8 @@ def lock_folder(path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         os.close(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunFolderBusy(f"path: {path} is being written by another training{_holder(lock_path)}; wait for "
-                                "it to finish or choose another folder") from None
+        if error.errno in LOCK_HELD:
+            raise _busy(path) from None
         raise
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
@@ -103,12 +108,12 @@ def check_not_busy(path: str) -> None:
     fd = os.open(os.path.join(path, LOCK), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise RunFolderBusy(f"path: {path} is being written by another training{_holder(os.path.join(path, LOCK))}; "
-                            "wait for it to finish or choose another folder") from None
+    except OSError as error:
+        if error.errno in LOCK_HELD:
+            raise _busy(path) from None
+        raise
     finally:
         os.close(fd)
-UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
 
 
 def metric_or_none(value: float) -> Optional[float]:

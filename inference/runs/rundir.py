@@ -116,6 +116,9 @@ def check_not_busy(path: str) -> None:
         os.close(fd)
 
 
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
+
+
 def metric_or_none(value: float) -> Optional[float]:
     """A metric for ``metrics.jsonl``: ``None`` (JSON null) when it is undefined (NaN, e.g. an imputation
     error when no frame was missing), since JSON has no NaN."""

@@ -6,6 +6,7 @@ import pyro
 import torch
 import torch.distributed as dist
 
+from gloo_retry import enable_fault_handler
 from inference.training.distributed import World
 from inference.runs.experiment import RunSpec, train
 from inference.recipes.registry import get_recipe
@@ -61,6 +62,7 @@ def fit_and_save(folder: str, rank: int, name: str, num_train: int, mean_loss: b
 
 
 def main(rank: int, folder: str) -> None:
+    enable_fault_handler()
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank, world_size=2)
     try:
         for mean_loss in (False, True):

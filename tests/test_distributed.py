@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo_retry import spawn_with_retry  # tests/gloo_retry.py
 import distributed_worker as worker  # tests/distributed_worker.py: the program of each rank
 from inference.training.distributed import World, shard
 from inference.runs.rundir import read_checkpoint
@@ -20,9 +21,12 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One spawn of two ranks for every test of this module (starting processes is the slow part)."""
-    folder = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(worker.main, args=(folder,), nprocs=WORLD, join=True)
-    return folder
+    def launch():
+        folder = str(tmp_path_factory.mktemp("ranks"))
+        mp.spawn(worker.main, args=(folder,), nprocs=WORLD, join=True)
+        return folder
+
+    return spawn_with_retry(launch)
 
 
 def reference_parameters(num_train: int, mean_loss: bool):

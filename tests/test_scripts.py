@@ -1,4 +1,5 @@
 """Every script and benchmark smoke-runs in seconds with tiny arguments."""
+import contextlib
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from gloo_retry import GLOO_ABORT, run_with_retry  # tests/gloo_retry.py
 from inference.training import TIMINGS
 from inference.cli.command_line import parse_train_args
 from inference.recipes.registry import recipes
@@ -260,7 +262,7 @@ def test_torchrun_trains_one_run_directory(tmp_path):
     common = ["--nproc_per_node", "2", "scripts/train.py", "vae", "--data", "shapes", "--num-shapes", "40", "--z-dim", "2",
               "--hidden-dims", "8", "--batch-size", "8", "--no-progress", "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (resuming N ranks: tests/test_distributed.py)
-    result = subprocess.run([torchrun, *common, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    result = run_with_retry([torchrun, *common, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("done: epoch 2") == 1  # rank 0 reports
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
@@ -280,3 +282,12 @@ def test_select_run_script(tmp_path):
     assert run("scripts/select_run.py", *runs, "--rule", "elbo").stdout.strip().endswith(f"pick (elbo): {runs[1]}")
     missing = run("scripts/select_run.py", str(tmp_path), ok=False)
     assert missing.returncode == 2 and "boundaries.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("message, runs", [(GLOO_ABORT, 2), ("some other failure", 1)])
+def test_a_launch_is_retried_once_for_the_gloo_abort_only(tmp_path, message, runs):
+    counter = tmp_path / "count"
+    script = f"import sys; f = open({str(counter)!r}, 'a'); f.write('x'); f.close(); sys.exit({message!r})"
+    with pytest.warns(UserWarning) if runs == 2 else contextlib.nullcontext():
+        result = run_with_retry([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 1 and counter.read_text() == "x" * runs

@@ -91,6 +91,7 @@ def process_group(device: str) -> Iterator[World]:
     dist.init_process_group(backend_for(device))
     try:
         yield current_world()
+        dist.barrier()  # no rank tears its connections down while another is still in a collective
     finally:
         dist.destroy_process_group()
 

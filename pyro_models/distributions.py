@@ -165,6 +165,10 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
     def to_site(t: torch.Tensor, rest: int) -> torch.Tensor:
         # (..., batch, *unit_shape, *rest_shape) -> (..., units, batch, *rest_shape)
         split = t.dim() - rest - unit_dims
+        if split >= 2 and t.shape[split - 2] == 1:
+            # a value drawn under an outer plate (e.g. vectorised particles at dim -3) keeps a size-1 slot
+            # at dim -2 of the batch dims for this plate: the units take that slot
+            t, split = t.squeeze(split - 2), split - 1
         t = t.reshape(t.shape[:split] + (num_units,) + t.shape[t.dim() - rest :])
         return t.movedim(-rest - 1, -rest - 2)
 
@@ -173,7 +177,7 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
     with pyro.plate(unit_name, num_units, dim=-2), hidden:
         value = pyro.sample(name, site_fn, obs=to_site(obs, inner), obs_mask=to_site(mask.bool(), 0))
     value = value.movedim(-inner - 2, -inner - 1)  # (..., batch, units, *rest_shape)
-    return value.reshape(value.shape[: value.dim() - inner - 1] + unit_shape + value.shape[value.dim() - inner :])
+    return value.reshape(torch.broadcast_shapes(fn.batch_shape, obs.shape))  # (..., batch, *event_shape)
 
 
 def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:

@@ -118,3 +118,20 @@ def test_every_model_has_an_importance_sampled_likelihood(name):
     assert result.log_weights.shape == (6, 3) and torch.isfinite(result.log_weights).all()
     assert torch.all(result.estimate >= result.log_weights.mean(0))  # log-mean-exp >= mean (Jensen)
     assert torch.all(result.stderr >= 0)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_dmm_estimate_with_gaps_converges_to_the_kalman_marginal_of_the_observed_frames(vectorize):
+    """Missing frames inside ragged sequences: the importance-sampled estimate (vectorised over particles
+    or one draw a pass) against the Kalman marginal of each sequence's observed frames."""
+    pyro.set_rng_seed(3)
+    model, guide = linear_dmm()
+    lengths = torch.tensor([5, 3, 4])
+    x = torch.randn(3, 5, 3, dtype=F64)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 1, 1], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    fit_guide(model, guide, x, lengths)
+    exact = exact_log_marginal(model, x, mask & step_mask(lengths, 5)).detach()
+    result = log_weights(model, guide, (x, mask, lengths), 2000 if vectorize else 300,
+                         particles_per_pass=500, vectorize=vectorize)
+    assert torch.all((result.estimate - exact).abs() < 5 * result.stderr + 5e-3), (result.estimate, exact, result.stderr)
+    assert not torch.allclose(exact, exact_log_marginal(model, x, step_mask(lengths, 5)).detach())  # the gaps count

@@ -77,7 +77,10 @@ def condition_on(
         obs = torch.where(mask.unsqueeze(-1), obs, torch.zeros((), dtype=obs.dtype, device=obs.device))
     D, Z = obs_matrix.shape[-2:]
     CP = obs_matrix @ cov  # (..., D, Z)
-    L = torch.linalg.cholesky(sym(CP @ obs_matrix.transpose(-1, -2) + obs_cov))
+    S = sym(CP @ obs_matrix.transpose(-1, -2) + obs_cov)  # (..., D, D)
+    if mask is not None:  # a masked step's S is never used: I keeps its factor finite however large P grew
+        S = torch.where(mask[..., None, None], S, torch.eye(D, dtype=S.dtype, device=S.device))
+    L = torch.linalg.cholesky(S)
     innovation = obs - apply(obs_matrix, mean)  # (..., D)
     gain = torch.cholesky_solve(CP, L).transpose(-1, -2)  # (..., Z, D)
     if mask is not None:
@@ -104,7 +107,10 @@ def smooth_step(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One backward Rauch-Tung-Striebel step, from ``p(z_{t+1} | a)`` to ``p(z_t | a)``.
 
-    ``G_t = P_t A_{t+1}^T (P_{t+1}^-)^{-1}`` (Cholesky solve); the covariance in the
+    ``G_t = P_t A_{t+1}^T (P_{t+1}^-)^{-1}`` (through the symmetric pseudo-inverse, not Cholesky: under
+    dynamics that grow, e.g. a learned ``A`` with an eigenvalue above 1 over a long gap, ``P_{t+1}^-``
+    spans many orders of magnitude and is singular or indefinite once rounded, even in float64; the
+    smoother should still return, with the gain of its well-determined directions); the covariance in the
     sum-of-PSD-terms form ``(I - G A) P_t (I - G A)^T + G Q G^T + G P_{t+1}^s G^T``
     (algebraically ``P_t + G (P_{t+1}^s - P_{t+1}^-) G^T``, without the cancellation).
 
@@ -120,8 +126,7 @@ def smooth_step(
         ``z_t`` and ``Cov(z_{t+1}, z_t | a) = P_{t+1}^s G_t^T``.
     """
     A, P = next_trans_matrix, filtered_cov
-    L = torch.linalg.cholesky(next_pred_cov)
-    G = torch.cholesky_solve(A @ P, L).transpose(-1, -2)  # G^T = (P^-_{t+1})^{-1} A_{t+1} P_t
+    G = (torch.linalg.pinv(next_pred_cov, hermitian=True) @ (A @ P)).transpose(-1, -2)  # G^T = (P^-_{t+1})^{-1} A_{t+1} P_t
     Gt = G.transpose(-1, -2)
     cross_cov = next_cov @ Gt
     mean = filtered_mean + apply(G, next_mean - next_pred_mean)

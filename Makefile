@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install bench clean
+.PHONY: demo test test-slow install bench docs clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU torch first, pinned, so no range can pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,10 +20,13 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --nbval-lax docs/tutorials  # the tutorials at tiny sizes (docs/tutorials/conftest.py)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W -b html docs docs/_build/html
 
 bench: $(STAMP)
 	$(PY) benchmarks/svi_overhead.py

@@ -19,6 +19,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
+        # The API reference and the tutorials: `make test` installs it, so CI builds the docs (warnings as
+        # errors) and executes the notebooks (nbval); a user who only trains never needs it.
+        "docs": ["sphinx>=7", "myst-nb>=1.0", "nbval>=0.10", "ipykernel>=6"],
         # torchvision is optional: only the MNIST downloader can use it; the library reads IDX itself.
         "vision": ["torchvision"],
         # TensorBoard is optional: --tensorboard logs runs to RUN/tensorboard (inference/runs/tensorboard.py).

@@ -59,7 +59,9 @@ class FreeBitsConfig:
 
 
 def free_bits_update(gamma: torch.Tensor, kl_per_dim: torch.Tensor, config: FreeBitsConfig) -> torch.Tensor:
-    """One step of the seed's rule, per dimension d::
+    """One step of the seed's rule.
+
+    Per dimension d::
 
         gamma_d *= (1 - rate)  if KL_d <= (1 - threshold) * target   (too little information: weigh KL less)
         gamma_d *= (1 + rate)  if KL_d >= (1 + threshold) * target   (too much: weigh KL more)

@@ -14,7 +14,7 @@ The warm start removes both before the recipe begins, in three stages:
    (a_t = mu(x_t), loss -log p(x_t | a_t) per frame; no prior, no noise) for ``autoencoder_steps`` on
    batches of ``frames_per_step`` frames drawn from all training frames. With ``trajectory_penalty``
    w > 0 the batches are whole sequences (``frames_per_step // T`` of them) and the loss adds
-   w * mean_t sum_d |a_{t+1,d} - 2 a_{t,d} + a_{t-1,d}| / std_d(a): codes whose trajectories are straight
+   ``w * mean_t sum_d |a_{t+1,d} - 2 a_{t,d} + a_{t-1,d}| / std_d(a)``: codes whose trajectories are straight
    between sparse kinks (a ball's position between bounces) are preferred to any other invertible warp
    of them, which a linear-Gaussian prior could not follow. Dividing by the batch's code spread keeps
    the penalty from being dodged by shrinking the codes.
@@ -145,7 +145,7 @@ def pretrain_autoencoder(model: KVAE, guide: KVAEGuide, train: torch.Tensor, con
 
 
 def trajectory_kinks(codes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The stage-1 penalty: mean over triples of frames of sum_d |a_{t+1} - 2 a_t + a_{t-1}|_d / std_d,
+    """The stage-1 penalty: mean over triples of frames of ``sum_d |a_{t+1} - 2 a_t + a_{t-1}|_d / std_d``,
     for ``codes (batch, T, a_dim)``, the std over the batch's (observed) codes; with ``mask (batch, T)``
     only triples of observed frames count."""
     spread = (codes[mask] if mask is not None else codes.reshape(-1, codes.shape[-1])).std(0).clamp_min(torch.finfo(codes.dtype).eps)

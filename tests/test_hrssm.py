@@ -750,3 +750,23 @@ def test_a_run_stored_with_the_schedule_in_its_config_is_read_with_it_as_options
     read = RunSpec.from_json(old)
     assert read.options == spec.options and read.config == spec.config
     assert normalised_config(old)["options"] == stored["options"]
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_the_frame_likelihood_is_the_one_configured(likelihood):
+    """The x site's log density against one written out from the decoder's means: Normal(mean, obs_scale)
+    or Bernoulli(mean), summed over each sequence's frames; a missing frame adds nothing."""
+    model, guide = build_hrssm(VECTOR, tiny(likelihood=likelihood))
+    x = (torch.rand(3, 6, *VECTOR) > 0.5).float()
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 2] = False
+    guide_trace = poutine.trace(guide).get_trace(x, mask)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, mask)
+    site = model_trace.nodes["x"]
+    mean = model.frame_mean(model_trace.nodes["_RETURN"]["value"].f)  # (batch, T, D)
+    if likelihood == "bernoulli":
+        per_frame = (x * mean.log() + (1 - x) * (1 - mean).log()).sum(-1)
+    else:
+        per_frame = torch.distributions.Normal(mean, model.config.obs_scale).log_prob(x).sum(-1)
+    expected = (per_frame * mask).sum(-1)  # (batch,)
+    assert torch.allclose(site["fn"].log_prob(site["value"]), expected, atol=1e-4)

@@ -17,6 +17,7 @@ IMAGE_DIMS, VECTOR_DIMS = 3, 1  # frame_shape (C, H, W) or (D,)
 # paper's q(M | X) from a centred (non-causal) Conv1d stack; "causal", an online segmenter whose q(m | X)
 # for frame t reads frames 1..t only (left-padded convolutions).
 GUIDES = ("relaxed", "causal")
+LIKELIHOODS = ("gaussian", "bernoulli")
 BINARY_THRESHOLD = 0.5  # hard 0/1 gates (floats carrying gradients) are read as booleans with "> 0.5"
 # Reading a segmentation from q(m_t = 1 | X) without noise (``posterior_boundaries``): a frame starts a
 # segment where its probability is a local peak over time above PEAK_THRESHOLD. One event's probability
@@ -51,7 +52,8 @@ class HRSSMConfig:
     observation_reset: bool = True  # True: a segment's start re-initialises h_t = a_t and the guide's phi (the paper); False: the observation level carries h_t and phi across boundaries (not the paper; docs/hrssm.md)
     max_segments: int = 5  # N_max (official seg_num)
     max_length: int = 8  # l_max (official seg_len)
-    obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1]
+    likelihood: str = field(default="gaussian", metadata={"choices": LIKELIHOODS})  # p(x_t | s_t): gaussian (the paper's, fixed std obs_scale) or bernoulli (binary frames, e.g. piano rolls)
+    obs_scale: float = 0.5  # std of x_t on [0, 1] pixels = the official std 1 on pixels scaled to [-1, 1] (likelihood gaussian)
     # Training weight of the z-KL terms: 0.5 makes a new abstract state (an UPDATE) cheaper than the ELBO
     # prices it (not official: all three KL weights 1; evaluation always scores the true ELBO).
     kl_weight_abstract: float = 0.5
@@ -87,6 +89,8 @@ class HRSSMConfig:
         if not self.observation_reset and not self.boundaries:
             raise ValueError("observation_reset: False applies to boundaries only; the RSSM baseline (boundaries=False) "
                              "re-initialises h_t at every step")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.guide not in GUIDES:
             raise ValueError(f"guide: expected one of {GUIDES}, got {self.guide!r}")
         for name in ("kl_weight_abstract", "kl_weight_observation", "kl_weight_boundary"):

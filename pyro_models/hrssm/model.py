@@ -15,7 +15,8 @@ Generative process (paper: "Generative process"), for frames t = 1..T::
                              h_t = a_t                                                     (INIT)
       where a_t = W_a [c_t, z_t]                         (the abstract feature)
     s_t ~ N(mu_s(h_t), sigma_s(h_t)),  f_t = W_f [h_t, s_t]
-    x_t ~ N(sigmoid(decoder(f_t)), obs_scale^2 I)        (Gaussian, fixed standard deviation)
+    x_t ~ N(sigmoid(decoder(f_t)), obs_scale^2 I)        (Gaussian, fixed standard deviation; the paper's)
+      or Bernoulli(sigmoid(decoder(f_t)))                  (likelihood="bernoulli": binary frames)
     m_t ~ Bern(sigmoid(w_m . f_t + b_m)), t < T,  with the hard constraints below
 
 ``m_t = 1`` marks a boundary after frame t: frame t + 1 starts a new segment ("READ" in the official
@@ -121,13 +122,19 @@ class HRSSM(_KLScaled, nn.Module):
         self.boundary_prior = BoundaryPrior(config) if config.boundaries else None
 
     def frame_mean(self, f: torch.Tensor) -> torch.Tensor:
-        """E[x_t | s_t] ``(batch, T, *frame_shape)`` for state features ``f (batch, T, F)``."""
+        """E[x_t | s_t] ``(batch, T, *frame_shape)`` for state features ``f (batch, T, F)`` (the Gaussian's
+        mean, or the Bernoulli's probabilities)."""
         return torch.sigmoid(per_frame(self.decoder, f, 1))
 
     def observation_dist(self, f: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dist.Distribution:
         """p(x | S): batch ``(batch,)``, event ``(T, *frame_shape)``; frames where ``mask (batch, T)`` is
-        False add nothing to the log density."""
-        frames = dist.Normal(self.frame_mean(f), self.config.obs_scale).to_event(len(self.frame_shape))  # batch (batch, T)
+        False add nothing to the log density. Gaussian with std ``obs_scale`` (the paper's) or Bernoulli
+        (``config.likelihood``)."""
+        if self.config.likelihood == "bernoulli":
+            pixels = dist.Bernoulli(logits=per_frame(self.decoder, f, 1), validate_args=False)
+        else:
+            pixels = dist.Normal(self.frame_mean(f), self.config.obs_scale)
+        frames = pixels.to_event(len(self.frame_shape))  # batch (batch, T)
         return (frames if mask is None else frames.mask(mask)).to_event(1)
 
     def latents(self, batch_size: int, num_steps: int, like: torch.Tensor,

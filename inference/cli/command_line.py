@@ -21,6 +21,7 @@ from ..training import Interrupted, RunStorageError, TrainConfig, TrainingDiverg
 
 DEBUG_ENV = "PYRO_MODELS_DEBUG"
 CONFIG_FLAG = "--config"
+PRESET_FLAG = "--preset"
 REPEAT_SUFFIX = "-repeat"  # --config without --out: the stored run's folder with this suffix
 GROUPS = (("data", "data"), ("config", "model"), ("options", "recipe options"), ("train", "training"))
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -55,6 +56,10 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[Ru
         group = p.add_argument_group("shortcuts (set several model fields at once; explicit flags win)")
         for name, (targets, text) in recipe.shortcuts.items():
             group.add_argument(flag(name), dest="shortcut." + name, type=int, metavar=name.upper(), default=argparse.SUPPRESS, help=text)
+    if recipe.presets:
+        lines = "; ".join(f"{name}: {' '.join(preset.flags)} ({preset.result})" for name, preset in recipe.presets.items())
+        p.add_argument(PRESET_FLAG, choices=tuple(recipe.presets), default=None,
+                       help=f"start from a named recipe behind a reported number; flags given after it override it. {lines}")
     run = p.add_argument_group("run")
     run.add_argument("--out", required=stored is None, default=argparse.SUPPRESS if stored is None else None,
                      help="the run directory" + ("" if stored is None else " (default: the stored run's folder + '-repeat')"))
@@ -166,13 +171,24 @@ def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> Tr
         argv = argv[1:]
     recipe = recipes()[stored.model]
     parser = model_parser(recipe, prog=f"train.py {recipe.name} --config {path}", stored=stored)
-    namespace, unknown = parser.parse_known_args(argv)
+    namespace, unknown = parser.parse_known_args(with_preset(recipe, argv, parser))
     if unknown:
         _fail(parser, unknown_flag_error(unknown, recipe.name, flag_owners()))
     run_folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
     _note_world_size(os.path.join(run_folder, "config.json"))
     out = namespace.out if namespace.out is not None else run_folder.rstrip(os.sep) + REPEAT_SUFFIX  # --resume has --out
     return TrainArgs(_spec(recipe, namespace, parser, stored), out, namespace.resume)
+
+
+def with_preset(recipe: Recipe, argv: List[str], parser: argparse.ArgumentParser) -> List[str]:
+    """``argv`` with the flags of its ``--preset NAME`` put first, so that every flag given wins."""
+    name = _flag_value(argv, PRESET_FLAG)
+    if name is None or not recipe.presets:  # a model without presets: --preset is another model's flag
+        return argv
+    if name not in recipe.presets:
+        known = ", ".join(recipe.presets) or "none"
+        _fail(parser, f"{PRESET_FLAG}: expected one of the presets of {recipe.name} ({known}), got {name!r}")
+    return list(recipe.presets[name].flags) + argv
 
 
 def parse_train_args(argv: Optional[Sequence[str]], doc: str) -> TrainArgs:
@@ -192,7 +208,7 @@ def parse_train_args(argv: Optional[Sequence[str]], doc: str) -> TrainArgs:
         _fail(top, f"model: expected one of {tuple(recipes())}, got {argv[0]!r}")
     recipe = recipes()[argv[0]]
     parser = model_parser(recipe, prog=f"train.py {recipe.name}")
-    namespace, unknown = parser.parse_known_args(argv[1:])
+    namespace, unknown = parser.parse_known_args(with_preset(recipe, argv[1:], parser))
     if unknown:
         _fail(parser, unknown_flag_error(unknown, recipe.name, flag_owners()))
     return TrainArgs(_spec(recipe, namespace, parser), namespace.out, namespace.resume)

@@ -91,6 +91,15 @@ def sequence_builder(build_for_frames: Callable[[Tuple[int, ...], Any], Tuple[to
     return build
 
 
+class Preset(NamedTuple):
+    """A named recipe behind a reported number: ``flags``, the command-line arguments of ``train.py MODEL``
+    it stands for (so a preset reads like the command it replaces), and ``result``: what it reached, where
+    (a line for ``--help`` and the README)."""
+
+    flags: Tuple[str, ...]
+    result: str
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One model's description (see the module docstring).
@@ -126,6 +135,8 @@ class Recipe:
     nothing scored past a sequence's end); data with lengths are refused for a model without.
     ``width_fields``: the config fields (ints, or tuples of ints) that set the networks' width, which
     :func:`widened` scales (for benchmarks of how time and memory grow with width).
+    ``presets``: the recipes behind reported numbers, by name, as :class:`Preset` (command-line flags):
+    ``train.py MODEL --preset NAME`` starts from them, and flags given after override them.
     """
 
     name: str
@@ -162,6 +173,7 @@ class Recipe:
     # fields that moved from the model's config to the recipe's options: a stored run's config.json that
     # still has them under "config" is read with them under "options"
     moved_to_options: Tuple[str, ...] = ()
+    presets: Mapping[str, "Preset"] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.data_kind not in DATA_KINDS:

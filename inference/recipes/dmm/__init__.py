@@ -12,7 +12,7 @@ from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse
 
 from ...evaluation import plots
-from ..recipe import Context, Recipe, frames_per_sequence, report_mask, sequence_builder
+from ..recipe import Context, Preset, Recipe, frames_per_sequence, report_mask, sequence_builder
 from ...runs.rundir import metric_or_none
 from ...training.schedules import LinearKLAnnealing
 from ...training import Callback, TrainConfig, Trainer
@@ -79,12 +79,27 @@ def _example():
     return config, (5, 6)
 
 
+ST_R_JSB = ("--data", "jsb", "--eval-every", "10", "--lr", "1e-3", "--lr-decay", "0.9", "--lr-decay-every", "150",
+            "--kl-annealing-epochs", "200", "--weight-decay", "1.7e-3", "--seed", "0")
+PRESETS = {  # the runs behind docs/benchmarks.md's numbers; add --data-dir (the polyphonic folder) and --out
+    "jsb-st-r": Preset(ST_R_JSB + ("--epochs", "2000"),
+                       "JSB test NLL 6.646 nats per step (importance-sampled, K = 500; bound 6.938) at the best validation "
+                       "epoch, 1510, after 0.81 h on one CPU thread"),
+    "jsb-gaps": Preset(ST_R_JSB + ("--epochs", "2380", "--mask-feature", "--guide-frame-dropout", "0.4"),
+                       "imputations of missing JSB frames that beat the key frequencies and the last observed frame at "
+                       "every drop probability up to 0.9 (1.23 h)"),
+    "nottingham-st-r": Preset(("--data", "nottingham", "--epochs", "400", "--eval-every", "10", "--lr", "1e-3", "--lr-decay", "0.9",
+                               "--lr-decay-every", "50", "--kl-annealing-epochs", "70", "--weight-decay", "1.7e-3",
+                               "--rnn-nonlinearity", "tanh", "--seed", "0"),
+                              "the Nottingham row of docs/benchmarks.md (about 2 h on one CPU thread)"),
+}
+
 RECIPES = (
     Recipe(
         name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=sequence_builder(build_dmm),
         data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
         options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence,
         jit_refusal=_jit_refusal, impute=impute, example=_example,
-        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"), ragged=True,
+        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"), ragged=True, presets=PRESETS,
     ),
 )

@@ -21,7 +21,7 @@ from pyro_models.imputation import frames_inside
 from ...evaluation import plots
 from .boundaries import boundary_metrics, boundary_scores, cue_scores
 from ...training.elbo import elbo_terms
-from ..recipe import Context, Recipe, always_compiled, frames_per_sequence, sequence_builder
+from ..recipe import Context, Preset, Recipe, always_compiled, frames_per_sequence, sequence_builder
 from ...training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -305,6 +305,18 @@ def _example():
 BELIEF_FIELDS = ("abstract_belief_size", "observation_belief_size", "feature_size")
 STATE_FIELDS = ("abstract_state_size", "observation_state_size")
 
+PRESETS = {  # the runs behind docs/benchmarks.md's numbers; add --seed and --out
+    "color-balls": Preset(("--data", "color-balls", "--num-sequences", "2000", "--belief-size", "32", "--conv-channels", "32",
+                           "--max-segments", "6", "--max-length", "16", "--temperature-decay-steps", "4", "--epochs", "40"),
+                          "boundary F1 0.92, 0.86, 0.87, 0.89, 0.84 against the colour changes on seeds 0-4 (about 27 CPU "
+                          "minutes a run)"),
+    "jsb": Preset(("--data", "jsb", "--epochs", "100", "--eval-every", "5", "--lr", "1e-3", "--lr-decay", "0.9",
+                   "--lr-decay-every", "20", "--likelihood", "bernoulli", "--max-segments", "10", "--max-length", "16",
+                   "--abstract-belief-size", "64", "--observation-belief-size", "64", "--feature-size", "64",
+                   "--mlp-hidden", "128", "--boundary-warmup-steps", "300", "--temperature-decay-steps", "4", "--seed", "0"),
+                  "the HRSSM row of the JSB table in docs/benchmarks.md (add --data-dir; about an hour on one thread)"),
+}
+
 RECIPES = (
     Recipe(
         name="hrssm", summary="hierarchical recurrent state-space model (Kim et al. 2019) on sequences",
@@ -315,6 +327,6 @@ RECIPES = (
         impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False, ragged=True,
         shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
                    "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
-        width_fields=(*BELIEF_FIELDS, "conv_channels"),
+        width_fields=(*BELIEF_FIELDS, "conv_channels"), presets=PRESETS,
     ),
 )

@@ -46,7 +46,7 @@ def hand_written_elbo(hand: HandWrittenVAE, data: torch.Tensor, batch_size: int 
 
 def train_hand_written(data, config: TrainConfig):
     torch.manual_seed(config.seed)
-    model, guide = build_vae("vae", tuple(data.train.shape[1:]), VAEConfig())  # same initial weights
+    model, guide = build_vae(tuple(data.train.shape[1:]), VAEConfig(), "vae")  # same initial weights
     hand = HandWrittenVAE(deepcopy(guide.encoder), deepcopy(model.decoder), config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     history = []

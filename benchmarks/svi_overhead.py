@@ -113,7 +113,7 @@ def build(args, paths=PATHS):
             continue
         pyro.clear_param_store()
         torch.manual_seed(args.seed)
-        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        model, guide = build_vae(tuple(data.shape[1:]), VAEConfig(), "vae")
         config = TrainConfig(batch_size=args.batch_size, lr=args.lr, elbo=args.elbo, jit=jit, device=args.device, progress=False)
         trainer = Trainer(model, guide, config)
         trainer.setup(data[: args.batch_size].to(trainer.device))
@@ -121,12 +121,12 @@ def build(args, paths=PATHS):
     device = torch.device(args.device)
     if "torch" in paths:
         torch.manual_seed(args.seed)
-        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        model, guide = build_vae(tuple(data.shape[1:]), VAEConfig(), "vae")
         hand = HandWrittenVAE(guide.encoder.to(device), model.decoder.to(device), args.lr)
         steppers["torch"] = hand.step
     if "pixyz" in paths:
         torch.manual_seed(args.seed)
-        model, guide = build_vae("vae", tuple(data.shape[1:]), VAEConfig())
+        model, guide = build_vae(tuple(data.shape[1:]), VAEConfig(), "vae")
         steppers["pixyz"] = pixyz_stepper(guide.encoder, model.decoder, VAEConfig().z_dim, args.lr, device)
     batches = [data[i : i + args.batch_size].to(device) for i in range(0, len(data) - args.batch_size + 1, args.batch_size)]
     return steppers, batches, device

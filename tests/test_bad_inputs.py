@@ -183,7 +183,7 @@ def test_evaluation_scripts_refuse_bad_input_in_one_line(script, argv, fragment,
 
 
 def test_library_errors_name_python_arguments():
-    model, guide = build_vae("vae", (1, 4, 4), VAEConfig(z_dim=2, hidden_dims=(8,)))
+    model, guide = build_vae((1, 4, 4), VAEConfig(z_dim=2, hidden_dims=(8,)), "vae")
     with pytest.raises(ValueError, match=r"x: the Bernoulli likelihood needs values in \[0, 1\], got min 0, max 255"):
         model(torch.full((2, 1, 4, 4), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
     with pytest.raises(ValueError, match="lr: expected a finite number > 0, got nan"):
@@ -203,7 +203,7 @@ def test_builders_and_imputers_refuse_bad_shapes_naming_the_argument():
     from pyro_models.kvae import impute as kvae_impute
     from pyro_models.vae import impute as vae_impute
 
-    for build, argument in ((lambda s: build_vae("vae", s, VAEConfig()), "x_shape"),
+    for build, argument in ((lambda s: build_vae(s, VAEConfig(), "vae"), "x_shape"),
                             (lambda s: build_kvae(s, KVAEConfig()), "frame_shape"),
                             (lambda s: build_dmm(s, DMMConfig()), "frame_shape"),
                             (lambda s: build_hrssm(s, HRSSMConfig()), "frame_shape")):

@@ -35,7 +35,7 @@ def without_time(history):
 
 def test_training_lowers_held_out_loss(tiny_images):
     train, test = tiny_images
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     trainer = Trainer(model, guide, config(epochs=6, lr=1e-2))
     before = trainer.evaluate(test)["elbo"]
     history = trainer.fit(train, test)
@@ -50,7 +50,7 @@ def test_same_seed_same_metrics(tiny_images, elbo):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model, guide = build_vae("vae", (1, 12, 12), SMALL)
+        model, guide = build_vae((1, 12, 12), SMALL, "vae")
         runs.append(without_time(Trainer(model, guide, config(elbo=elbo, seed=5)).fit(train, test)))
     assert runs[0] == runs[1]
 
@@ -137,7 +137,7 @@ def test_linear_kl_schedule_continues_across_a_resume(tiny_images, tmp_path):
 def test_a_run_that_failed_before_its_first_checkpoint_starts_again(tiny_images, tmp_path):
     train, test = tiny_images
     out = str(tmp_path / "run")
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     with pytest.raises(TrainingDiverged, match="start the run again"):
         Trainer(model, guide, config(epochs=1), RunDir(out, {"what": "x"}), callbacks=[PoisonAtEpoch(1)]).fit(train, test)
     for resume in (False, True):  # the same folder, with or without resume: a fresh start
@@ -177,7 +177,7 @@ class PoisonAtEpoch(Callback):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_images, tmp_path):
     train, test = tiny_images
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     run = RunDir(str(tmp_path / "run"), {"what": "nan test"})
     trainer = Trainer(model, guide, config(epochs=3), run, callbacks=[PoisonAtEpoch(2)])
     with pytest.raises(TrainingDiverged, match=r"loss is nan in epoch 2.*checkpoint\.pt \(epoch 1\)"):
@@ -189,7 +189,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_images, tmp_path):
 
 
 def test_nan_before_any_checkpoint(tiny_images):
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     trainer = Trainer(model, guide, config(epochs=1), callbacks=[PoisonAtEpoch(1)])
     with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
         trainer.fit(*tiny_images)
@@ -217,7 +217,7 @@ def test_bad_train_config():
 
 
 def test_lr_decay_is_a_staircase(tiny_images):
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     history = Trainer(model, guide, config(epochs=3, lr_decay=0.5, lr_decay_every=2)).fit(*tiny_images)
     assert [m["lr"] for m in history] == pytest.approx([3e-3, 3e-3, 1.5e-3])
 
@@ -230,7 +230,7 @@ def test_gradient_clipping_bounds_the_applied_gradient(tiny_images):
         def on_after_backward(self, trainer):  # before clipping
             before.append(float(torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None]).norm()))
 
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     trainer = Trainer(model, guide, config(epochs=1, clip_norm=clip), callbacks=[Spy()])
     trainer.setup(tiny_images[0][:20])
     step = trainer.optimizer.step
@@ -254,7 +254,7 @@ def test_dynamic_binarisation_draws_binary_batches(tiny_images):
             seen.append(batch[0])  # the batch: the model's arguments, (x,) here
 
     data = ImageData(*tiny_images, "tiny")
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     from pyro_models.datasets import binarizer
 
     Trainer(model, guide, config(epochs=1), callbacks=[Spy()], batch_transform=binarizer("dynamic")).fit(data.train, data.test)
@@ -276,7 +276,7 @@ def test_jit_matches_eager_over_many_steps(tiny_images, elbo):
     runs = []
     for jit in (False, True):
         torch.manual_seed(1)
-        model, guide = build_vae("vae", (1, 12, 12), SMALL)
+        model, guide = build_vae((1, 12, 12), SMALL, "vae")
         trainer = Trainer(model, guide, config(jit=jit, elbo=elbo))
         trainer.setup(data[:batch])
         torch.manual_seed(2)
@@ -310,7 +310,7 @@ def test_jit_loss_equals_eager_loss(name, elbo):
     results = []
     for jit in (False, True):
         torch.manual_seed(1)
-        model, guide = build_vae(name, (1, 12, 12), VAEConfig(z_dim=3, hidden_dims=(16,), channels=(4, 8)))
+        model, guide = build_vae((1, 12, 12), VAEConfig(z_dim=3, hidden_dims=(16,), channels=(4, 8)), name)
         trainer = Trainer(model, guide, config(jit=jit, elbo=elbo))
         trainer.setup(x)
         losses = []
@@ -333,7 +333,7 @@ def test_mean_loss_divides_the_gradient(tiny_images):
     grads = []
     for mean_loss in (False, True):
         torch.manual_seed(0)
-        model, guide = build_vae("vae", (1, 12, 12), SMALL)
+        model, guide = build_vae((1, 12, 12), SMALL, "vae")
         trainer = Trainer(model, guide, config(mean_loss=mean_loss), units_per_example=3)
         trainer.setup(x)
         trainer.optimizer.step = lambda: None  # keep the parameters: compare gradients only
@@ -408,10 +408,10 @@ def test_a_run_of_a_bare_trainer_loads_its_weights_and_load_run_says_how(tiny_im
     from inference.training import load_weights
 
     train, test = tiny_images
-    model, guide = build_vae("vae", (1, 12, 12), SMALL)
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
     run = RunDir(str(tmp_path / "mine"), {"note": "my run"})
     Trainer(model, guide, config(epochs=1), run).fit(train, test)
-    again, again_guide = build_vae("vae", (1, 12, 12), SMALL)
+    again, again_guide = build_vae((1, 12, 12), SMALL, "vae")
     load_weights(again, again_guide, read_checkpoint(run.path))
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(again_guide.parameters(), guide.parameters()))

@@ -20,7 +20,7 @@ SMALL = dict(z_dim=5, hidden_dims=(32,), channels=(8, 16), flow_hidden_dims=(16,
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("elbo", ["trace", "meanfield"])
 def test_model_guide_shapes(name, guide, x_shape, likelihood, elbo):
-    model, g = build_vae(name, x_shape, VAEConfig(guide=guide, likelihood=likelihood, **SMALL))
+    model, g = build_vae(x_shape, VAEConfig(guide=guide, likelihood=likelihood, **SMALL), name)
     x = torch.rand(4, *x_shape)
     z = g(x)
     assert z.shape == (4, 5)
@@ -33,13 +33,13 @@ def test_model_guide_shapes(name, guide, x_shape, likelihood, elbo):
 
 @pytest.mark.parametrize("num_particles", [1, 3])
 def test_vectorised_particles(num_particles):
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     loss = make_elbo("trace", num_particles=num_particles).differentiable_loss(model, guide, torch.rand(6, 1, 8, 8))
     assert torch.isfinite(loss)
 
 
 def test_kl_weights_act_in_training_mode_only():
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     x = torch.rand(6, 1, 8, 8)
     elbo = make_elbo("meanfield")
 
@@ -56,7 +56,7 @@ def test_kl_weights_act_in_training_mode_only():
 
 
 def test_per_dimension_weights_weigh_the_analytic_kl():
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     x = torch.rand(6, 1, 8, 8)
     elbo = make_elbo("meanfield")
     gamma = torch.tensor([0.0, 0.5, 1.0, 0.1, 0.9])
@@ -84,7 +84,7 @@ def test_free_bits_rule():
 
 
 def test_free_bits_needs_factorised_guide():
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(guide="iaf", **SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(guide="iaf", **SMALL), "vae")
 
     class FakeTrainer:
         pass
@@ -100,14 +100,14 @@ def test_unknown_names():
         VAEConfig(guide="mixture")
     with pytest.raises(ValueError, match="likelihood"):
         VAEConfig(likelihood="poisson")
-    with pytest.raises(ValueError, match="unknown model"):
-        build_vae("gan", (1, 8, 8), VAEConfig())
+    with pytest.raises(ValueError, match="architecture"):
+        build_vae((1, 8, 8), VAEConfig(), "gan")
     with pytest.raises(ValueError, match="kl_schedule"):
         make_kl_schedule("cyclic", None, 3)
 
 
 def test_wrong_image_shape_is_named():
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     with pytest.raises(ValueError, match=r"x: expected shape \(batch, 1, 8, 8\), got \(4, 1, 8, 9\)"):
         model(torch.rand(4, 1, 8, 9))
     with pytest.raises(ValueError, match="mask"):
@@ -115,7 +115,7 @@ def test_wrong_image_shape_is_named():
 
 
 def test_mask_all_observed_scores_like_no_mask():
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     model.eval(), guide.eval()
     x = torch.rand(3, 1, 8, 8)
     z = guide(x)
@@ -127,7 +127,7 @@ def test_mask_all_observed_scores_like_no_mask():
 
 @pytest.mark.parametrize("mask_kind", ["bottom", "random"])
 def test_imputation_keeps_observed_pixels(mask_kind):
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     x = torch.rand(4, 1, 8, 8)
     mask = bottom_half_mask(x.shape) if mask_kind == "bottom" else random_pixel_mask(x.shape, 0.5, torch.Generator().manual_seed(0))
     result = impute(model, guide, x, mask, num_samples=5, fill=x.mean(0), num_rounds=2)
@@ -140,7 +140,7 @@ def test_imputation_keeps_observed_pixels(mask_kind):
 
 
 def test_predictive_samples_missing_pixels_only():
-    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 6, 6), VAEConfig(**SMALL), "vae")
     model.eval(), guide.eval()
     x = torch.rand(2, 1, 6, 6)
     mask = bottom_half_mask(x.shape)
@@ -149,7 +149,7 @@ def test_predictive_samples_missing_pixels_only():
 
 
 def test_imputation_bad_mask():
-    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 6, 6), VAEConfig(**SMALL), "vae")
     x = torch.rand(2, 1, 6, 6)
     with pytest.raises(ValueError, match="mask"):
         impute(model, guide, x, torch.ones(2, 6, 6, dtype=torch.bool), fill=x.mean(0))
@@ -159,7 +159,7 @@ def test_imputation_bad_mask():
 
 @pytest.mark.parametrize("guide_name", ["normal", "iaf"])
 def test_latent_stats(guide_name):
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(guide=guide_name, **SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(guide=guide_name, **SMALL), "vae")
     x = torch.rand(30, 1, 8, 8)
     model.eval(), guide.eval()
     stats = latent_stats(model, guide, x, batch_size=7)
@@ -176,7 +176,7 @@ def test_plain_pyro_svi_trains_the_modules():
     from pyro.infer import SVI, Trace_ELBO
     from pyro.optim import Adam
 
-    model, guide = build_vae("vae", (1, 8, 8), VAEConfig(**SMALL))
+    model, guide = build_vae((1, 8, 8), VAEConfig(**SMALL), "vae")
     before = guide.encoder.head.loc.weight.detach().clone()
     svi = SVI(model, guide, Adam({"lr": 1e-2}), Trace_ELBO())
     assert torch.isfinite(torch.tensor(svi.step(torch.rand(6, 1, 8, 8))))
@@ -184,7 +184,7 @@ def test_plain_pyro_svi_trains_the_modules():
 
 
 def test_iaf_guide_starts_as_the_normal_guide():
-    model, iaf = build_vae("vae", (1, 8, 8), VAEConfig(guide="iaf", **SMALL))
+    model, iaf = build_vae((1, 8, 8), VAEConfig(guide="iaf", **SMALL), "vae")
     x = torch.rand(6, 1, 8, 8)
     q = iaf.posterior(x)
     base_q = q.base_dist
@@ -204,7 +204,7 @@ def test_imputation_experiments_start_the_vae_from_the_mean_training_image():
 
     train = torch.rand(20, 1, 6, 6) * 0.2  # dark training images: their mean is far from 0.5
     data = ImageData(train, torch.rand(4, 1, 6, 6), "tiny")
-    model, guide = build_vae("vae", (1, 6, 6), VAEConfig(z_dim=2, hidden_dims=(8,)))
+    model, guide = build_vae((1, 6, 6), VAEConfig(z_dim=2, hidden_dims=(8,)), "vae")
     run = Run(model, guide, RunSpec("vae", VAEConfig(z_dim=2, hidden_dims=(8,)), TrainConfig()), data, "nowhere")
     mask = torch.ones(4, 1, 6, 6, dtype=torch.bool)
     mask[..., 3:, :] = False  # the bottom half, missing in every image
@@ -212,3 +212,14 @@ def test_imputation_experiments_start_the_vae_from_the_mean_training_image():
     fill = result.estimates["fill"]
     assert torch.equal(fill[~mask], train.mean(0).expand_as(fill)[~mask])
     assert torch.equal(fill[mask], data.test[mask])
+
+
+def test_build_vae_takes_the_order_of_every_builder_and_still_the_old_one():
+    torch.manual_seed(0)
+    new = build_vae((1, 8, 8), VAEConfig(**SMALL), "conv-vae")
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="build_vae"):
+        old = build_vae("conv-vae", (1, 8, 8), VAEConfig(**SMALL))
+    for a, b in zip(new, old):
+        assert type(a) is type(b)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -2,6 +2,7 @@
 random-pixel imputation (:mod:`.impute`)."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Tuple
 
 from torch import nn
@@ -14,11 +15,18 @@ from .impute import impute  # the function, as every model package exports its i
 from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig
 
 
-def build_vae(name: str, x_shape: Sequence[int], config: VAEConfig) -> Tuple[VAE, nn.Module]:
-    """The model and guide for ``name`` in ``ARCHITECTURES`` (``vae``: MLP, ``conv-vae``: conv) on
-    images of shape ``x_shape = (C, H, W)``."""
+def build_vae(x_shape: Sequence[int], config: VAEConfig, architecture: str = "vae") -> Tuple[VAE, nn.Module]:
+    """The model and guide on images of shape ``x_shape = (C, H, W)``, with the networks of
+    ``architecture`` in ``ARCHITECTURES`` (``vae``: MLP, ``conv-vae``: conv); the same order of arguments
+    as every model's builder (``build_dmm(frame_shape, config)``, ``build_kvae``, ``build_hrssm``).
+    The older order ``build_vae(name, x_shape, config)`` still works, with a ``DeprecationWarning``."""
+    if isinstance(x_shape, str):  # build_vae(name, x_shape, config), the order before 2026-12
+        warnings.warn("build_vae(name, x_shape, config) is deprecated: call build_vae(x_shape, config, architecture)",
+                      DeprecationWarning, stacklevel=2)
+        x_shape, config, architecture = config, architecture, x_shape
+    name = architecture
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of {tuple(ARCHITECTURES)}")
+        raise ValueError(f"architecture: expected one of {tuple(ARCHITECTURES)}, got {name!r}")
     x_shape = check_shape("x_shape", x_shape, ranks=(IMAGE_RANK,))
     if ARCHITECTURES[name] == "mlp":
         encoder = MLPEncoder(x_shape, config.hidden_dims, config.z_dim, config.min_scale)

@@ -138,7 +138,7 @@ PRESETS = {  # the runs behind docs/benchmarks.md's numbers (MNIST: add --data-d
 
 def _recipe(name: str, summary: str) -> Recipe:
     return Recipe(
-        name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(name, shape, config),
+        name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(shape, config, name),
         data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
         callbacks=_callbacks, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
         prepare_data=prepare_images, impute=impute, impute_defaults=_impute_defaults, data_kind="images", example=_example, validate=_validate,

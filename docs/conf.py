@@ -12,7 +12,7 @@ extensions = [
 ]
 nb_execution_mode = "off"  # the notebooks run in CI under nbval, at tiny sizes
 myst_heading_anchors = 3
-exclude_patterns = ["_build", "experiments/README.md"]
+exclude_patterns = ["_build"]
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder of the demo's run directories")
     p.add_argument("--model", choices=("kvae", "vae"), default="kvae", help="the demo to run")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {DEMO_EPOCHS}; kvae: after the warm start)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: " + ", ".join(f"{k} {v}" for k, v in DEMO_EPOCHS.items()) + "; kvae: after the warm start)")
     p.add_argument("--lr", type=float, default=kvae.train_defaults.lr, help="kvae: Adam's learning rate after the warm start (the "
                    "original recipe's 0.007 first undoes much of what the warm start learned)")
     p.add_argument("--num-sequences", type=int, default=500, help="kvae: generated training sequences")

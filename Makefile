@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests --nbval-lax docs/tutorials  # the tutorials at tiny sizes (docs/tutorials/conftest.py)
+	SMOKE_TEST=1 $(PY) -m pytest -q tests --nbval-lax docs/tutorials  # the tutorials at tiny sizes (SMOKE_TEST)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -1,5 +1,6 @@
 """Sphinx configuration: the API reference (autodoc), the design pages (Markdown, through MyST) and the
-tutorials (notebooks, shown as committed, not executed here: CI executes them with ``pytest --nbval-lax``).
+tutorials (notebooks, shown as committed, not executed here: ``make test`` executes them at tiny sizes,
+``SMOKE_TEST=1 pytest --nbval-lax docs/tutorials``).
 Build: ``python -m sphinx -W -b html docs docs/_build/html`` (the ``[docs]`` extra)."""
 project = "pyro-dgm"
 author = "pyro-dgm developers"

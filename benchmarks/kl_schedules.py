@@ -16,7 +16,7 @@ from common import RESULTS, write_json
 
 from svi_overhead import DEFAULT_MNIST
 
-from inference.training.schedules import KL_SCHEDULES
+from inference.recipes.vae.schedules import KL_SCHEDULES
 from inference.trainer import TrainConfig
 from inference.runs.experiment import RunSpec, train
 from inference.recipes.vae import VAEOptions

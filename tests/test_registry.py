@@ -58,6 +58,20 @@ def test_no_module_of_pyro_models_imports_inference_or_scripts():
                 assert not any(m.split(".")[0] in FORBIDDEN for m in modules), (path, modules)
 
 
+def test_the_training_layer_imports_no_layer_above_it():
+    """inference/training/ (the SVI step and loop) knows nothing of recipes, evaluation or the command
+    line (it writes its checkpoints and metrics through runs/rundir.py, the run folder, and nothing else)."""
+    above = ("recipes", "evaluation", "cli")
+    folder = os.path.join(ROOT, "inference", "training")
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            for node in ast.walk(ast.parse(open(os.path.join(folder, name)).read())):
+                if isinstance(node, ast.ImportFrom) and node.level == 2:  # from ..X import ...
+                    assert (node.module or "").split(".")[0] not in above, (name, node.module)
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("inference."):
+                    assert node.module.split(".")[1] not in above, (name, node.module)
+
+
 def test_no_script_imports_another_script_or_edits_sys_path():
     scripts = {n[:-3] for n in os.listdir(os.path.join(ROOT, "scripts")) if n.endswith(".py")}
     for folder in ("scripts", "benchmarks"):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from pyro.infer import Predictive
 
-from inference.evaluation.analysis import batch_kl_per_dim, latent_stats
+from inference.recipes.vae.analysis import batch_kl_per_dim, latent_stats
 from inference.training.elbo import make_elbo
 from pyro_models.imputation import missing_mse
 from pyro_models.vae.impute import bottom_half_mask, impute, random_pixel_mask
-from inference.training.schedules import FreeBitsConfig, SoftFreeBits, free_bits_update, make_kl_schedule
+from inference.recipes.vae.schedules import FreeBitsConfig, SoftFreeBits, free_bits_update, make_kl_schedule
 from pyro_models.vae import VAEConfig, build_vae
 
 SMALL = dict(z_dim=5, hidden_dims=(32,), channels=(8, 16), flow_hidden_dims=(16,))

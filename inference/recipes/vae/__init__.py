@@ -15,9 +15,9 @@ from pyro_models.vae import GUIDES, VAEConfig, build_vae
 from pyro_models.vae.impute import bottom_half_mask, impute
 
 from ...evaluation import plots
-from ...evaluation.analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
+from .analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
 from ..recipe import Context, Preset, Recipe
-from ...training.schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
+from .schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
 from ...training import Callback, TrainConfig, Trainer
 
 

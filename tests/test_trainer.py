@@ -417,3 +417,30 @@ def test_a_run_of_a_bare_trainer_loads_its_weights_and_load_run_says_how(tiny_im
     assert all(torch.equal(a, b) for a, b in zip(again_guide.parameters(), guide.parameters()))
     with pytest.raises(ValueError, match="written by a Trainer of your own .*load_weights"):
         load_run(run.path)
+
+
+def test_compiled_training_on_ragged_sequences_traces_a_bounded_number_of_shapes(monkeypatch):
+    """Each batch of ragged sequences is cut to its longest, so a compiled run could trace once per length
+    (an HRSSM run on JSB grew to 20 GB and was killed): compiled, batches are cut to a multiple of
+    COMPILED_LENGTH_MULTIPLE steps, and the step keeps only MAX_COMPILED traces."""
+    from inference.training import step as step_module
+    from inference.training.batching import COMPILED_LENGTH_MULTIPLE
+    from pyro_models.dmm import DMMConfig, build_dmm
+
+    num, steps = 24, 3 * COMPILED_LENGTH_MULTIPLE
+    lengths = torch.arange(num) % steps + 1  # every length from 1 to 48 ... and again
+    x = (torch.rand(num, steps, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    x = x * (torch.arange(steps) < lengths.unsqueeze(-1)).unsqueeze(-1)
+    model, guide = build_dmm((4,), DMMConfig(z_dim=2, transition_dim=4, emission_hidden=(4,), rnn_dim=4))
+    config = TrainConfig(epochs=1, batch_size=4, jit=True, progress=False, train_eval_size=4, eval_batch_size=8)
+    traced = []
+    original = step_module.SVIStep._trace
+    monkeypatch.setattr(step_module.SVIStep, "_trace", lambda self, key, given: traced.append(key) or original(self, key, given))
+    trainer = Trainer(model, guide, config, lengths_arg=2)
+    trainer.fit((x, None, lengths), (x[:4], None, lengths[:4]))
+    cut = {key[0][0][1] for key in traced}  # the time axis of each traced batch
+    assert cut <= {COMPILED_LENGTH_MULTIPLE, 2 * COMPILED_LENGTH_MULTIPLE, steps} and len(traced) <= 6, cut
+    monkeypatch.setattr(step_module, "MAX_COMPILED", 2)
+    for length in (5, 20, 40):  # three shapes: the oldest trace goes
+        trainer.svi.loss((x[:4, :length], None, lengths[:4].clamp(max=length)))
+    assert len(trainer.svi._compiled) == 2

@@ -14,6 +14,8 @@ import torch
 
 Inputs = Tuple[Optional[torch.Tensor], ...]
 
+COMPILED_LENGTH_MULTIPLE = 16  # compiled training on ragged sequences: batches cut to a multiple of 16 steps
+
 
 def bucketed_order(lengths: torch.Tensor, batch_size: int, bucket_batches: int,
                    generator: torch.Generator) -> torch.Tensor:
@@ -39,11 +41,13 @@ def bucketed_order(lengths: torch.Tensor, batch_size: int, bucket_batches: int,
     return torch.cat([full[i] for i in shuffled.tolist()] + short)
 
 
-def cut_to_length(inputs: Inputs, lengths_arg: Optional[int]) -> Inputs:
+def cut_to_length(inputs: Inputs, lengths_arg: Optional[int], multiple: int = 1) -> Inputs:
     """A batch of ragged sequences cut to its own longest sequence: every input of two or more axes
-    ``(batch, T, ...)`` loses the steps past ``max(inputs[lengths_arg])``; unchanged when ``lengths_arg``
-    is None."""
+    ``(batch, T, ...)`` loses the steps past ``max(inputs[lengths_arg])``, rounded up to a ``multiple``
+    of steps (at most T; the steps kept past every sequence's end are padding, which changes no number);
+    unchanged when ``lengths_arg`` is None. A compiled step traces once per batch shape, so rounding
+    bounds how many traces a run makes (:data:`COMPILED_LENGTH_MULTIPLE`)."""
     if lengths_arg is None:
         return inputs
-    longest = int(inputs[lengths_arg].max())
+    longest = -(-int(inputs[lengths_arg].max()) // multiple) * multiple  # ceil to a multiple
     return tuple(t[:, :longest] if t is not None and t.dim() >= 2 else t for t in inputs)  # (batch, T, ...) -> (batch, longest, ...)

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import bucketed_order, cut_to_length
+from .batching import COMPILED_LENGTH_MULTIPLE, bucketed_order, cut_to_length
 from .distributed import World
 from .elbo import elbo_terms
 from ..runs.rundir import RunDir, read_checkpoint
@@ -200,7 +200,8 @@ class Trainer:
                    disable=not (self.config.progress and self.world.main), dynamic_ncols=True)
         for i in bar:
             self._stop_if_interrupted()
-            batch = cut_to_length(take(train, order[slices[i]], self.device), self.lengths_arg)
+            batch = cut_to_length(take(train, order[slices[i]], self.device), self.lengths_arg,
+                                  COMPILED_LENGTH_MULTIPLE if self.config.jit else 1)  # a bounded number of traces
             if self.batch_transform is not None:
                 batch = (self.batch_transform(batch[0], self.transform_generator), *batch[1:])
             self.callbacks.call("on_train_batch_start", self, batch)

@@ -16,6 +16,7 @@ training the tensors the guide reads.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 import contextlib
 import math
 import warnings
@@ -32,6 +33,8 @@ from ..runs import failpoints
 from .elbo import make_elbo
 from .config import TrainConfig
 from .data import Data, as_inputs
+
+MAX_COMPILED = 32  # traced losses kept (one per batch shape; ragged batches are cut to COMPILED_LENGTH_MULTIPLE)
 
 
 class NonFinite(RuntimeError):
@@ -79,7 +82,7 @@ class SVIStep:
         self.buffers: List[torch.Tensor] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
-        self._compiled: Dict[tuple, Callable] = {}  # batch shape -> traced loss (config.jit)
+        self._compiled: "OrderedDict[tuple, Callable]" = OrderedDict()  # batch shape -> traced loss (config.jit), newest last
 
     def set_mode(self, training: bool) -> None:
         for module in modules(self.model, self.guide):
@@ -130,7 +133,8 @@ class SVIStep:
     def loss(self, batch: Data) -> torch.Tensor:
         """The ELBO's differentiable loss on ``batch`` (summed over examples), compiled when ``jit``.
 
-        Compilation (``torch.jit.trace``, once per batch shape) takes every parameter and buffer as a
+        Compilation (``torch.jit.trace``, once per batch shape; the :data:`MAX_COMPILED` shapes used last
+        are kept) takes every parameter and buffer as a
         graph input, as ``pyro.ops.jit`` does. Python values read while tracing (e.g. KL weights) are
         frozen. The graph runs without TorchScript's optimising passes, which may reorder independent
         random ops (seen on the HRSSM: the z_t and s_t noise of different steps swapped), so a compiled step
@@ -144,6 +148,9 @@ class SVIStep:
             key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in batch)
             if key not in self._compiled:
                 self._compiled[key] = self._trace(key, [t for t in batch if t is not None])
+                if len(self._compiled) > MAX_COMPILED:  # a trace of an unrolled sequence model is large
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
             with torch.jit.optimized_execution(False):  # the recorded op order: the eager run's random draws
                 return self._compiled[key](*self.params, *self.buffers, *[t for t in batch if t is not None])
 

@@ -1,6 +1,7 @@
 """The SVI trainer: learning, determinism, resume, NaN handling, run directory."""
 import json
 import os
+import re
 
 import pyro
 import pytest
@@ -188,11 +189,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_images, tmp_path):
     assert len(run.read_metrics()) == 1
 
 
-def test_nan_before_any_checkpoint(tiny_images):
+@pytest.mark.parametrize("clip_norm, advice", [(None, "set clip_norm"), (7.0, r"clip_norm \(now 7\)")])
+def test_nan_before_any_checkpoint(tiny_images, clip_norm, advice):
     model, guide = build_vae((1, 12, 12), SMALL, "vae")
-    trainer = Trainer(model, guide, config(epochs=1), callbacks=[PoisonAtEpoch(1)])
-    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+    trainer = Trainer(model, guide, config(epochs=1, clip_norm=clip_norm), callbacks=[PoisonAtEpoch(1)])
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet") as stop:
         trainer.fit(*tiny_images)
+    assert re.search(advice, str(stop.value)), str(stop.value)  # the advice fits the run's settings
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

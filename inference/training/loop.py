@@ -146,11 +146,13 @@ class Trainer:
             self._diverged(str(problem))
 
     def _diverged(self, what: str) -> None:
+        advice = ("Lower lr or set clip_norm" if self.config.clip_norm is None
+                  else f"Lower lr or clip_norm (now {self.config.clip_norm:g})")
         if self.run is not None and self.epoch > 0:
-            where = (f"the last good checkpoint is {self.run.checkpoint_path} (epoch {self.epoch}). Lower lr or set "
-                     "clip_norm, then resume=True (both may change on resume)")
+            where = (f"the last good checkpoint is {self.run.checkpoint_path} (epoch {self.epoch}). {advice}, "
+                     "then resume=True (both may change on resume)")
         else:
-            where = "no checkpoint was written yet. Lower lr or set clip_norm, then start the run again (the folder is reused)"
+            where = f"no checkpoint was written yet. {advice}, then start the run again (the folder is reused)"
         raise TrainingDiverged(f"{what} in epoch {self.epoch + 1}: training stopped; {where}")
 
     @torch.no_grad()

@@ -1,4 +1,6 @@
 """Shape grids for the VAE models and guides, schedules, imputation and bad input."""
+import math
+
 import pyro
 import pytest
 import torch
@@ -223,3 +225,22 @@ def test_build_vae_takes_the_order_of_every_builder_and_still_the_old_one():
     for a, b in zip(new, old):
         assert type(a) is type(b)
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("architecture", ["vae", "conv-vae"])
+def test_generate_samples_the_prior_and_returns_the_means(architecture):
+    """generate(model, batch) is a Pyro program: z from N(0, I), x from p(x | z); the draws of x average
+    to the returned means (Bernoulli pixels: within 5 standard errors)."""
+    import pyro.poutine as poutine
+    from pyro_models.vae import generate
+
+    model, _ = build_vae((1, 8, 8), VAEConfig(**SMALL), architecture)
+    pyro.set_rng_seed(0)
+    trace = poutine.trace(generate).get_trace(model, 4000)
+    z, x, means = trace.nodes["z"]["value"], trace.nodes["x"]["value"], trace.nodes["_RETURN"]["value"]
+    assert z.shape == (4000, SMALL["z_dim"]) and x.shape == means.shape == (4000, 1, 8, 8)
+    assert abs(float(z.mean())) < 5 / math.sqrt(z.numel()) and abs(float(z.var()) - 1) < 0.05
+    gap = float((x - means).mean())  # E[x - E[x | z]] = 0; sd of each term <= 1/2
+    assert abs(gap) < 5 * 0.5 / math.sqrt(x.numel())
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, 0)

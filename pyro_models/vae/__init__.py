@@ -12,7 +12,7 @@ from ..checks import IMAGE_RANK, check_shape
 from ..networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .guides import IAFGuide, NormalGuide
 from .impute import impute  # the function, as every model package exports its imputer
-from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig
+from .model import ARCHITECTURES, GUIDES, VAE, VAEConfig, generate
 
 
 def build_vae(x_shape: Sequence[int], config: VAEConfig, architecture: str = "vae") -> Tuple[VAE, nn.Module]:
@@ -42,4 +42,5 @@ def build_vae(x_shape: Sequence[int], config: VAEConfig, architecture: str = "va
     return model, guide
 
 
-__all__ = ["ARCHITECTURES", "GUIDES", "VAE", "IAFGuide", "KLWeights", "NormalGuide", "VAEConfig", "build_vae", "impute", "sample_latent"]
+__all__ = ["ARCHITECTURES", "GUIDES", "VAE", "IAFGuide", "KLWeights", "NormalGuide", "VAEConfig", "build_vae", "generate", "impute",
+           "sample_latent"]

@@ -108,3 +108,16 @@ class VAE(nn.Module):
             if mask is not None:
                 pyro.deterministic("x_mean", likelihood_mean(self.likelihood, params), event_dim=len(self.x_shape))
             return observe("x", pixel_likelihood(self.likelihood, params, self.log_scale), x, mask, len(self.x_shape), "pixels")
+
+
+def generate(model: VAE, batch_size: int) -> torch.Tensor:
+    """A Pyro program sampling images from the prior: z ~ N(0, I) (site ``z``, ``(batch, z_dim)``), then
+    x ~ p(x | z) (site ``x``, ``(batch, *x_shape)``), as every model package's ``generate`` does for its
+    model. Returns the images' means E[x | z] ``(batch, *x_shape)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    like = next(model.decoder.parameters())
+    with pyro.plate("data", batch_size):
+        z = pyro.sample("z", model.prior(batch_size, like))
+        pyro.sample("x", model.observation(z).to_event(len(model.x_shape)))
+    return model.mean_image(z)

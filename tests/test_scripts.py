@@ -162,6 +162,8 @@ def test_hrssm_train_and_evaluate_scripts(tmp_path, extra):
     scores = json.load(open(os.path.join(out, "boundaries.json")))
     assert 0 <= scores["boundary_f1_one_to_one"] <= scores["boundary_f1"] <= 1 and scores["num_test"] == 3 and "wrote" in result.stdout
     boundaries = "--no-boundaries" not in extra
+    # 2 steps, inside the default warm-up of 1,250: said first; the RSSM baseline has no warm-up
+    assert ("warning" in scores and "warm-up" in scores["warning"]) == boundaries
     if boundaries:
         assert set(scores["segmentation_elbo"]) == {"own", "true_events", "none"}
         assert scores["peaks"] and 0 <= scores["argmax"]["boundary_f1"] <= 1 and "boundary_f1_argmax" in metrics

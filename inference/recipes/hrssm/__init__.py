@@ -3,6 +3,7 @@ temperature schedule, the boundary report, the imputer and the boundary evaluati
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pyro_models.imputation import frames_inside
 from ...evaluation import plots
 from .boundaries import boundary_metrics, boundary_scores, cue_scores
 from ...training.elbo import elbo_terms
+from ...runs.rundir import STATE
 from ..recipe import Context, Preset, Recipe, always_compiled, frames_per_sequence, sequence_builder
 from ...training import Callback, TrainConfig, Trainer
 
@@ -276,11 +278,29 @@ def boundary_figures(run, options: BoundaryEvaluation, starts: torch.Tensor) -> 
                          os.path.join(folder, "jumpy.png"), "jumpy imagination")
 
 
+def warmup_warning(run) -> Optional[str]:
+    """A warning when the run has trained no further than its boundary warm-up (its boundaries are then
+    only the forced ones, and their scores say nothing about what the model learned); None otherwise."""
+    try:
+        with open(os.path.join(run.path, STATE)) as f:
+            epochs = int(json.load(f).get("epoch", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    steps = epochs * -(-run.data.train.shape[0] // run.spec.train.batch_size)  # batches per epoch, ceil
+    warmup = run.spec.options.warmup_steps(run.spec.config.boundaries)
+    if steps > warmup:
+        return None
+    return (f"this run trained {steps} steps ({epochs} epochs), within its boundary warm-up of {warmup} steps: "
+            "its boundaries are only those l_max forces, so these scores do not measure learned boundaries")
+
+
 def evaluate_boundaries(run, options: BoundaryEvaluation) -> Dict[str, Any]:
-    """The boundary evaluation: scores (see :func:`score_boundaries`) and figures."""
+    """The boundary evaluation: scores (see :func:`score_boundaries`) and figures; a ``warning`` first
+    when the run never left its boundary warm-up."""
     result, starts = score_boundaries(run, options)
     boundary_figures(run, options, starts)
-    return result
+    warning = warmup_warning(run)
+    return result if warning is None else {"warning": warning, **result}
 
 
 def _callbacks(context: Context) -> List[Callback]:

@@ -245,7 +245,7 @@ def test_hrssm_takes_several_particles(tmp_path):
 
 
 def test_data_that_changed_under_a_run_are_refused_in_one_line(tmp_path, capsys):
-    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    first = tmp_path / "a.npz"
     np.savez(first, images=np.random.default_rng(0).random((30, 1, 6, 6)))
     out = str(tmp_path / "run")
     argv = ["vae", *TINY_VAE, "--batch-size", "10", "--data", "npz", "--data-path", str(first), "--out", out]

@@ -1,7 +1,6 @@
 """The HRSSM (Variational Temporal Abstraction): hard constraints in prior and posterior samples, COPY
 steps (z unchanged, no KL), gradients through the relaxed boundaries, shapes, the RSSM baseline, input
 errors and a Trainer smoke run. Tiny sizes throughout."""
-import dataclasses
 import math
 from typing import NamedTuple
 

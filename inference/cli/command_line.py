@@ -186,8 +186,7 @@ def with_preset(recipe: Recipe, argv: List[str], parser: argparse.ArgumentParser
     if name is None or not recipe.presets:  # a model without presets: --preset is another model's flag
         return argv
     if name not in recipe.presets:
-        known = ", ".join(recipe.presets) or "none"
-        _fail(parser, f"{PRESET_FLAG}: expected one of the presets of {recipe.name} ({known}), got {name!r}")
+        _fail(parser, f"{PRESET_FLAG}: expected one of the presets of {recipe.name} ({', '.join(recipe.presets)}), got {name!r}")
     return list(recipe.presets[name].flags) + argv
 
 

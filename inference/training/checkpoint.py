@@ -31,7 +31,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def load_weights(model: torch.nn.Module, guide, state: Dict[str, Any]) -> None:
     """The trained weights of a checkpoint (or ``best.pt``) into ``model`` and ``guide``, whichever format
-    wrote it: the objective module's ``model.``/``guide.`` entries, or the older list of module states."""
+    wrote it: the objective module's ``model.``/``guide.`` entries, or the older list of module states. A
+    run trained with Polyak averaging (``ema_decay``) gives its averaged weights, those its scores used."""
+    state = state.get("averaged", state)
     if "objective" in state:
         for prefix, module in (("model.", model), ("guide.", guide)):
             if isinstance(module, torch.nn.Module):
@@ -54,11 +56,12 @@ class Checkpointer:
                 "optimizer": t.svi.optimizer.state_dict(), "scheduler": t.svi.scheduler.state_dict(),
                 "callbacks": t.callbacks.state_dict(), "generator": t.generator.get_state(), "rng": rng_state(),
                 "config": asdict(t.config), "best_valid_elbo": t.best, "world_size": t.world.size,
-                **self._rank_states()}
+                **t.svi.averaging_state(), **self._rank_states()}
 
     def best(self, epoch: int, valid_elbo: float) -> Dict[str, Any]:
-        """``best.pt``: the weights of the epoch with the best validation ELBO."""
-        return {"format": FORMAT, "epoch": epoch, "valid_elbo": valid_elbo, **self.trainer.svi.weights()}
+        """``best.pt``: the weights of the epoch with the best validation ELBO (its averages with
+        ``ema_decay``: the weights the score was computed with)."""
+        return {"format": FORMAT, "epoch": epoch, "valid_elbo": valid_elbo, **self.trainer.svi.averaged_weights()}
 
     def _rank_states(self) -> Dict[str, Any]:
         t = self.trainer
@@ -72,6 +75,7 @@ class Checkpointer:
         config, callbacks, generators and random states (draw for draw on the same number of ranks)."""
         t = self.trainer
         if "objective" in state:
+            t.svi.load_averaging_state(state)
             t.svi.load_weights(state)
         else:  # format 1
             load_weights(t.model, t.guide, state)

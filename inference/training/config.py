@@ -29,6 +29,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # the learning rate is multiplied by this, in (0, 1] ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
     clip_norm: Optional[float] = None  # global gradient-norm clip; none: no clipping
+    ema_decay: float = 0.0  # Polyak averaging: held-out scores, reports and best.pt use a moving average of the weights with this decay per step (e.g. 0.999; inference/training/averaging.py); 0: the raw weights
     mean_loss: bool = False  # step on the loss per example and unit (e.g. per frame), not the batch sum
     elbo: str = field(default="meanfield", metadata={"choices": tuple(ELBOS)})  # meanfield: analytic KL where known, else Monte Carlo; trace: Monte Carlo KL
     num_particles: int = 1  # samples per ELBO estimate (vectorised)
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay: expected a number in [0, 1) (0: no averaging), got {self.ema_decay}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay: expected in (0, 1], got {self.lr_decay}")
         if self.clip_norm is not None and not 0 < self.clip_norm < math.inf:

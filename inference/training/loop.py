@@ -157,7 +157,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Data) -> Dict[str, float]:
-        """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO); for ragged
+        """Held-out ELBO, log-likelihood and KL, in nats per example, in eval mode (true ELBO; with the
+        Polyak averages of the weights when ``ema_decay > 0``); for ragged
         sequences also ``elbo_per_step`` (the sum over sequences divided by the sum of their lengths),
         scored in batches of sequences of similar length."""
         inputs = as_inputs(data)
@@ -169,7 +170,7 @@ class Trainer:
             step = min(step, self.config.batch_size)
         self.svi.set_mode(False)
         totals = torch.zeros(3)
-        with local_params(self.svi.local):
+        with local_params(self.svi.local), self.svi.averaged():
             for start in range(0, mine[0].shape[0], step):
                 batch = cut_to_length(take(mine, slice(start, start + step), self.device), self.lengths_arg)
                 totals += torch.stack(list(elbo_terms(self.model, self.guide, *batch))).detach().cpu()
@@ -345,14 +346,15 @@ class Trainer:
         held_out = self._held_out_metrics(train_eval, test, valid) if self.scores(epoch) else {}
         metrics: Dict[str, Any] = {"epoch": epoch, "train_objective": -objective, **held_out, "lr": lr}
         with self._storage(epoch):
-            if held_out:  # the reports run on scoring epochs
-                metrics.update(self.callbacks.metrics(self, epoch))
+            with self.svi.averaged():  # the reports and best.pt see the weights the scores used
+                if held_out:  # the reports run on scoring epochs
+                    metrics.update(self.callbacks.metrics(self, epoch))
+                self._keep_best(metrics, epoch)
             # wall seconds of the steps and of the whole epoch; CPU seconds of the process (every thread), which
             # a neighbour's load on a shared machine does not inflate
             metrics["train_s"], metrics["time_s"] = train_seconds, time.perf_counter() - start
             metrics["cpu_s"] = time.process_time() - cpu_start
             self.epoch = epoch
-            self._keep_best(metrics, epoch)
             state = self.checkpoints.state() if self.run is not None or self.world.parallel else None  # collective
             if self.run is not None:
                 self.run.log_metrics(metrics)

@@ -30,6 +30,7 @@ from pyro.params.param_store import user_param_name
 
 from . import distributed
 from ..runs import failpoints
+from .averaging import WeightAverage
 from .elbo import make_elbo
 from .config import TrainConfig
 from .data import Data, as_inputs
@@ -61,6 +62,15 @@ def modules(*objs) -> List[torch.nn.Module]:
     return [o for o in objs if isinstance(o, torch.nn.Module)]
 
 
+def _cloned(value):
+    """A copy of nested dicts of tensors (a ``state_dict`` may hold a module's extra state as a dict)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _cloned(v)) for k, v in value.items())
+    return value
+
+
 class SVIStep:
     """SVI on ``model``/``guide`` with ``config``: ``setup(batch)`` once, then ``step(batch)``.
 
@@ -82,6 +92,7 @@ class SVIStep:
         self.buffers: List[torch.Tensor] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
+        self.average: Optional[WeightAverage] = None  # Polyak averages of params (config.ema_decay > 0)
         self._compiled: "OrderedDict[tuple, Callable]" = OrderedDict()  # batch shape -> traced loss (config.jit), newest last
 
     def set_mode(self, training: bool) -> None:
@@ -115,6 +126,7 @@ class SVIStep:
                                           weight_decay=self.config.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.config.lr_decay_every,
                                                          gamma=self.config.lr_decay)
+        self.average = WeightAverage(params, self.config.ema_decay) if self.config.ema_decay > 0 else None
 
     # ------------------------------------------------------------------------------ state
     def weights(self) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -128,6 +140,35 @@ class SVIStep:
         with torch.no_grad():
             for name, value in state.get("pyro_params", {}).items():
                 self.store_params[name].copy_(value)
+
+    def averaged(self):
+        """A block in which the parameters hold their Polyak averages (``config.ema_decay > 0``; otherwise
+        the raw weights): what held-out scores, reports and ``best.pt`` use."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
+
+    def averaged_weights(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """A copy of :meth:`weights` as :meth:`averaged` has them (the raw weights without averaging)."""
+        with self.averaged():
+            return _cloned(self.weights())
+
+    def averaging_state(self) -> Dict[str, object]:
+        """The averages for a checkpoint: ``averaged`` (:meth:`averaged_weights`) and ``average`` (the step
+        count); empty without averaging."""
+        if self.average is None:
+            return {}
+        return {"averaged": self.averaged_weights(), "average": self.average.state_dict()}
+
+    def load_averaging_state(self, state: Dict[str, object]) -> None:
+        """Restore :meth:`averaging_state` (call before the raw weights are loaded). A checkpoint written
+        without averaging starts the averages at its weights."""
+        if self.average is None:
+            return
+        if "averaged" in state:
+            self.load_weights(state["averaged"])
+            self.average.load_state_dict(state["average"])
+        else:
+            self.load_weights(state)
+        self.average.take_from_params()
 
     # ------------------------------------------------------------------------------ the step
     def loss(self, batch: Data) -> torch.Tensor:
@@ -196,6 +237,8 @@ class SVIStep:
         if len(values) > 1 and not math.isfinite(values[1]):
             raise NonFinite(f"gradient norm is {values[1]}")
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         failpoints.reach("step")
         return values[0] / size
 

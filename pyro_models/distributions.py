@@ -143,12 +143,14 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
     event (``to_event``). With a boolean ``mask (batch, *unit_shape)`` (True = observed), where
     ``unit_shape`` is a prefix of ``event_shape`` (e.g. every pixel of an image, or every frame of a
     sequence), each unit becomes its own element of a ``unit_name`` plate at ``dim=-2`` (the layout
-    inside the site is ``(..., units, batch, *rest)``), so Pyro's ``obs_mask`` splits the site into
-    ``{name}_observed`` and a latent ``{name}_unobserved`` that ``Predictive`` samples. With
-    ``hide_missing`` that latent is hidden from the trace (``poutine.block``): every ELBO then scores the
-    observed parts only, with no guide site for the missing ones (what training on gappy sequences
-    needs; the returned value still holds a draw of them). Returns a value of shape
-    ``(..., batch, *event_shape)``.
+    inside that site, ``{name}_units``, is ``(..., units, batch, *rest)``), so Pyro's ``obs_mask`` splits
+    it into ``{name}_units_observed`` and a latent ``{name}_units_unobserved`` that ``Predictive``
+    samples; the site ``name`` is then a deterministic one holding the observations with the missing
+    parts drawn, in the data's layout ``(..., batch, *event_shape)`` as without a mask (what
+    ``Predictive(..., return_sites=[name])`` returns either way). With ``hide_missing`` the latent is
+    hidden from the trace (``poutine.block``): every ELBO then scores the observed parts only, with no
+    guide site for the missing ones (what training on gappy sequences needs; the returned value still
+    holds a draw of them). Returns a value of shape ``(..., batch, *event_shape)``.
     """
     if mask is None:
         return pyro.sample(name, fn.to_event(event_dim), obs=obs)
@@ -173,11 +175,13 @@ def observe(name: str, fn: TorchDistribution, obs: Optional[torch.Tensor], mask:
         return t.movedim(-rest - 1, -rest - 2)
 
     site_fn = _reshape_like(fn, lambda t: to_site(t, inner)).to_event(inner)
-    hidden = poutine.block(hide=[f"{name}_unobserved"]) if hide_missing else contextlib.nullcontext()
+    units = f"{name}_units"
+    hidden = poutine.block(hide=[f"{units}_unobserved"]) if hide_missing else contextlib.nullcontext()
     with pyro.plate(unit_name, num_units, dim=-2), hidden:
-        value = pyro.sample(name, site_fn, obs=to_site(obs, inner), obs_mask=to_site(mask.bool(), 0))
+        value = pyro.sample(units, site_fn, obs=to_site(obs, inner), obs_mask=to_site(mask.bool(), 0))
     value = value.movedim(-inner - 2, -inner - 1)  # (..., batch, units, *rest_shape)
-    return value.reshape(torch.broadcast_shapes(fn.batch_shape, obs.shape))  # (..., batch, *event_shape)
+    value = value.reshape(torch.broadcast_shapes(fn.batch_shape, obs.shape))  # (..., batch, *event_shape)
+    return pyro.deterministic(name, value, event_dim=event_dim)
 
 
 def _reshape_like(fn: TorchDistribution, to_site) -> TorchDistribution:

@@ -167,10 +167,10 @@ def test_a_missing_frame_adds_no_likelihood():
     x = torch.rand(BATCH, STEPS, *frame_shape)
     guide_trace = poutine.trace(guide).get_trace(x, MASK)
     trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, MASK)
-    assert "x_unobserved" not in trace.nodes  # hidden: no latent frame for any ELBO to score
+    assert "x_units_unobserved" not in trace.nodes  # hidden: no latent frame for any ELBO to score
     probs = trace.nodes["x_mean"]["value"]  # (batch, T, D)
     frames = (x * probs.log() + (1 - x) * (1 - probs).log()).sum(-1)  # grey cross-entropy, (batch, T)
-    observed = trace.log_prob_sum(lambda name, site: name == "x_observed")
+    observed = trace.log_prob_sum(lambda name, site: name == "x_units_observed")
     assert torch.allclose(observed, frames[MASK].sum(), rtol=1e-5)
     value = trace.nodes["_RETURN"]["value"]  # (batch, T, D): observed frames, and a draw of the missing ones
     assert torch.equal(value[MASK], x[MASK]) and ((value[~MASK] == 0) | (value[~MASK] == 1)).all()

@@ -147,7 +147,26 @@ def test_predictive_samples_missing_pixels_only():
     x = torch.rand(2, 1, 6, 6)
     mask = bottom_half_mask(x.shape)
     draws = Predictive(model, guide=guide, num_samples=4)(x, mask)
-    assert "x_unobserved" in draws and "x_mean" in draws
+    assert "x_units_unobserved" in draws and "x_mean" in draws
+
+
+def test_predictive_returns_x_in_the_datas_layout_with_a_mask_or_without():
+    """``x`` is (samples, batch, C, H, W) either way, and with a mask, like every site, padded by Pyro's
+    ``Predictive`` to the model's plate nesting (a size-1 axis for the pixels' plate); its observed pixels
+    are the data and its missing ones the draws of ``x_units_unobserved`` (the site's plate layout)."""
+    model, guide = build_vae((1, 6, 6), VAEConfig(**SMALL), "vae")
+    model.eval(), guide.eval()
+    x = torch.rand(2, 1, 6, 6)
+    mask = bottom_half_mask(x.shape)
+    plain = Predictive(model, guide=guide, num_samples=3, return_sites=["x", "z"])(x)
+    draws = Predictive(model, guide=guide, num_samples=3, return_sites=["x", "z", "x_units_unobserved"])(x, mask)
+    assert plain["x"].shape == (3, 2, 1, 6, 6) and draws["x"].shape == (3, 1, 2, 1, 6, 6)
+    assert draws["z"].shape == (3, 1) + plain["z"].shape[1:]  # the same padding as the latents
+    drawn = draws["x"].squeeze(1)
+    assert torch.equal(drawn[:, mask], x[mask].expand(3, -1))
+    missing = draws["x_units_unobserved"].reshape(3, 36, 2).transpose(1, 2).reshape(3, 2, 1, 6, 6)  # (samples, pixels, batch) -> data layout
+    assert torch.equal(drawn[:, ~mask], missing[:, ~mask])
+    assert not torch.equal(drawn[:, ~mask], x[~mask].expand(3, -1))
 
 
 def test_imputation_bad_mask():

@@ -29,7 +29,7 @@ Model and guides share the signature ``(x, mask=None, lengths=None)``, ``x (batc
   ``examples/dmm.py`` masks them); a batch gives the sum of what its sequences give one at a time.
 * ``mask (batch, T)`` bool marks observed frames *inside* a sequence: ``x`` is then observed through
   :func:`~pyro_models.distributions.observe`, a missing frame adds no likelihood but its latent z_t stays
-  (the latent ``x_unobserved`` that ``obs_mask`` creates is hidden from the trace, so every ELBO scores
+  (the latent ``x_units_unobserved`` that ``obs_mask`` creates is hidden from the trace, so every ELBO scores
   the observed frames only, and the ``x`` site's value holds a draw of the missing ones), and the
   frames' means E[x_t | z_t] are recorded as ``x_mean`` for imputation.
 """

@@ -22,7 +22,7 @@ sequences give one at a time (the structured guide's backward GRU starts at each
 
 Model and guide share the signature ``(x, mask=None, lengths=None)`` with ``x (batch, T, *frame_shape)`` and
 ``mask (batch, T)`` (bool, True = frame observed): a missing frame adds no likelihood (the latent
-``x_unobserved`` of ``obs_mask`` is hidden), and its a_t is integrated out with z in the prior
+``x_units_unobserved`` of ``obs_mask`` is hidden), and its a_t is integrated out with z in the prior
 (:class:`KalmanPrior` with the mask) and left out of the guide's log q, so the ELBO is that of the
 observed frames, with the missing steps marginalised exactly as imputation treats them: how the KVAE
 trains on sequences with gaps. The frames' means are recorded as ``x_mean``.

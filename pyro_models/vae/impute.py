@@ -1,7 +1,7 @@
 """Posterior-predictive imputation of missing pixels with ``pyro.infer.Predictive`` and ``obs_mask``.
 
 The model is called as ``model(x, mask)``: pixels where ``mask`` is True are observed, the others
-become the latent site ``x_unobserved`` and are drawn from the posterior predictive. Amortised guides
+become the latent site ``x_units_unobserved`` and are drawn from the posterior predictive. Amortised guides
 read a whole image, so missing pixels are first filled (by default with the batch's mean observed
 value per pixel, or a given ``fill`` such as the mean training image) and the fill is refined by a few
 rounds of encode -> decode (the Markov chain of Rezende et al. 2014, sec. 5.3). The content of missing
@@ -65,7 +65,5 @@ def impute(model, guide, x: torch.Tensor, mask: torch.Tensor, num_samples: int =
             draws = predictive(current, mask)
             mean = draws["x_mean"].reshape((num_samples,) + x.shape).mean(0)
             current = torch.where(mask, x, mean)
-    # Predictive's "x" lives in the site layout (pixels, batch); bring it back to (batch, C, H, W).
-    pixels = draws["x"].reshape(num_samples, -1, x.shape[0]).transpose(-1, -2).reshape((num_samples,) + x.shape)
-    samples = torch.where(mask, x, pixels)
+    samples = torch.where(mask, x, draws["x"].reshape((num_samples,) + x.shape))  # x: (samples, batch, C, H, W)
     return Imputation(mask, current, samples, {"posterior_mean": current, "fill": baseline})

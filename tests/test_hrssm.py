@@ -554,6 +554,32 @@ def test_observation_reset_decides_what_a_segment_start_forgets(reset):
     assert jumpy_rollout(model, guide, x, num_segments=2).shape == (2, 2, *VECTOR)
 
 
+def test_without_observation_colour_the_observation_posterior_cannot_see_colours():
+    # observation_colour=False: q(s_t | z_t, M, X) reads each frame's channel maximum, so the same shapes in
+    # other colours (channels permuted) give the same s-posterior for the same z and boundaries, while the
+    # boundary and abstract posteriors, which read the colours, change.
+    torch.manual_seed(0)
+    config = tiny(max_segments=3, max_length=4, observation_colour=False)
+    model, guide = build_hrssm(IMAGE, config)
+    model.eval(), guide.eval()
+    shapes = (torch.rand(2, 6, 1, *IMAGE[1:]) > 0.8).float()
+    red, blue = shapes * torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1), shapes * torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    seen = {}
+    for name, x in (("red", red), ("blue", blue)):
+        e = guide.features(x)
+        seen[name] = (guide.observation_features(x, e), guide.boundary_logits(x), guide.abstract_posterior.features(e, torch.ones(2, 6)))
+    assert torch.equal(seen["red"][0], seen["blue"][0])
+    assert not torch.allclose(seen["red"][1], seen["blue"][1]) and not torch.allclose(seen["red"][2], seen["blue"][2])
+    with_colour = build_hrssm(IMAGE, tiny(max_segments=3, max_length=4))[1].eval()
+    e_red, e_blue = with_colour.features(red), with_colour.features(blue)
+    assert not torch.allclose(with_colour.observation_features(red, e_red), with_colour.observation_features(blue, e_blue))
+    assert math.isfinite(make_elbo("meanfield").differentiable_loss(model, guide, red).item())
+    with pytest.raises(ValueError, match=r"observation_colour: False needs image frames with colour channels .* got frame_shape \(12,\)"):
+        build_hrssm(VECTOR, config)
+    with pytest.raises(ValueError, match=r"observation_colour: .* got frame_shape \(1, 32, 32\)"):
+        build_hrssm((1, 32, 32), config)
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_input_is_named():
     model, guide = build_hrssm(VECTOR, tiny(max_segments=2, max_length=3))

@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 from ..checks import check_shape
 from .boundaries import (SegmentCounter, Segmentation, apply_constraints, boundaries_from_trace, decode_boundaries,
                          sample_boundary, update_site)
-from .config import GUIDES, PEAK_THRESHOLD, BoundarySchedule, BoundaryTemperature, HRSSMConfig, check_input
+from .config import GUIDES, IMAGE_DIMS, PEAK_THRESHOLD, BoundarySchedule, BoundaryTemperature, HRSSMConfig, check_input
 from .evaluation import (SegmentationELBO, impute, impute_frames, jumpy_rollout, posterior_boundaries,
                          segmentation_elbo, start_probabilities)
 from .guides import HRSSMGuide
@@ -21,6 +21,9 @@ def build_hrssm(frame_shape: Sequence[int], config: HRSSMConfig) -> Tuple[HRSSM,
     starting at ``BoundarySchedule().temperature_max`` (the official 1.0); the training recipe anneals it with
     its :class:`BoundarySchedule`."""
     frame_shape = check_shape("frame_shape", frame_shape)
+    if not config.observation_colour and (len(frame_shape) != IMAGE_DIMS or frame_shape[0] < 2):
+        raise ValueError(f"observation_colour: False needs image frames with colour channels (C >= 2, H, W), "
+                         f"got frame_shape {tuple(frame_shape)}")
     temperature = BoundaryTemperature(BoundarySchedule().temperature_max)
     return HRSSM(frame_shape, config, temperature), HRSSMGuide(frame_shape, config, temperature)
 

@@ -66,6 +66,10 @@ class HRSSMConfig:
     # few, docs/benchmarks.md "w = 0 on seven seeds").
     update_kl_gradient: float = 0.0
     min_scale: float = 1e-4  # floor of every state standard deviation (not official: sigmoid alone)
+    # False: q(S | Z, M, X) reads each image frame's channel maximum (its shapes without their colours,
+    # through an encoder of its own), so a change of colour can reach the frames only through a new
+    # abstract state, i.e. a boundary (not the paper; docs/hrssm.md "What trains the boundaries")
+    observation_colour: bool = True
     guide: str = field(default="relaxed", metadata={"choices": GUIDES})  # relaxed: the paper's q(M | X) over the whole sequence; causal: q(M | X) reads past frames only
 
     def __post_init__(self):

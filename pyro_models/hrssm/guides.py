@@ -28,18 +28,31 @@ class HRSSMGuide(_KLScaled, nn.Module):
         super().__init__()
         self.frame_shape, self.config, self.temperature = tuple(frame_shape), config, temperature
         self.encoder = _frame_network("encoder", self.frame_shape, config)
+        # observation_colour False: q(S | Z, M, X)'s own encoder of the frames' channel maximum (1, H, W)
+        self.observation_encoder = (None if config.observation_colour else
+                                    _frame_network("encoder", (1, *self.frame_shape[1:]), config))
         self.boundary_posterior = BoundaryPosterior(config) if config.boundaries else None
         self.abstract_posterior = AbstractPosterior(config)
         self.observation_posterior = ObservationPosterior(config)
 
-    def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)``; 0 at frames where
-        ``mask (batch, T)`` is False (missing). Missing frames are zeroed before the encoder too, so that in
-        training mode their content cannot reach the observed frames' features through batch statistics."""
+    def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """Frame features e ``(batch, T, feature_size)`` of ``x (batch, T, *frame_shape)`` by ``encoder``
+        (default: the shared one); 0 at frames where ``mask (batch, T)`` is False (missing). Missing frames
+        are zeroed before the encoder too, so that in training mode their content cannot reach the
+        observed frames' features through batch statistics."""
+        encoder = self.encoder if encoder is None else encoder
         if mask is None:
-            return per_frame(self.encoder, x, len(self.frame_shape))
-        e = per_frame(self.encoder, zero_missing(x, mask), len(self.frame_shape))
+            return per_frame(encoder, x, len(self.frame_shape))
+        e = per_frame(encoder, zero_missing(x, mask), len(self.frame_shape))
         return e * mask.unsqueeze(-1).to(e.dtype)
+
+    def observation_features(self, x: torch.Tensor, e: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What q(S | Z, M, X) reads ``(batch, T, feature_size)``: the shared features ``e``, or with
+        ``observation_colour`` False those of each frame's channel maximum ``(batch, T, 1, H, W)``."""
+        if self.observation_encoder is None:
+            return e
+        shapes = x.amax(dim=-3, keepdim=True)  # (batch, T, 1, H, W): the frame without its colours
+        return self.features(shapes, mask, self.observation_encoder)
 
     def boundary_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``(batch, T)`` of q(frame t starts a segment | X) before the constraints (column 0 unused)."""
@@ -54,7 +67,8 @@ class HRSSMGuide(_KLScaled, nn.Module):
         cfg = self.config
         batch, steps = x.shape[:2]
         inside = frames_inside(None, lengths, steps)  # (batch, T) or None
-        e = self.features(x, frames_inside(mask, lengths, steps))  # 0 past an end, as at a missing frame
+        seen = frames_inside(mask, lengths, steps)
+        e = self.features(x, seen)  # 0 past an end, as at a missing frame
         with pyro.plate("sequences", batch):
             starts = [x.new_ones(batch)]
             if self.boundary_posterior is not None and steps > 1:
@@ -69,7 +83,8 @@ class HRSSMGuide(_KLScaled, nn.Module):
                 starts = starts * steps
             starts = torch.stack(starts, dim=1)  # (batch, T), the gates, not the site values
             psi = self.abstract_posterior.features(e, starts, inside)
-            phi = self.observation_posterior.features(e, starts if cfg.observation_reset else torch.zeros_like(starts))
+            phi = self.observation_posterior.features(self.observation_features(x, e, seen),
+                                                      starts if cfg.observation_reset else torch.zeros_like(starts))
             z = None
             for t in pyro.markov(range(steps)):
                 read = starts[:, t]

@@ -293,3 +293,16 @@ def test_a_launch_is_retried_once_for_the_gloo_abort_only(tmp_path, message, run
     with pytest.warns(UserWarning) if runs == 2 else contextlib.nullcontext():
         result = run_with_retry([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 1 and counter.read_text() == "x" * runs
+
+
+def test_hrssm_events_benchmark(tmp_path):
+    out, runs = str(tmp_path / "events.json"), tmp_path / "runs"
+    extra = f"--num-sequences 24 --epochs 1 --belief-size 8 --conv-channels 8 --state-size 2 --cache-dir {tmp_path / 'cache'}"
+    run("benchmarks/hrssm_events.py", "--variants", "default", "no-observation-colour", "--seeds", "0", "--num-test", "8",
+        "--runs", str(runs), "--out", out, "--extra", extra)
+    result = json.load(open(out))
+    for variant in ("default", "no-observation-colour"):
+        row = result["variants"][variant]["rows"]["0"]
+        assert 0 <= row["f1_colour_changes"] <= 1 and row["segments"] >= 2  # 20 frames, at most 16 a segment
+    stored = json.load(open(runs / "no-observation-colour-s0" / "config.json"))
+    assert stored["config"]["observation_colour"] is False and stored["data"]["data"] == "color-balls-random"

@@ -10,8 +10,11 @@ from typing import NamedTuple
 
 import torch
 from pyro import poutine
+from torch.distributions import kl_divergence
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
 
 
@@ -60,11 +63,60 @@ class TensorTrace_ELBO(_TensorValued, Trace_ELBO):
 
 class TensorTraceMeanField_ELBO(_TensorValued, TraceMeanField_ELBO):
     """Pyro's ``TraceMeanField_ELBO`` (analytic KL where known) with a tensor-valued loss; its surrogate
-    equals its loss, so the value is the surrogate's own (see :class:`_TensorValued`)."""
+    equals its loss, so the value is the surrogate's own (see :class:`_TensorValued`).
+
+    Without argument validation (every training step but each epoch's first, ``TrainConfig.check_every_step``)
+    it scores only what the estimator reads: the observed sites' log-densities, and the model and guide
+    densities of a latent site only where no analytic KL exists. Pyro's ``get_importance_trace`` scores
+    every site of both traces first, and the mean-field loss then ignores the log-densities of every latent
+    site with a KL (two per site and step: a DMM or HRSSM step holds hundreds). The value and gradient are
+    Pyro's (``tests/test_elbo.py``); with validation on, Pyro's own path runs, with its checks.
+    """
 
     def _tensor_loss_particle(self, model_trace, guide_trace):
         _, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
         return surrogate.detach(), surrogate
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled() or isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+            return super()._get_trace(model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)  # unscored
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        if is_validation_enabled():
+            return super()._differentiable_loss_particle(model_trace, guide_trace)
+        elbo = 0.0
+        for name, model_site in model_trace.nodes.items():
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                elbo = elbo + _site_log_prob_sum(model_site)
+                continue
+            guide_site = guide_trace.nodes[name]
+            try:
+                kl = scale_and_mask(kl_divergence(guide_site["fn"], model_site["fn"]), guide_site["scale"], guide_site["mask"])
+                elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * torch.Size(guide_site["fn"].batch_shape).numel())
+            except NotImplementedError:  # Monte Carlo: log p(z) and the guide's entropy term at the draw
+                elbo = elbo + _site_log_prob_sum(model_site) - _entropy_term_sum(guide_site)
+        for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites
+            if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                elbo = elbo - _entropy_term_sum(guide_site)
+        elbo = torch.as_tensor(elbo)
+        return -elbo.detach(), -elbo
+
+
+def _site_log_prob_sum(site) -> torch.Tensor:
+    """A site's scaled and masked log-density, summed (what ``Trace.compute_log_prob`` stores)."""
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+
+
+def _entropy_term_sum(site) -> torch.Tensor:
+    """A guide site's entropy term of its score parts, scaled and masked, summed."""
+    parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+    return parts.scale_and_mask(site["scale"], site["mask"]).entropy_term.sum()
 
 
 ELBOS = {"trace": TensorTrace_ELBO, "meanfield": TensorTraceMeanField_ELBO}

@@ -38,6 +38,8 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "beta-s-1.5": (("--kl-weight-observation", "1.5"), "the s-KL weighted 1.5 in training"),
     "no-observation-colour": (("--no-observation-colour",),
                               "q(S | Z, M, X) reads the frames' channel maximum: colours reach the frames through z only"),
+    "no-observation-colour-width-128": (("--no-observation-colour", "--observation-belief-size", "128"),
+                                        "both of the above"),
 }
 CUES = ("colour_changes", "wall_hits")
 

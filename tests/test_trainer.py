@@ -447,3 +447,13 @@ def test_compiled_training_on_ragged_sequences_traces_a_bounded_number_of_shapes
     for length in (5, 20, 40):  # three shapes: the oldest trace goes
         trainer.svi.loss((x[:4, :length], None, lengths[:4].clamp(max=length)))
     assert len(trainer.svi._compiled) == 2
+
+
+def test_adams_first_moment_decay_is_a_setting(tiny_images):
+    train, test = tiny_images
+    model, guide = build_vae((1, 12, 12), SMALL, "vae")
+    trainer = Trainer(model, guide, config(beta1=0.96))
+    trainer.setup(train[:20])
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.96, 0.999)
+    with pytest.raises(ValueError, match=r"beta1: expected a number in \[0, 1\), got 1.0"):
+        config(beta1=1.0)

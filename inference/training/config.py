@@ -26,6 +26,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam's learning rate
     weight_decay: float = 0.0  # Adam's L2 penalty on every parameter (added to the gradient of the loss the step takes: per example and unit with mean_loss)
     amsgrad: bool = False  # Adam with the AMSGrad correction (the official VTA recipe's optimiser)
+    beta1: float = 0.9  # Adam's decay of its first-moment (mean gradient) estimate (Pyro's DMM example: 0.96)
     lr_decay: float = 1.0  # the learning rate is multiplied by this, in (0, 1] ...
     lr_decay_every: int = 1  # ... every this many epochs (staircase)
     clip_norm: Optional[float] = None  # global gradient-norm clip; none: no clipping
@@ -57,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"beta1: expected a number in [0, 1), got {self.beta1}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: expected a number in [0, 1) (0: no averaging), got {self.ema_decay}")
         if not 0 < self.lr_decay <= 1:

@@ -176,6 +176,43 @@ def test_a_missing_frame_adds_no_likelihood():
     assert torch.equal(value[MASK], x[MASK]) and ((value[~MASK] == 0) | (value[~MASK] == 1)).all()
 
 
+def test_past_the_last_observed_frame_z_is_drawn_from_the_transition():
+    """``roll_out``: steps up to each sequence's last observed frame keep the guide's draw; every later step
+    is z_t = loc(z_{t-1}) + scale(z_{t-1}) * eps_t under the model's transition, from the redrawn z_{t-1}
+    (z_0 when nothing is observed); and the imputer's frames past that point follow it."""
+    from pyro_models.dmm.impute import last_observed, roll_out
+
+    model, guide, frame_shape = build("vector")
+    mask = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    last = last_observed(mask)
+    assert last.tolist() == [2, 4, -1]
+    z = torch.randn(3, 5, SMALL["z_dim"])
+    torch.manual_seed(4)
+    rolled = roll_out(model, z, last)
+    torch.manual_seed(4)
+    previous = model.z_0.expand(3, -1)
+    for t in range(5):
+        expected = z[:, t]
+        if not bool((t <= last).all()):
+            loc, scale = model.transition(previous)
+            expected = torch.where((t > last).unsqueeze(-1), loc + scale * torch.randn_like(loc), expected)
+        keep = t <= last
+        assert torch.equal(rolled[keep, t], z[keep, t])
+        assert torch.allclose(rolled[:, t], expected) and not torch.allclose(rolled[~keep, t], z[~keep, t])
+        previous = rolled[:, t]
+    # the imputer's draw is E[x_t | z_t] of exactly that: the guide's z, rolled out past the last observed frame
+    x = torch.rand(3, 5, *frame_shape)
+    mask[2, 0] = True
+    torch.manual_seed(7)
+    result = impute(model, guide, x, mask, num_samples=1)
+    model.eval(), guide.eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        drawn = poutine.trace(guide).get_trace(torch.where(mask[..., None], x, torch.zeros_like(x)), mask).nodes["z"]["value"]
+        expected = model.frame_mean(roll_out(model, drawn, last_observed(mask)))
+    assert torch.allclose(result.samples[0][~mask], expected[~mask])
+
+
 def test_impute_keeps_observed_frames_and_restores_modes():
     model, guide, frame_shape = build("image-mlp", guide="st-lr")
     x = torch.rand(BATCH, STEPS, *frame_shape)

@@ -16,12 +16,36 @@ from .model import DMM
 SEED_BOUND = 2**62  # a seed for the forked random state is drawn below this from ``generator``
 
 
+def last_observed(mask: torch.Tensor) -> torch.Tensor:
+    """The index ``(batch,)`` of each sequence's last observed frame in ``mask (batch, T)``; -1 if none."""
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, steps, torch.full_like(steps, -1)).amax(dim=1)
+
+
+def roll_out(model: DMM, z: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``z (batch, T, z_dim)`` with every step after ``last (batch,)`` redrawn from the model's transition,
+    z_t ~ p(z_t | z_{t-1}) (from z_0 when nothing is observed, ``last = -1``). Past a sequence's last
+    observed frame nothing more is observed, so given z_last this is the exact posterior of the rest, which
+    a guide only approximates (the ST-R guide trained on gaps that end before the sequence does)."""
+    previous = model.z_0.expand(z.shape[0], -1)  # (batch, z_dim)
+    steps = []
+    for t in range(z.shape[1]):
+        current = z[:, t]
+        if not bool((t <= last).all()):  # some sequence is past its last observed frame
+            loc, scale = model.transition(previous)
+            current = torch.where((t > last).unsqueeze(-1), loc + scale * torch.randn_like(loc), current)
+        steps.append(current)
+        previous = current
+    return torch.stack(steps, dim=1)  # (batch, T, z_dim)
+
+
 def _posterior_means(model: DMM, guide: DMMGuide, x: torch.Tensor, mask: torch.Tensor,
                      lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """E[x_t | z_t] ``(batch, T, *frame_shape)`` of one draw z ~ q(z | x_observed)."""
+    """E[x_t | z_t] ``(batch, T, *frame_shape)`` of one draw of z: from q(z | x_observed) up to each
+    sequence's last observed frame, from the model's transition after it (:func:`roll_out`)."""
     guide_trace = poutine.trace(guide).get_trace(x, mask, lengths)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, mask, lengths)
-    return model_trace.nodes["x_mean"]["value"]
+    z = roll_out(model, guide_trace.nodes["z"]["value"], last_observed(mask))  # (batch, T, z_dim)
+    return model.frame_mean(z)
 
 
 @torch.no_grad()
@@ -29,7 +53,8 @@ def impute(model: DMM, guide: DMMGuide, x: torch.Tensor, mask: torch.Tensor, num
            generator: Optional[torch.Generator] = None, lengths: Optional[torch.Tensor] = None) -> Imputation:
     """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False.
 
-    ``samples (num_samples, *x.shape)``: E[x_t | z_t] under ``num_samples`` draws z ~ q(z | x_observed),
+    ``samples (num_samples, *x.shape)``: E[x_t | z_t] under ``num_samples`` draws of z, from q(z | x_observed)
+    up to each sequence's last observed frame and from the model's transition after it (:func:`roll_out`),
     observed frames kept exactly; ``imputed``: their mean (``estimates["posterior_mean"]``). The content
     of missing frames is never read. Runs in eval mode (modes restored after); with ``generator`` the
     draws come from a random state seeded by it (the global one is left as it was). ``lengths (batch,)``:

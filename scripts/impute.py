@@ -32,7 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="MNIST folder, for runs on MNIST")
     p.add_argument("--num-test", type=int, default=0, help="score only the first N held-out examples (0: all)")
     p.add_argument("--batch-size", type=int, default=250, help="examples imputed at once")
-    p.add_argument("--num-samples", type=int, default=1, help="posterior-predictive draws per example")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="posterior-predictive draws per example, whose mean is the estimate (default: the model's "
+                        "choice, e.g. 32 for the DMM, whose estimate is an average of draws; 1 for models whose "
+                        "estimates do not average draws, e.g. the KVAE's Kalman smoothing)")
     p.add_argument("--metric", choices=tuple(imputation.METRICS), default="hamming",
                    help="hamming: fraction of wrong binary pixels; mse: mean squared error")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")

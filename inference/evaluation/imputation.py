@@ -42,7 +42,7 @@ def mask_kinds(recipe: Recipe) -> Sequence[str]:
     return FRAME_MASKS if recipe.sequences else PIXEL_MASKS
 
 
-def check_request(recipe: Recipe, kind: str, batch_size: int = 1, num_samples: int = 1, metric: str = "hamming",
+def check_request(recipe: Recipe, kind: str, batch_size: int = 1, num_samples: Optional[int] = None, metric: str = "hamming",
                   num_test: int = 0) -> None:
     """Raise ``ValueError`` naming the argument unless an imputation experiment with these arguments
     can run for ``recipe``'s model (checked before any work)."""
@@ -53,7 +53,7 @@ def check_request(recipe: Recipe, kind: str, batch_size: int = 1, num_samples: i
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {tuple(METRICS)}, got {metric!r}")
     for name, value, low in (("batch_size", batch_size, 1), ("num_samples", num_samples, 1), ("num_test", num_test, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise ValueError(f"{name}: expected >= {low}, got {value}")
 
 
@@ -103,16 +103,19 @@ def held_out(run: Run, num_test: int = 0):
     return run.data.test[:end], (None if known is None else known[:end]), (None if lengths is None else lengths[:end])
 
 
-def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: int,
+def impute_batch(run: Run, x: torch.Tensor, mask: torch.Tensor, num_samples: Optional[int],
                  lengths: Optional[torch.Tensor] = None) -> Imputation:
-    """The recipe's imputer on one batch, with the defaults it takes from the training data."""
-    extras = dict(run.recipe.impute_defaults(run.data))
+    """The recipe's imputer on one batch, with the defaults it takes from the training data;
+    ``num_samples`` None: the recipe's choice (``impute_defaults``), else 1."""
+    extras = {"num_samples": 1, **run.recipe.impute_defaults(run.data)}
+    if num_samples is not None:
+        extras["num_samples"] = num_samples
     if lengths is not None:
         extras["lengths"] = lengths
-    return run.recipe.impute(run.model, run.guide, x, mask, num_samples=num_samples, **extras)
+    return run.recipe.impute(run.model, run.guide, x, mask, **extras)
 
 
-def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samples: int = 1,
+def evaluate(run: Run, kind: str, batch_size: int = 250, seed: int = 0, num_samples: Optional[int] = None,
              metric: str = "hamming", num_test: int = 0) -> List[Dict[str, float]]:
     """One row per strength of mask ``kind``: the error (``metric``) on the missing parts of the held-out
     data (the first ``num_test``; 0: all), averaged over missing parts, for every estimate and floor."""

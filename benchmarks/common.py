@@ -45,9 +45,9 @@ def small_data(recipe, num_examples: int, cache_dir: str, length: Optional[int] 
     """The data config of ``recipe``'s default data set cut to ``num_examples`` training examples (sequences
     of ``length`` frames when given; generated sets cached in ``cache_dir``)."""
     if not recipe.sequences:
-        return dataclasses.replace(recipe.data_config, num_shapes=num_examples + max(1, num_examples // 10))
+        return dataclasses.replace(recipe.data.config, num_shapes=num_examples + max(1, num_examples // 10))
     lengths = {} if length is None else {"num_steps": length}
-    return dataclasses.replace(recipe.data_config, num_sequences=num_examples, cache_dir=cache_dir, **lengths)
+    return dataclasses.replace(recipe.data.config, num_sequences=num_examples, cache_dir=cache_dir, **lengths)
 
 
 def trainer_on_batch(spec, rows: slice, world=None):
@@ -59,7 +59,7 @@ def trainer_on_batch(spec, rows: slice, world=None):
 
     context = build(spec, spec.data.load(seed=0))
     trainer = Trainer(context.model, context.guide, spec.train, world=world,
-                      units_per_example=spec.recipe.units_per_example(context.data))
+                      units_per_example=spec.recipe.training.units_per_example(context.data))
     x = take(place(as_inputs(model_inputs(context.data, "train")), trainer.device), rows, trainer.device)
     trainer.setup(x)
     return trainer, x

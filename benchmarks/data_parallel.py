@@ -50,8 +50,8 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace, folder: str)
 def measure(args: argparse.Namespace, world: World, device: str) -> dict:
     """Step times of this rank's trainer on its own batches (rank r: examples r*B .. r*B + B)."""
     recipe = recipes()[args.model]
-    batch = args.batch or recipe.train_defaults.batch_size
-    train = dataclasses.replace(recipe.train_defaults, batch_size=batch, device=device, progress=False)
+    batch = args.batch or recipe.training.defaults.batch_size
+    train = dataclasses.replace(recipe.training.defaults, batch_size=batch, device=device, progress=False)
     spec = RunSpec(args.model, recipe.config(), train, small_data(recipe, batch * world.size, args.cache_dir))
     trainer, x = trainer_on_batch(spec, slice(world.rank * batch, (world.rank + 1) * batch), world)
     cuda = trainer.device.type == "cuda"

@@ -45,9 +45,9 @@ def main() -> None:
         parser.error(f"--run: expected a run directory, got {args.run}")
     run = load_run(args.run)
     spec, state = run.spec, read_checkpoint(args.run, map_location="cpu")
-    trainer = Trainer(run.model, run.guide, spec.train, units_per_example=spec.recipe.units_per_example(run.data),
+    trainer = Trainer(run.model, run.guide, spec.train, units_per_example=spec.recipe.training.units_per_example(run.data),
                       lengths_arg=LENGTHS_ARG if getattr(run.data, "ragged", False) else None,
-                      vectorize_particles=spec.recipe.vectorized_particles)
+                      vectorize_particles=spec.recipe.training.vectorized_particles)
     train = model_inputs(run.data, "train")
     trainer.setup(tuple(t[: spec.train.batch_size] if t is not None else None for t in train))
     trainer.checkpoints.restore(state)

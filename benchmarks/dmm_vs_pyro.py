@@ -97,7 +97,7 @@ def our_epoch(data_dir: str, batch_size: int, seed: int):
                    SequenceDataConfig(data="jsb", data_dir=data_dir))
     context = build(spec, spec.data.load())
     trainer = Trainer(context.model, context.guide, spec.train, lengths_arg=LENGTHS_ARG,
-                      units_per_example=spec.recipe.units_per_example(context.data))
+                      units_per_example=spec.recipe.training.units_per_example(context.data))
     train = model_inputs(context.data, "train")
     trainer.setup(tuple(t[:batch_size] if t is not None else None for t in train))
     epoch = [0]

@@ -39,7 +39,7 @@ SWEEPS = ("batch", "length", "width")
 def time_steps(name: str, batch: int, length: int, width: float, steps: int, device: str, cache_dir: str) -> dict:
     """One model's step time and memory at these sizes."""
     recipe = recipes()[name]
-    train_config = dataclasses.replace(recipe.train_defaults, batch_size=batch, device=device, progress=False)
+    train_config = dataclasses.replace(recipe.training.defaults, batch_size=batch, device=device, progress=False)
     spec = RunSpec(name, widened(recipe, recipe.config(), width), train_config, small_data(recipe, batch * 2, cache_dir, length))
     trainer, x = trainer_on_batch(spec, slice(0, batch))
     cuda = trainer.device.type == "cuda"
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
         for name in args.models:
-            batch = args.batch or recipes()[name].train_defaults.batch_size
+            batch = args.batch or recipes()[name].training.defaults.batch_size
             settings = [(batch, args.length, 1.0)]
             if args.sweep is not None:
                 size, values = args.sweep[0], [float(v) for v in args.sweep[1:]]

@@ -33,8 +33,8 @@ def kvae_spec(args) -> RunSpec:
     recipe = get_recipe("kvae")
     return RunSpec(
         "kvae", recipe.config(decoder_channels=args.decoder_channels),
-        replace(recipe.train_defaults, epochs=args.epochs, lr=args.lr, seed=args.seed, train_eval_size=DEMO_TRAIN_EVAL_SIZE),
-        replace(recipe.data_config, num_sequences=args.num_sequences, cache_dir=args.cache_dir),
+        replace(recipe.training.defaults, epochs=args.epochs, lr=args.lr, seed=args.seed, train_eval_size=DEMO_TRAIN_EVAL_SIZE),
+        replace(recipe.data.config, num_sequences=args.num_sequences, cache_dir=args.cache_dir),
         recipe.options(lstm_frozen_epochs=max(1, args.epochs // DEMO_FRACTION_FROZEN),
                        warm_start_steps=args.warm_start_steps, dynamics_fit_steps=args.dynamics_fit_steps,
                        dynamics_lstm_steps=args.dynamics_lstm_steps, trajectory_penalty=args.trajectory_penalty,
@@ -44,8 +44,8 @@ def kvae_spec(args) -> RunSpec:
 
 def vae_spec(args) -> RunSpec:
     recipe = get_recipe("vae")
-    return RunSpec("vae", recipe.config(z_dim=16), replace(recipe.train_defaults, epochs=args.epochs, seed=args.seed),
-                   recipe.data_config, recipe.options(kl_schedule="linear"))
+    return RunSpec("vae", recipe.config(z_dim=16), replace(recipe.training.defaults, epochs=args.epochs, seed=args.seed),
+                   recipe.data.config, recipe.options(kl_schedule="linear"))
 
 
 def demo_kvae(args, out: str) -> None:
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="folder of the demo's run directories")
     p.add_argument("--model", choices=("kvae", "vae"), default="kvae", help="the demo to run")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: " + ", ".join(f"{k} {v}" for k, v in DEMO_EPOCHS.items()) + "; kvae: after the warm start)")
-    p.add_argument("--lr", type=float, default=kvae.train_defaults.lr, help="kvae: Adam's learning rate after the warm start (the "
+    p.add_argument("--lr", type=float, default=kvae.training.defaults.lr, help="kvae: Adam's learning rate after the warm start (the "
                    "original recipe's 0.007 first undoes much of what the warm start learned)")
     p.add_argument("--num-sequences", type=int, default=500, help="kvae: generated training sequences")
     p.add_argument("--decoder-channels", type=int, default=32, help="kvae: sub-pixel block width (the paper: 128)")

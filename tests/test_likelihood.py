@@ -114,7 +114,7 @@ def test_every_model_has_an_importance_sampled_likelihood(name):
     torch.manual_seed(0)
     model, guide = recipe.build(shape, config)
     x = torch.rand((3,) + tuple(shape))
-    result = log_weights(model, guide, (x,), 6, particles_per_pass=3, vectorize=recipe.vectorized_particles)
+    result = log_weights(model, guide, (x,), 6, particles_per_pass=3, vectorize=recipe.training.vectorized_particles)
     assert result.log_weights.shape == (6, 3) and torch.isfinite(result.log_weights).all()
     assert torch.all(result.estimate >= result.log_weights.mean(0))  # log-mean-exp >= mean (Jensen)
     assert torch.all(result.stderr >= 0)

@@ -5,7 +5,7 @@ import pytest
 from inference.cli.command_line import parse_train_args
 from inference.recipes.registry import recipes
 
-PRESETS = [(model, name) for model, recipe in recipes().items() for name in recipe.presets]
+PRESETS = [(model, name) for model, recipe in recipes().items() for name in recipe.cli.presets]
 DATA_DIR = ["--data-dir", "/nonexistent/folder"]  # presets on downloaded data need a folder; never read here
 
 
@@ -15,7 +15,7 @@ def test_every_model_with_reported_numbers_has_presets():
 
 @pytest.mark.parametrize("model, name", PRESETS)
 def test_a_preset_is_the_command_it_stands_for(model, name):
-    preset = recipes()[model].presets[name]
+    preset = recipes()[model].cli.presets[name]
     via_preset = parse_train_args([model, "--preset", name, *DATA_DIR, "--out", "runs/x"], "")
     written_out = parse_train_args([model, *preset.flags, *DATA_DIR, "--out", "runs/x"], "")
     assert via_preset.spec.to_json() == written_out.spec.to_json()

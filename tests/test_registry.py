@@ -123,19 +123,19 @@ def _cli_text(value):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_flag_reaches_its_config_field(name):
     recipe = recipes()[name]
-    defaults = {"data": recipe.data_config, "config": recipe.config(), "options": recipe.options(), "train": recipe.train_defaults}
+    defaults = {"data": recipe.data.config, "config": recipe.config(), "options": recipe.options(), "train": recipe.training.defaults}
     reached, unchangeable = 0, []
     for group in GROUPS:
         cls = type(defaults[group])
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if f.name in ("device",) or (group == "config" and f.name in recipe.unused_fields):
+            if f.name in ("device",) or (group == "config" and f.name in recipe.cli.unused_fields):
                 continue  # no other device may exist here; a field this model does not read has no flag
             default = getattr(defaults[group], f.name)
             for value in _candidates(hints[f.name], default, f.metadata.get("choices")):
                 flag = "--" + f.name.replace("_", "-")
                 argv = [name, "--out", "x"] + ([flag if value else "--no-" + flag[2:]] if hints[f.name] is bool else [flag, _cli_text(value)])
-                if f.name == "check_every_step" and recipe.train_defaults.jit:
+                if f.name == "check_every_step" and recipe.training.defaults.jit:
                     argv.append("--no-jit")  # Pyro's checks do not run in a compiled loss: refused with jit
                 try:
                     spec = parse_train_args(argv, "")

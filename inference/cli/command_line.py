@@ -37,10 +37,10 @@ class TrainArgs(NamedTuple):
 def _defaults(recipe: Recipe, stored: Optional[RunSpec] = None) -> Dict[str, object]:
     """The default instance of each flag group of ``recipe``, or the groups of a ``stored`` run."""
     if stored is not None:
-        return {"data": stored.data if stored.data is not None else recipe.data_config, "config": stored.config,
+        return {"data": stored.data if stored.data is not None else recipe.data.config, "config": stored.config,
                 "options": stored.options, "train": stored.train}
-    return {"data": recipe.data_config, "config": recipe.config(), "options": recipe.options(),
-            "train": recipe.train_defaults}
+    return {"data": recipe.data.config, "config": recipe.config(), "options": recipe.options(),
+            "train": recipe.training.defaults}
 
 
 def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[RunSpec] = None) -> argparse.ArgumentParser:
@@ -50,15 +50,15 @@ def model_parser(recipe: Recipe, prog: Optional[str] = None, stored: Optional[Ru
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = _defaults(recipe, stored)
     for prefix, title in GROUPS:
-        skip = recipe.unused_fields if prefix == "config" else ()
+        skip = recipe.cli.unused_fields if prefix == "config" else ()
         add_dataclass_flags(p.add_argument_group(title), type(defaults[prefix]), defaults[prefix], prefix + ".", skip)
-    if recipe.shortcuts:
+    if recipe.cli.shortcuts:
         group = p.add_argument_group("shortcuts (set several model fields at once; explicit flags win)")
-        for name, (targets, text) in recipe.shortcuts.items():
+        for name, (targets, text) in recipe.cli.shortcuts.items():
             group.add_argument(flag(name), dest="shortcut." + name, type=int, metavar=name.upper(), default=argparse.SUPPRESS, help=text)
-    if recipe.presets:
-        lines = "; ".join(f"{name}: {' '.join(preset.flags)} ({preset.result})" for name, preset in recipe.presets.items())
-        p.add_argument(PRESET_FLAG, choices=tuple(recipe.presets), default=None,
+    if recipe.cli.presets:
+        lines = "; ".join(f"{name}: {' '.join(preset.flags)} ({preset.result})" for name, preset in recipe.cli.presets.items())
+        p.add_argument(PRESET_FLAG, choices=tuple(recipe.cli.presets), default=None,
                        help=f"start from a named recipe behind a reported number; flags given after it override it. {lines}")
     run = p.add_argument_group("run")
     run.add_argument("--out", required=stored is None, default=argparse.SUPPRESS if stored is None else None,
@@ -102,7 +102,7 @@ def _spec(recipe: Recipe, namespace: argparse.Namespace, parser: argparse.Argume
         values = given(namespace, prefix + ".")
         if prefix == "config":
             for name, value in given(namespace, "shortcut.").items():
-                for target in recipe.shortcuts[name][0]:
+                for target in recipe.cli.shortcuts[name][0]:
                     values.setdefault(target, value)
         try:
             built[prefix] = build_config(type(defaults), defaults, values)
@@ -183,11 +183,11 @@ def _repeat_args(argv: List[str], path: str, top: argparse.ArgumentParser) -> Tr
 def with_preset(recipe: Recipe, argv: List[str], parser: argparse.ArgumentParser) -> List[str]:
     """``argv`` with the flags of its ``--preset NAME`` put first, so that every flag given wins."""
     name = _flag_value(argv, PRESET_FLAG)
-    if name is None or not recipe.presets:  # a model without presets: --preset is another model's flag
+    if name is None or not recipe.cli.presets:  # a model without presets: --preset is another model's flag
         return argv
-    if name not in recipe.presets:
-        _fail(parser, f"{PRESET_FLAG}: expected one of the presets of {recipe.name} ({', '.join(recipe.presets)}), got {name!r}")
-    return list(recipe.presets[name].flags) + argv
+    if name not in recipe.cli.presets:
+        _fail(parser, f"{PRESET_FLAG}: expected one of the presets of {recipe.name} ({', '.join(recipe.cli.presets)}), got {name!r}")
+    return list(recipe.cli.presets[name].flags) + argv
 
 
 def parse_train_args(argv: Optional[Sequence[str]], doc: str) -> TrainArgs:

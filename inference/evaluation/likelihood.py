@@ -169,5 +169,5 @@ def evaluate_likelihood(run, options: LikelihoodOptions) -> Dict[str, Any]:
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     lengths_arg = LENGTHS_ARG if getattr(run.data, "ragged", False) else None
     result = split_likelihood(run.model, run.guide, inputs, options, lengths_arg,
-                              vectorize=run.recipe.vectorized_particles)
+                              vectorize=run.recipe.training.vectorized_particles)
     return {"split": options.split, "checkpoint": options.checkpoint, **result}

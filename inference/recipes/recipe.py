@@ -1,8 +1,9 @@
 """What the trainer, the scripts and the benchmarks need of a model, declared once per model.
 
-A :class:`Recipe` names a model's config dataclass, its guides, the data it trains on, its training
-defaults and options, its callbacks (schedules, reports), an optional preparation before training
-(e.g. the KVAE's warm start), whether it can be compiled, and its imputer. The registry
+A :class:`Recipe` names a model's config dataclass, its guides and options, its imputer and evaluations,
+and three parts by who reads them: how it trains (:class:`TrainingPlan`: defaults, callbacks, an
+optional preparation such as the KVAE's warm start, whether it can be compiled), the data it takes
+(:class:`DataPlan`) and what the command line adds (:class:`CommandLine`: shortcuts, presets). The registry
 (:mod:`inference.recipes.registry`) maps model names to recipes; nothing else in the library branches on a
 model's name.
 """
@@ -101,97 +102,126 @@ class Preset(NamedTuple):
 
 
 @dataclass(frozen=True)
+class TrainingPlan:
+    """How a model trains (what :func:`inference.runs.experiment.train` hands the trainer).
+
+    ``defaults``: the model's :class:`TrainConfig` defaults. ``callbacks(context)``: training callbacks in
+    order (KL schedules, reports). ``prepare(context)``: runs once before the first epoch of a new run
+    (not on resume), e.g. a warm start; it may write its record into ``context.run``.
+    ``batch_transform(context)``: applied to each training batch, or None. ``units_per_example(data)``:
+    the divisor of ``TrainConfig.mean_loss`` (frames per sequence). ``jit_refusal(config, options,
+    train)``: the one answer to "can the training loss be compiled" (``TrainConfig.jit``): why not for
+    these settings (e.g. a KL schedule whose weights a trace would freeze; :func:`never_compiled` for a
+    model that cannot be at all), or None. ``vectorized_particles``: whether model and guide run under a
+    particle plate left of their own (Pyro's vectorised particles; otherwise one particle a pass).
+    """
+
+    defaults: TrainConfig = field(default_factory=TrainConfig)
+    callbacks: Callable[[Context], List[Callback]] = _no_callbacks
+    prepare: Optional[Callable[[Context], None]] = None
+    batch_transform: Optional[Callable[[Context], Optional[BatchTransform]]] = None
+    units_per_example: Callable[[Any], float] = _one_unit
+    jit_refusal: Callable[[Any, Any, TrainConfig], Optional[str]] = field(
+        default_factory=lambda: never_compiled("its ELBO reads Python values that a trace would freeze"))
+    vectorized_particles: bool = True
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The data a model takes.
+
+    ``config``: the default data configuration (its class decides how data are loaded). ``kind``:
+    "images" (``(N, C, H, W)``, pixel masks) or "sequences" (``(N, T, *frame)``, frame masks ``(N, T)``).
+    ``prepare(data, data_config, seed)``: the data as trained on (e.g. static binarisation), or None.
+    ``validate(config, data)``: raise ``ValueError`` when the loaded data cannot be modelled with
+    ``config`` (e.g. sequences longer than the HRSSM's segments can hold); runs before the run folder.
+    ``ragged``: whether the model takes ``lengths (batch,)`` after ``mask`` (sequences of different
+    lengths, nothing scored past a sequence's end); data with lengths are refused for a model without.
+    """
+
+    config: Any
+    kind: str = "sequences"
+    prepare: Optional[Callable[[Any, Any, int], Any]] = None
+    validate: Optional[Callable[[Any, Any], None]] = None
+    ragged: bool = False
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"kind: expected one of {DATA_KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """What ``scripts/train.py MODEL`` adds to the flags generated from the config classes.
+
+    ``shortcuts``: flags that set several config fields at once, ``{name: (fields, help)}``.
+    ``unused_fields``: fields of a config class that several models share which this model does not read:
+    no flag, so that setting one is refused by name (e.g. the MLP VAE's ``channels``, which only conv-vae
+    reads). ``moved_to_options``: fields that moved from the model's config to the recipe's options: a
+    stored run's config.json that still has them under "config" is read with them under "options".
+    ``presets``: the recipes behind reported numbers, by name, as :class:`Preset` (command-line flags):
+    ``train.py MODEL --preset NAME`` starts from them, and flags given after override them.
+    """
+
+    shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
+    unused_fields: Tuple[str, ...] = ()
+    moved_to_options: Tuple[str, ...] = ()
+    presets: Mapping[str, "Preset"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """One model's description (see the module docstring).
+    """One model's description (see the module docstring), in parts by who reads them: ``training`` (the
+    trainer, :class:`TrainingPlan`), ``data`` (loading, :class:`DataPlan`), ``cli`` (the command line,
+    :class:`CommandLine`), and the model's own:
 
     ``build(shape, config) -> (model, guide)``: ``shape`` is an example's shape, ``data.train.shape[1:]``.
-    ``data_config``: the default data configuration (its class decides the kind of data).
-    ``options``: the options dataclass of the recipe (flags like the config's); ``NoOptions`` if none.
-    ``callbacks(context)``: training callbacks in order. ``prepare(context)``: runs once before the first
-    epoch of a new run (not on resume), e.g. a warm start; it may write its record into ``context.run``.
-    ``jit_refusal(config, options, train)``: the one answer to "can the training loss be compiled"
-    (``TrainConfig.jit``): why not for these settings (e.g. a KL schedule whose weights a trace would
-    freeze; :func:`never_compiled` for a model that cannot be at all), or None.
-    ``units_per_example(data)``: the divisor of ``TrainConfig.mean_loss`` (frames per sequence).
-    ``batch_transform(context)``: applied to each training batch, or None.
-    ``prepare_data(data, data_config, seed)``: data as trained on (e.g. static binarisation).
+    ``guides``: the guides by name (the config's ``guide`` field). ``options``: the options dataclass of
+    the recipe (training-time settings with flags like the config's); ``NoOptions`` if none.
+    ``validate(config, options)``: raise ``ValueError`` (naming the arguments) when the two do not fit
+    together; runs when a :class:`~inference.runs.experiment.RunSpec` is made, before any work.
     ``impute(model, guide, x, mask, num_samples, generator)``: the model's imputer, returning
-    :class:`pyro_models.imputation.Imputation`.
-    ``data_kind``: "images" (``(N, C, H, W)``, pixel masks) or "sequences" (``(N, T, *frame)``, frame masks
-    ``(N, T)``).
+    :class:`pyro_models.imputation.Imputation`; ``impute_defaults(data)``: keyword arguments of ``impute``
+    chosen for the model (the VAE's starting fill from the training data; the DMM's number of draws), so
+    every caller starts from the same place.
     ``evaluations``: the model's own evaluations by name, ``{name: (options_class, fn)}`` with
     ``fn(run, options) -> dict`` (JSON-able; it may write figures into the run); ``scripts/evaluate.py``
     generates its flags from ``options_class``.
-    ``validate(config, options)``: raise ``ValueError`` (naming the arguments) when the two do not fit
-    together; runs when a :class:`~inference.runs.experiment.RunSpec` is made, before any work.
-    ``validate_data(config, data)``: raise ``ValueError`` when the loaded data cannot be modelled with
-    ``config`` (e.g. sequences longer than the HRSSM's segments can hold); runs before the run folder.
     ``example``: a small model config and an example's shape ``(config, shape)`` for smoke tests and
     benchmarks (the registry-wide tests train every model on it).
-    ``shortcuts``: command-line flags that set several config fields at once, ``{name: (fields, help)}``.
-    ``vectorized_particles``: whether model and guide run under a particle plate left of their own (Pyro's
-    vectorised particles; the importance-sampled likelihood draws one particle a pass otherwise).
-    ``ragged``: whether the model takes ``lengths (batch,)`` after ``mask`` (sequences of different lengths,
-    nothing scored past a sequence's end); data with lengths are refused for a model without.
     ``width_fields``: the config fields (ints, or tuples of ints) that set the networks' width, which
     :func:`widened` scales (for benchmarks of how time and memory grow with width).
-    ``presets``: the recipes behind reported numbers, by name, as :class:`Preset` (command-line flags):
-    ``train.py MODEL --preset NAME`` starts from them, and flags given after override them.
     """
 
     name: str
     summary: str
     config: type
     build: Callable[[Tuple[int, ...], Any], Tuple[torch.nn.Module, torch.nn.Module]]
-    data_config: Any
-    train_defaults: TrainConfig = field(default_factory=TrainConfig)
+    data: DataPlan
+    training: TrainingPlan = field(default_factory=TrainingPlan)
+    cli: CommandLine = field(default_factory=CommandLine)
     guides: Sequence[str] = ()
     options: type = NoOptions
-    callbacks: Callable[[Context], List[Callback]] = _no_callbacks
-    prepare: Optional[Callable[[Context], None]] = None
-    jit_refusal: Callable[[Any, Any, TrainConfig], Optional[str]] = field(
-        default_factory=lambda: never_compiled("its ELBO reads Python values that a trace would freeze"))
-    units_per_example: Callable[[Any], int] = _one_unit
-    batch_transform: Optional[Callable[[Context], Optional[BatchTransform]]] = None
-    prepare_data: Optional[Callable[[Any, Any, int], Any]] = None
-    impute: Optional[Callable[..., Any]] = None
-    # keyword arguments of ``impute`` that come from the training data (the VAE's starting fill: the mean
-    # training image), so every caller starts from the same place
-    impute_defaults: Callable[[Any], Dict[str, Any]] = lambda data: {}
-    data_kind: str = "sequences"
-    evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
     validate: Optional[Callable[[Any, Any], None]] = None
-    validate_data: Optional[Callable[[Any, Any], None]] = None
+    impute: Optional[Callable[..., Any]] = None
+    impute_defaults: Callable[[Any], Dict[str, Any]] = lambda data: {}
+    evaluations: Mapping[str, Tuple[type, Callable[..., Dict[str, Any]]]] = field(default_factory=dict)
     example: Optional[Callable[[], Tuple[Any, Tuple[int, ...]]]] = None
-    shortcuts: Mapping[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
     width_fields: Tuple[str, ...] = ()
-    # fields of a config class that several models share which this model does not read: no flag, so
-    # that setting one is refused by name (e.g. the MLP VAE's ``channels``, which only conv-vae reads)
-    unused_fields: Tuple[str, ...] = ()
-    ragged: bool = False
-    vectorized_particles: bool = True
-    # fields that moved from the model's config to the recipe's options: a stored run's config.json that
-    # still has them under "config" is read with them under "options"
-    moved_to_options: Tuple[str, ...] = ()
-    presets: Mapping[str, "Preset"] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.data_kind not in DATA_KINDS:
-            raise ValueError(f"data_kind: expected one of {DATA_KINDS}, got {self.data_kind!r}")
 
     @property
     def sequences(self) -> bool:
         """Whether the model takes sequences (``(N, T, *frame)``, masks per frame), not images."""
-        return self.data_kind == "sequences"
+        return self.data.kind == "sequences"
 
     @property
     def compilable(self) -> bool:
         """Whether the training loss of the default settings can be compiled."""
-        return self.jit_refusal(self.config(), self.options(), self.train_defaults) is None
+        return self.training.jit_refusal(self.config(), self.options(), self.training.defaults) is None
 
     def check_compilable(self, config, options, train: TrainConfig) -> None:
         """Raise ``ValueError`` naming ``jit`` when ``train.jit`` is set and the recipe cannot honour it."""
-        reason = self.jit_refusal(config, options, train) if train.jit else None
+        reason = self.training.jit_refusal(config, options, train) if train.jit else None
         if reason:
             raise ValueError(f"jit: {self.name} cannot be compiled here: {reason}")
 

@@ -63,7 +63,7 @@ class RunSpec:
 
     def __post_init__(self):
         recipe = get_recipe(self.model)
-        for name, cls in (("config", recipe.config), ("options", recipe.options), ("data", type(recipe.data_config))):
+        for name, cls in (("config", recipe.config), ("options", recipe.options), ("data", type(recipe.data.config))):
             value = getattr(self, name)
             if value is None and name != "data":
                 setattr(self, name, cls())
@@ -94,14 +94,14 @@ class RunSpec:
         data = stored.get("data")
         return cls(stored["model"], dataclass_from_json(recipe.config, stored["config"]),
                    dataclass_from_json(TrainConfig, stored["train"]),
-                   dataclass_from_json(type(recipe.data_config), data) if data is not None else None,
+                   dataclass_from_json(type(recipe.data.config), data) if data is not None else None,
                    dataclass_from_json(recipe.options, stored.get("options") or {}))
 
 
 def _moved_to_options(stored: Dict[str, Any], recipe: Recipe) -> Dict[str, Any]:
-    """``stored`` with the config fields that ``recipe.moved_to_options`` moved read as options."""
+    """``stored`` with the config fields that ``recipe.cli.moved_to_options`` moved read as options."""
     config = dict(stored.get("config") or {})
-    moved = {name: config.pop(name) for name in recipe.moved_to_options if name in config}
+    moved = {name: config.pop(name) for name in recipe.cli.moved_to_options if name in config}
     if not moved:
         return stored
     return {**stored, "config": config, "options": {**(stored.get("options") or {}), **moved}}
@@ -165,12 +165,12 @@ def check_data(recipe: Recipe, data, config=None) -> None:
                              f"{'set' if data.train_lengths is not None else 'None'}, {split}_lengths is not")
         if lengths is not None:
             check_lengths_array(lengths, tuple(x.shape[:2]), f"data: {split}_lengths")
-    if sequences and data.ragged and not recipe.ragged:
+    if sequences and data.ragged and not recipe.data.ragged:
         raise ValueError(f"data: {recipe.name} does not model sequences of different lengths yet; the data "
                          f"{data.name!r} have them (train on equal lengths, or pad them and mark the padding as "
                          "missing frames with a mask)")
-    if recipe.validate_data is not None and config is not None:
-        recipe.validate_data(config, data)
+    if recipe.data.validate is not None and config is not None:
+        recipe.data.validate(config, data)
 
 
 def _observes_a_frame(mask: torch.Tensor, lengths: Optional[torch.Tensor]) -> bool:
@@ -209,8 +209,8 @@ def build(spec: RunSpec, data) -> Context:
     check_size(recipe, tuple(data.train.shape[1:]), spec.config)
     pyro.clear_param_store()  # a new run: no parameters left over from another model in this process
     torch.manual_seed(spec.train.seed)  # network initialisation
-    if recipe.prepare_data is not None:
-        data = recipe.prepare_data(data, spec.data, spec.train.seed)
+    if recipe.data.prepare is not None:
+        data = recipe.data.prepare(data, spec.data, spec.train.seed)
     model, guide = recipe.build(tuple(data.train.shape[1:]), spec.config)
     return Context(model, guide, data, spec.data, spec.config, spec.options, spec.train, None)
 
@@ -299,16 +299,16 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
     run, resuming = _open_run(out, stored, resume, world)
     try:
         context = context._replace(run=run)
-        if recipe.prepare is not None and not resuming:
+        if recipe.training.prepare is not None and not resuming:
             device = distributed.rank_device(spec.train.device, world)
             context.model.to(device), context.guide.to(device)
-            recipe.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
-        transform = recipe.batch_transform(context) if recipe.batch_transform is not None else None
+            recipe.training.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
+        transform = recipe.training.batch_transform(context) if recipe.training.batch_transform is not None else None
         ragged = getattr(context.data, "ragged", False)
         trainer = Trainer(context.model, context.guide, spec.train, run,
-                          recipe.callbacks(context) + run_callbacks(run, spec.train), batch_transform=transform,
-                          units_per_example=recipe.units_per_example(context.data), world=world, resume_dir=out,
-                          lengths_arg=LENGTHS_ARG if ragged else None, vectorize_particles=recipe.vectorized_particles)
+                          recipe.training.callbacks(context) + run_callbacks(run, spec.train), batch_transform=transform,
+                          units_per_example=recipe.training.units_per_example(context.data), world=world, resume_dir=out,
+                          lengths_arg=LENGTHS_ARG if ragged else None, vectorize_particles=recipe.training.vectorized_particles)
         valid = model_inputs(context.data, "valid") if "valid" in data_splits(context.data) else None
         return trainer.fit(model_inputs(context.data, "train"), model_inputs(context.data, "test"), resume=resuming,
                            valid=valid)

@@ -12,7 +12,7 @@ from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse
 
 from ...evaluation import plots
-from ..recipe import Context, Preset, Recipe, frames_per_sequence, report_mask, sequence_builder
+from ..recipe import CommandLine, Context, DataPlan, Preset, Recipe, TrainingPlan, frames_per_sequence, report_mask, sequence_builder
 from ...runs.rundir import metric_or_none
 from ...training.schedules import LinearKLAnnealing
 from ...training import Callback, TrainConfig, Trainer
@@ -100,9 +100,11 @@ PRESETS = {  # the runs behind docs/benchmarks.md's numbers; add --data-dir (the
 RECIPES = (
     Recipe(
         name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=sequence_builder(build_dmm),
-        data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=DMM_TRAIN_DEFAULTS, guides=GUIDES,
-        options=DMMOptions, callbacks=_callbacks, units_per_example=frames_per_sequence,
-        jit_refusal=_jit_refusal, impute=impute, impute_defaults=lambda data: {"num_samples": IMPUTE_SAMPLES}, example=_example,
-        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"), ragged=True, presets=PRESETS,
+        data=DataPlan(SequenceDataConfig(data="bouncing-balls"), ragged=True),
+        training=TrainingPlan(DMM_TRAIN_DEFAULTS, callbacks=_callbacks, units_per_example=frames_per_sequence,
+                              jit_refusal=_jit_refusal),
+        cli=CommandLine(presets=PRESETS), guides=GUIDES, options=DMMOptions,
+        impute=impute, impute_defaults=lambda data: {"num_samples": IMPUTE_SAMPLES}, example=_example,
+        width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"),
     ),
 )

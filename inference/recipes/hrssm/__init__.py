@@ -23,7 +23,7 @@ from ...evaluation import plots
 from .boundaries import boundary_metrics, boundary_scores, cue_scores
 from ...training.elbo import elbo_terms
 from ...runs.rundir import STATE
-from ..recipe import Context, Preset, Recipe, always_compiled, frames_per_sequence, sequence_builder
+from ..recipe import CommandLine, Context, DataPlan, Preset, Recipe, TrainingPlan, always_compiled, frames_per_sequence, sequence_builder
 from ...training import Callback, TrainConfig, Trainer
 
 # The official recipe (taesupkim/vta): Adam 5e-4, clip 10 on the loss averaged over batch and steps.
@@ -341,13 +341,16 @@ PRESETS = {  # the runs behind docs/benchmarks.md's numbers; add --seed and --ou
 RECIPES = (
     Recipe(
         name="hrssm", summary="hierarchical recurrent state-space model (Kim et al. 2019) on sequences",
-        config=HRSSMConfig, build=sequence_builder(build_hrssm), data_config=SequenceDataConfig(data="color-balls"),
-        train_defaults=HRSSM_TRAIN_DEFAULTS, guides=GUIDES, callbacks=_callbacks, options=BoundarySchedule,
-        validate=lambda config, schedule: schedule.check(config), moved_to_options=SCHEDULE_FIELDS,
-        units_per_example=frames_per_sequence, jit_refusal=always_compiled,
-        impute=impute, example=_example, validate_data=_validate_data, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)}, vectorized_particles=False, ragged=True,
-        shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
-                   "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
-        width_fields=(*BELIEF_FIELDS, "conv_channels"), presets=PRESETS,
+        config=HRSSMConfig, build=sequence_builder(build_hrssm),
+        data=DataPlan(SequenceDataConfig(data="color-balls"), validate=_validate_data, ragged=True),
+        training=TrainingPlan(HRSSM_TRAIN_DEFAULTS, callbacks=_callbacks, units_per_example=frames_per_sequence,
+                              jit_refusal=always_compiled, vectorized_particles=False),
+        cli=CommandLine(
+            shortcuts={"belief_size": (BELIEF_FIELDS, "sets c_t, h_t and feature widths at once: " + ", ".join(BELIEF_FIELDS)),
+                       "state_size": (STATE_FIELDS, "sets the z_t and s_t sizes at once: " + ", ".join(STATE_FIELDS))},
+            moved_to_options=SCHEDULE_FIELDS, presets=PRESETS),
+        guides=GUIDES, options=BoundarySchedule, validate=lambda config, schedule: schedule.check(config),
+        impute=impute, example=_example, evaluations={"boundaries": (BoundaryEvaluation, evaluate_boundaries)},
+        width_fields=(*BELIEF_FIELDS, "conv_channels"),
     ),
 )

@@ -14,7 +14,7 @@ from pyro_models.kvae.impute import impute
 from pyro_models.modes import eval_mode
 
 from ...evaluation import plots
-from ..recipe import Context, Preset, Recipe, frames_per_sequence, never_compiled, report_mask, sequence_builder
+from ..recipe import CommandLine, Context, DataPlan, Preset, Recipe, TrainingPlan, frames_per_sequence, never_compiled, report_mask, sequence_builder
 from ...runs.rundir import metric_or_none
 from ...training.schedules import LinearKLAnnealing
 from ...training import Callback, TrainConfig, Trainer
@@ -172,11 +172,10 @@ PRESETS = {  # the runs behind docs/benchmarks.md's numbers; add --seed and --ou
 RECIPES = (
     Recipe(
         name="kvae", summary="Kalman VAE (Fraccaro et al. 2017) on sequences", config=KVAEConfig, build=_build,
-        data_config=SequenceDataConfig(data="bouncing-balls"), train_defaults=KVAE_TRAIN_DEFAULTS, guides=GUIDES,
-        options=KVAEOptions, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
-        jit_refusal=never_compiled("the Kalman scan's custom autograd and the LSTM freeze are not traceable"),
-        impute=impute, example=_example,
-        width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"), ragged=True,
-        presets=PRESETS,
+        data=DataPlan(SequenceDataConfig(data="bouncing-balls"), ragged=True),
+        training=TrainingPlan(KVAE_TRAIN_DEFAULTS, callbacks=_callbacks, prepare=_warm_start, units_per_example=frames_per_sequence,
+                              jit_refusal=never_compiled("the Kalman scan's custom autograd and the LSTM freeze are not traceable")),
+        cli=CommandLine(presets=PRESETS), guides=GUIDES, options=KVAEOptions, impute=impute, example=_example,
+        width_fields=("encoder_filters", "decoder_start_channels", "decoder_channels", "mlp_hidden", "lstm_hidden"),
     ),
 )

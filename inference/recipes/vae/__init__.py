@@ -16,7 +16,7 @@ from pyro_models.vae.impute import bottom_half_mask, impute
 
 from ...evaluation import plots
 from .analysis import ACTIVE_UNIT_THRESHOLD, decoder_weight_norms, latent_stats
-from ..recipe import Context, Preset, Recipe
+from ..recipe import CommandLine, Context, DataPlan, Preset, Recipe, TrainingPlan
 from .schedules import KL_SCHEDULES, FreeBitsConfig, make_kl_schedule
 from ...training import Callback, TrainConfig, Trainer
 
@@ -139,11 +139,11 @@ PRESETS = {  # the runs behind docs/benchmarks.md's numbers (MNIST: add --data-d
 def _recipe(name: str, summary: str) -> Recipe:
     return Recipe(
         name=name, summary=summary, config=VAEConfig, build=lambda shape, config: build_vae(shape, config, name),
-        data_config=ImageDataConfig(), train_defaults=TrainConfig(), guides=GUIDES, options=VAEOptions,
-        callbacks=_callbacks, jit_refusal=_jit_refusal, batch_transform=_batch_transform,
-        prepare_data=prepare_images, impute=impute, impute_defaults=_impute_defaults, data_kind="images", example=_example, validate=_validate,
-        width_fields=("hidden_dims",) if name == "vae" else ("channels",),
-        unused_fields=("channels",) if name == "vae" else ("hidden_dims",), presets=PRESETS[name],
+        data=DataPlan(ImageDataConfig(), kind="images", prepare=prepare_images),
+        training=TrainingPlan(TrainConfig(), callbacks=_callbacks, jit_refusal=_jit_refusal, batch_transform=_batch_transform),
+        cli=CommandLine(unused_fields=("channels",) if name == "vae" else ("hidden_dims",), presets=PRESETS[name]),
+        guides=GUIDES, options=VAEOptions, validate=_validate, impute=impute, impute_defaults=_impute_defaults,
+        example=_example, width_fields=("hidden_dims",) if name == "vae" else ("channels",),
     )
 
 

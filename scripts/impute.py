@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=250, help="examples imputed at once")
     p.add_argument("--num-samples", type=int, default=None,
                    help="posterior-predictive draws per example, whose mean is the estimate (default: the model's "
-                        "choice, e.g. 32 for the DMM, whose estimate is an average of draws; 1 for models whose "
+                        "choice: several for the DMM, whose estimate is an average of draws; 1 for models whose "
                         "estimates do not average draws, e.g. the KVAE's Kalman smoothing)")
     p.add_argument("--metric", choices=tuple(imputation.METRICS), default="hamming",
                    help="hamming: fraction of wrong binary pixels; mse: mean squared error")

@@ -75,13 +75,13 @@ class Checkpointer:
         config, callbacks, generators and random states (draw for draw on the same number of ranks)."""
         t = self.trainer
         if "objective" in state:
-            t.svi.load_averaging_state(state)
             t.svi.load_weights(state)
         else:  # format 1
             load_weights(t.model, t.guide, state)
             with torch.no_grad():
                 for name, value in t.svi.store_params.items():
                     value.copy_(state["param_store"]["params"][name])
+        t.svi.load_averaging_state(state)
         t.svi.optimizer.load_state_dict(state["optimizer"])
         t.svi.scheduler.load_state_dict(state["scheduler"])
         t.svi.apply_learning_rate(state["epoch"])

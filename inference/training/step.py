@@ -160,16 +160,17 @@ class SVIStep:
         return {"averaged": self.averaged_weights(), "average": self.average.state_dict()}
 
     def load_averaging_state(self, state: Dict[str, object]) -> None:
-        """Restore :meth:`averaging_state` (call before the raw weights are loaded). A checkpoint written
-        without averaging starts the averages at its weights."""
+        """Restore :meth:`averaging_state`; call after the raw weights are loaded (either checkpoint format).
+        A checkpoint written without averaging starts the averages at those weights."""
         if self.average is None:
             return
-        if "averaged" in state:
+        if "averaged" not in state:
+            self.average.take_from_params()
+            return
+        with self.average.swapped():  # the raw weights come back afterwards
             self.load_weights(state["averaged"])
-            self.average.load_state_dict(state["average"])
-        else:
-            self.load_weights(state)
-        self.average.take_from_params()
+            self.average.take_from_params()
+        self.average.load_state_dict(state["average"])
 
     # ------------------------------------------------------------------------------ the step
     def loss(self, batch: Data) -> torch.Tensor:

@@ -40,6 +40,13 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
                               "q(S | Z, M, X) reads the frames' channel maximum: colours reach the frames through z only"),
     "no-observation-colour-width-128": (("--no-observation-colour", "--observation-belief-size", "128"),
                                         "both of the above"),
+    "no-observation-colour-z-kl-1": (("--no-observation-colour", "--kl-weight-abstract", "1"),
+                                     "colours through z only, and a new abstract state priced at its full KL in "
+                                     "training (the default halves it), so a boundary costs more where z need not change"),
+    "no-observation-colour-width-128-z-kl-1": (("--no-observation-colour", "--observation-belief-size", "128",
+                                                "--kl-weight-abstract", "1"),
+                                               "colours through z only, the observation level 4x wider, the z-KL at "
+                                               "its full weight"),
 }
 CUES = ("colour_changes", "wall_hits")
 

@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(sizes: Sequence[int], activation=nn.ReLU) -> nn.Sequential:
-    """Linear layers of ``sizes[i] -> sizes[i+1]`` with ``activation`` between them (none at the end)."""
+def mlp(sizes: Sequence[int], activation=nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of ``sizes[i] -> sizes[i+1]`` with ``activation`` between them (none at the end),
+    each hidden activation followed by dropout with probability ``dropout`` (training mode only) when > 0,
+    in the activation's slot so that the linear layers keep their indices (and a state dict its keys)."""
     layers: List[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(activation())
+            layers.append(nn.Sequential(activation(), nn.Dropout(dropout)) if dropout > 0 else activation())
     return nn.Sequential(*layers)
 
 

@@ -162,6 +162,24 @@ def test_guide_frame_dropout_hides_frames_in_training_only(guide_name):
     assert not (guide.seen(big, mask) & ~mask).any()  # a missing frame stays missing
 
 
+def test_emission_dropout_acts_in_training_only():
+    rate, draws = 0.25, 20000
+    model = build(emission_dropout=rate)[0]
+    plain = build()[0]
+    plain.load_state_dict(model.state_dict())
+    z = torch.randn(2, SMALL["z_dim"])
+    model.eval(), plain.eval()
+    assert torch.equal(model.emitter(z), plain.emitter(z))  # eval mode: no dropout
+    model.train()
+    with torch.no_grad():
+        thinned = model.emitter(z.expand(draws, *z.shape).reshape(-1, z.shape[-1])).reshape(draws, *z.shape[:1], -1)
+    # One hidden layer: the output is linear in the dropped units, so inverted dropout keeps its mean. Each
+    # draw's standard error from the sample itself; 5 of them allowed.
+    error = thinned.std(0) / math.sqrt(draws)
+    assert ((thinned.mean(0) - plain.emitter(z)).abs() < 5 * error + 1e-6).all()
+    assert (thinned.std(0) > 0).all()  # it does act
+
+
 def test_a_missing_frame_adds_no_likelihood():
     model, guide, frame_shape = build()
     x = torch.rand(BATCH, STEPS, *frame_shape)

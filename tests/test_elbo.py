@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.training.elbo import elbo_terms, make_elbo
-from pyro_models.distributions import DimWeighted
+from pyro_models.distributions import DimWeighted, GreyBernoulli, StandardNormal, SummedBernoulli, to_event
 
 PRIOR_SCALE, NOISE_SCALE = 1.5, 0.7
 
@@ -81,6 +81,32 @@ def test_dim_weighted_kl_and_log_prob():
     assert weighted.item() == pytest.approx((w * per_dim).sum().item(), rel=1e-6)
     z = q.sample()
     assert DimWeighted(q, w).log_prob(z).item() == pytest.approx((w * q.base_dist.log_prob(z)).sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("q_shape, p_shape", [((5, 3), (5, 3)), ((4, 5, 3), (5, 3)), ((5, 3), (4, 5, 3)), ((1, 3), (5, 3))])
+def test_standard_normal_kl_equals_the_general_normal_kl(q_shape, p_shape):
+    q = dist.Normal(torch.randn(q_shape), torch.rand(q_shape) + 0.1)
+    p = StandardNormal(p_shape, torch.zeros(()))
+    general = torch.distributions.kl_divergence(q, dist.Normal(torch.zeros(p_shape), torch.ones(p_shape)))
+    special = torch.distributions.kl_divergence(q, p)
+    assert special.shape == general.shape
+    assert torch.allclose(special, general, atol=1e-6, rtol=1e-6)
+    assert torch.distributions.kl._dispatch_kl(type(q), type(p)).__name__ == "_kl_normal_standard_normal"
+    assert type(p.expand((2, *p_shape))) is StandardNormal and p.expand((2, *p_shape)).batch_shape == (2, *p_shape)
+
+
+@pytest.mark.parametrize("event_dim", [1, 2, 3])
+@pytest.mark.parametrize("particles", [False, True])
+def test_summed_bernoulli_equals_independent_bernoulli_exactly(event_dim, particles):
+    logits = torch.randn(6, 2, 5, 4)
+    value = torch.rand(6, 2, 5, 4)
+    if particles:  # a vectorised particle axis on the logits only
+        logits = torch.randn(3, *logits.shape)
+    fused, plain = to_event(GreyBernoulli(logits=logits), event_dim), GreyBernoulli(logits=logits).to_event(event_dim)
+    assert type(fused) is SummedBernoulli and fused.event_shape == plain.event_shape
+    assert torch.equal(fused.log_prob(value), plain.log_prob(value))
+    expanded = fused.expand((7, *fused.batch_shape))
+    assert type(expanded) is SummedBernoulli and torch.equal(expanded.log_prob(value), plain.expand((7, *plain.batch_shape)).log_prob(value))
 
 
 def test_dim_weighted_rejects_non_factorised():

@@ -33,6 +33,9 @@ class DMMConfig:
     # or "linear" (C z_t + d on the flattened frame)
     emission: str = field(default="network", metadata={"choices": EMISSIONS})
     emission_hidden: Tuple[int, ...] = (100, 100)  # "network" emission, MLP: hidden widths (ReLU)
+    # "network" emission, MLP, training only: dropout on each hidden layer (a regulariser; held-out scores,
+    # importance sampling and imputation run in eval mode, without it)
+    emission_dropout: float = 0.0
     frame_network: str = field(default="mlp", metadata={"choices": FRAME_NETWORKS})  # image frames: "mlp" (flattened frames) or "conv"; vector frames: always "mlp"
     conv_channels: Tuple[int, ...] = (16, 32)  # "conv": filters of the 3x3 stride-2 layers (decoder reversed)
     likelihood: str = field(default="bernoulli", metadata={"choices": LIKELIHOODS})  # p(x_t | z_t): "bernoulli" (grey values allowed) or "gaussian"
@@ -65,6 +68,8 @@ class DMMConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_flows < 0:
             raise ValueError(f"num_flows: expected >= 0, got {self.num_flows}")
+        if not 0.0 <= self.emission_dropout < 1.0:
+            raise ValueError(f"emission_dropout: expected a probability in [0, 1), got {self.emission_dropout}")
         if not 0.0 <= self.guide_frame_dropout < 1.0:
             raise ValueError(f"guide_frame_dropout: expected a probability in [0, 1), got {self.guide_frame_dropout}")
         if self.guide_frame_dropout > 0 and not self.mask_feature:

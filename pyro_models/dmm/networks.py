@@ -168,7 +168,7 @@ class Emitter(nn.Module):
         elif uses_conv(frame_shape, config):
             self.net = ConvFrameDecoder(config.z_dim, config.conv_channels, frame_shape)
         else:
-            self.net = mlp([config.z_dim, *config.emission_hidden, frame_dim])
+            self.net = mlp([config.z_dim, *config.emission_hidden, frame_dim], dropout=config.emission_dropout)
         gaussian = config.likelihood == "gaussian"
         initial = torch.full(self.frame_shape, math.log(config.obs_scale))
         self.log_scale: Optional[nn.Parameter] = nn.Parameter(initial) if gaussian else None

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..params import register
-from ..distributions import LIKELIHOODS, likelihood_mean, observe, pixel_likelihood
+from ..distributions import LIKELIHOODS, StandardNormal, likelihood_mean, observe, pixel_likelihood
 from ..kl_weights import KLWeights, sample_latent
 
 ARCHITECTURES = {"vae": "mlp", "conv-vae": "conv"}
@@ -88,8 +88,7 @@ class VAE(nn.Module):
 
     def prior(self, batch_size: int, like: torch.Tensor) -> dist.Distribution:
         """p(z) = N(0, I), batch ``(batch_size,)``, event ``(z_dim,)``."""
-        zero = like.new_zeros(())
-        return dist.Normal(zero, zero + 1.0).expand([batch_size, self.z_dim]).to_event(1)
+        return StandardNormal((batch_size, self.z_dim), like).to_event(1)
 
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z), per pixel: batch ``z.shape[:-1] + x_shape``."""

@@ -2,6 +2,7 @@
 user's npz, bucketed batches cut to their longest sequence, the validation split and its best epoch, exact
 resume on ragged data, and the command line on a tiny music set."""
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -15,12 +16,13 @@ import torch
 from inference.training import TIMINGS
 from inference.training.batching import bucketed_order, cut_to_length
 from inference.runs.experiment import RunSpec, load_run, train
-from inference.trainer import TrainConfig
+from inference.trainer import TrainConfig, Trainer
 from pyro_models.datasets import load_sequence_npz
 from pyro_models.datasets.configs import SequenceDataConfig
-from pyro_models.datasets.polyphonic import NUM_KEYS, load_polyphonic
+from pyro_models.datasets.polyphonic import NUM_KEYS, load_polyphonic, random_transposer, transpose
 from pyro_models.datasets.sequences import SequenceData
-from pyro_models.dmm import DMMConfig
+from pyro_models.dmm import DMMConfig, build_dmm
+from inference.recipes.dmm import DMMOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DMM = DMMConfig(z_dim=3, transition_dim=8, emission_hidden=(8,), rnn_dim=8)
@@ -174,6 +176,44 @@ def test_a_ragged_run_resumes_exactly_and_keeps_its_best_epoch(tmp_path):
     assert best["epoch"] == best_epoch
     run = load_run(str(tmp_path / "a"), data=data, checkpoint="best")
     assert torch.equal(run.model.z_0, best["objective"]["model.z_0"])
+
+
+@pytest.mark.parametrize("keys", [6, 12])
+def test_transpose_moves_every_note_by_its_own_shift(keys):
+    rolls = (torch.rand(5, 4, keys) > 0.5).float()
+    shifts = torch.tensor([-3, 0, 2, keys, -keys - 1])
+    moved = transpose(rolls, shifts)
+    expected = torch.zeros_like(rolls)
+    for b, shift in enumerate(shifts.tolist()):
+        for k in range(keys):
+            if 0 <= k - shift < keys:
+                expected[b, :, k] = rolls[b, :, k - shift]
+    assert torch.equal(moved, expected)
+
+
+def test_random_transposition_draws_every_shift_alike_and_is_not_scored(tmp_path):
+    transform = random_transposer(2)
+    rolls = torch.zeros(20000, 1, 9)
+    rolls[:, :, 4] = 1.0  # one note in the middle: where it lands gives the shift
+    landed = transform(rolls, torch.Generator().manual_seed(0))[:, 0].argmax(-1) - 4  # (20000,)
+    counts = torch.stack([(landed == s).sum() for s in range(-2, 3)]).float()
+    # each of the 5 shifts has probability 1/5: standard error sqrt(n p (1 - p)) = 57 draws; 5 of them allowed
+    assert ((counts - 4000).abs() < 5 * math.sqrt(20000 * 0.2 * 0.8)).all() and counts.sum() == 20000
+    with pytest.raises(ValueError, match="^max_shift: expected >= 0, got -1"):
+        random_transposer(-1)
+    # training on transposed rolls; the training ELBO reported scores the rolls as they are
+    data = ragged_data()
+    model, guide = build_dmm((6,), TINY_DMM)
+    trainer = Trainer(model, guide, TrainConfig(progress=False, train_eval_size=10), batch_transform=transform)
+    assert torch.equal(trainer._train_eval((data.train, data.train_lengths))[0], data.train[:10])
+    plain = RunSpec("dmm", TINY_DMM, TrainConfig(epochs=1, batch_size=5, progress=False, train_eval_size=10))
+    moved = RunSpec("dmm", TINY_DMM, plain.train, options=DMMOptions(transpose_semitones=2))
+    a, b = train(plain, str(tmp_path / "a"), data=data), train(moved, str(tmp_path / "b"), data=data)
+    assert a[0]["train_objective"] != b[0]["train_objective"]  # other batches were trained on
+    straight = train(replace(moved, train=replace(plain.train, epochs=3)), str(tmp_path / "c"), data=data)
+    train(replace(moved, train=replace(plain.train, epochs=2)), str(tmp_path / "d"), data=data)
+    resumed = train(replace(moved, train=replace(plain.train, epochs=3)), str(tmp_path / "d"), resume=True, data=data)
+    assert without_time(resumed) == without_time(straight[2:])  # the draws resume exactly
 
 
 def test_eval_every_scores_every_kth_epoch_and_the_last(tmp_path):

@@ -108,7 +108,8 @@ class TrainingPlan:
     ``defaults``: the model's :class:`TrainConfig` defaults. ``callbacks(context)``: training callbacks in
     order (KL schedules, reports). ``prepare(context)``: runs once before the first epoch of a new run
     (not on resume), e.g. a warm start; it may write its record into ``context.run``.
-    ``batch_transform(context)``: applied to each training batch, or None. ``units_per_example(data)``:
+    ``batch_transform(context)``: the transform applied to each training batch, or None; called before the
+    run folder exists (``context.run`` is None), so it may refuse the data with ``ValueError``. ``units_per_example(data)``:
     the divisor of ``TrainConfig.mean_loss`` (frames per sequence). ``jit_refusal(config, options,
     train)``: the one answer to "can the training loss be compiled" (``TrainConfig.jit``): why not for
     these settings (e.g. a KL schedule whose weights a trace would freeze; :func:`never_compiled` for a

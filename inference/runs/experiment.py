@@ -296,6 +296,8 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
         check_example_shape(RunDir.stored_config(out), data, out)
     context = build(spec, data)
     stored[EXAMPLE_SHAPE_KEY] = example_shape(context.data)
+    # before the run folder: a transform may refuse the data (its hook sees no run)
+    transform = recipe.training.batch_transform(context) if recipe.training.batch_transform is not None else None
     run, resuming = _open_run(out, stored, resume, world)
     try:
         context = context._replace(run=run)
@@ -303,7 +305,6 @@ def _train(spec: RunSpec, out: Optional[str], resume: bool, data, world: distrib
             device = distributed.rank_device(spec.train.device, world)
             context.model.to(device), context.guide.to(device)
             recipe.training.prepare(context)  # on every rank alike; the trainer then broadcasts rank 0's parameters
-        transform = recipe.training.batch_transform(context) if recipe.training.batch_transform is not None else None
         ragged = getattr(context.data, "ragged", False)
         trainer = Trainer(context.model, context.guide, spec.train, run,
                           recipe.training.callbacks(context) + run_callbacks(run, spec.train), batch_transform=transform,

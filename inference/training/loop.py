@@ -70,7 +70,9 @@ class Trainer:
 
     ``run``: where config, metrics and checkpoints go (None: nowhere). ``callbacks``: in the order they
     are called. ``batch_transform(x, generator)``: applied to the first tensor of each training batch
-    (e.g. dynamic binarisation). ``units_per_example``: see :class:`~.step.SVIStep`. ``lengths_arg``: for
+    (e.g. dynamic binarisation), and with a fixed draw to the training examples scored each epoch unless
+    it has ``for_scoring = False`` (an augmentation: the training data are then scored as they are).
+    ``units_per_example``: see :class:`~.step.SVIStep`. ``lengths_arg``: for
     sequences of different lengths, the position of their lengths ``(N,)`` among the model's arguments;
     batches are then formed from sequences of similar length (:func:`~inference.training.batching.bucketed_order`),
     every batch is cut to its own longest sequence, and metrics gain ``*_per_step`` values (nats per time
@@ -282,7 +284,7 @@ class Trainer:
         """The training examples scored each epoch (``train_elbo``); a fixed transform draw, so that the
         number is comparable across epochs."""
         train_eval = take(train, slice(0, self.config.train_eval_size), self.device)
-        if self.batch_transform is None:
+        if self.batch_transform is None or not getattr(self.batch_transform, "for_scoring", True):
             return train_eval
         return (self.batch_transform(train_eval[0], torch.Generator().manual_seed(self.config.seed)), *train_eval[1:])
 

@@ -140,3 +140,30 @@ def load_polyphonic(name: str, data_dir: str) -> Dict[str, Tuple[torch.Tensor, t
             raise ValueError(f"data_dir: {path}: the {split} split has {'no sequences' if not rolls else f'empty sequences {empty[:5]}'}")
         splits[split] = pad(rolls)
     return splits
+
+
+def transpose(rolls: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Piano rolls ``(batch, T, keys)`` each moved by ``shifts (batch,)`` semitones (integers; positive:
+    up), the keys vacated filled with silence and notes moved past either end of the keyboard dropped:
+    ``out[b, t, k] = rolls[b, t, k - shifts[b]]``."""
+    keys = torch.arange(rolls.shape[-1], device=rolls.device)  # (keys,)
+    source = keys - shifts.to(rolls.device).long().unsqueeze(-1)  # (batch, keys)
+    inside = (source >= 0) & (source < rolls.shape[-1])  # (batch, keys)
+    index = source.clamp(0, rolls.shape[-1] - 1).unsqueeze(1).expand_as(rolls)  # (batch, T, keys)
+    return rolls.gather(-1, index) * inside.unsqueeze(1).to(rolls.dtype)
+
+
+def random_transposer(max_shift: int):
+    """A training-batch transform ``f(rolls, generator) -> rolls`` that moves each piano roll of
+    ``(batch, T, keys)`` by its own uniform draw from ``-max_shift .. max_shift`` semitones (data
+    augmentation: a chorale in another key is still a chorale). Marked ``for_scoring = False``: the
+    trainer scores the training data untransposed."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift: expected >= 0, got {max_shift}")
+
+    def transform(rolls: torch.Tensor, generator=None) -> torch.Tensor:
+        shifts = torch.randint(-max_shift, max_shift + 1, (rolls.shape[0],), generator=generator)  # (batch,)
+        return transpose(rolls, shifts)
+
+    transform.for_scoring = False
+    return transform

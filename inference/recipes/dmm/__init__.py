@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from pyro_models.datasets.configs import SequenceDataConfig
+from pyro_models.datasets.polyphonic import random_transposer
 from pyro_models.dmm import GUIDES, DMMConfig, build_dmm, impute
 from pyro_models.imputation import expand_mask, missing_mse
 
@@ -31,10 +32,14 @@ class DMMOptions:
     kl_annealing_epochs: int = 0  # anneal the KL weight linearly over this many epochs (0: off)
     min_kl_weight: float = 0.2  # the KL weight at the start of the annealing (Krishnan et al.'s minimum factor)
     report_drop_prob: float = 0.5  # each epoch, the imputation error with frames dropped with this probability
+    # piano rolls, training only: each training sequence moved by a uniform draw of -k..k semitones every
+    # time it is drawn (data augmentation; held-out data and the training ELBO reported are untransposed)
+    transpose_semitones: int = 0
 
     def __post_init__(self):
-        if self.kl_annealing_epochs < 0:
-            raise ValueError(f"kl_annealing_epochs: expected >= 0, got {self.kl_annealing_epochs}")
+        for name in ("kl_annealing_epochs", "transpose_semitones"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         for name in ("min_kl_weight", "report_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected in [0, 1], got {getattr(self, name)}")
@@ -71,6 +76,16 @@ def _callbacks(context: Context) -> List[Callback]:
     return callbacks
 
 
+def _batch_transform(context: Context):
+    shift = context.options.transpose_semitones
+    if shift == 0:
+        return None
+    frame_shape = tuple(context.data.train.shape[2:])
+    if len(frame_shape) != 1:
+        raise ValueError(f"transpose_semitones: applies to piano-roll frames (keys,), got frames of shape {frame_shape}")
+    return random_transposer(shift)
+
+
 def _jit_refusal(config: DMMConfig, options: DMMOptions, train: TrainConfig) -> Optional[str]:
     if options.kl_annealing_epochs > 0:
         return "a compiled ELBO freezes the KL weight read while tracing; use kl_annealing_epochs 0"
@@ -102,7 +117,7 @@ RECIPES = (
         name="dmm", summary="deep Markov model (Krishnan et al. 2017) on sequences", config=DMMConfig, build=sequence_builder(build_dmm),
         data=DataPlan(SequenceDataConfig(data="bouncing-balls"), ragged=True),
         training=TrainingPlan(DMM_TRAIN_DEFAULTS, callbacks=_callbacks, units_per_example=frames_per_sequence,
-                              jit_refusal=_jit_refusal),
+                              jit_refusal=_jit_refusal, batch_transform=_batch_transform),
         cli=CommandLine(presets=PRESETS), guides=GUIDES, options=DMMOptions,
         impute=impute, impute_defaults=lambda data: {"num_samples": IMPUTE_SAMPLES}, example=_example,
         width_fields=("transition_dim", "emission_hidden", "rnn_dim", "conv_channels"),

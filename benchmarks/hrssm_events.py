@@ -36,6 +36,9 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "default": ((), "the color-balls preset as documented"),
     "observation-width-128": (("--observation-belief-size", "128"), "the observation level 4x wider (h_t 128)"),
     "beta-s-1.5": (("--kl-weight-observation", "1.5"), "the s-KL weighted 1.5 in training"),
+    "observation-width-128-beta-s-1.5": (("--observation-belief-size", "128", "--kl-weight-observation", "1.5"),
+                                         "the observation level 4x wider, and s_t's taking in a colour change made "
+                                         "dearer (its KL weighted 1.5 in training) than a new segment"),
     "no-observation-colour": (("--no-observation-colour",),
                               "q(S | Z, M, X) reads the frames' channel maximum: colours reach the frames through z only"),
     "no-observation-colour-width-128": (("--no-observation-colour", "--observation-belief-size", "128"),
@@ -47,6 +50,10 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
                                                 "--kl-weight-abstract", "1"),
                                                "colours through z only, the observation level 4x wider, the z-KL at "
                                                "its full weight"),
+    "no-observation-colour-no-reset-z-kl-1": (("--no-observation-colour", "--no-observation-reset", "--kl-weight-abstract", "1"),
+                                              "colours through z only; a boundary re-draws z and nothing else (the "
+                                              "observation level runs on across it), at z's full KL: a new segment "
+                                              "pays only where a new z is needed"),
 }
 CUES = ("colour_changes", "wall_hits")
 

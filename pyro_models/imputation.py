@@ -9,9 +9,10 @@ the observed parts untouched, runs in eval mode and restores the modules' modes 
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+from pyro.poutine.messenger import Messenger
 
 
 class Imputation(NamedTuple):
@@ -145,3 +146,44 @@ def last_observed_frame(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     for t in range(1, x.shape[1]):
         out[:, t] = torch.where(expand_mask(mask[:, t], x[:, t]), x[:, t], out[:, t - 1])
     return out
+
+
+def last_observed(mask: torch.Tensor) -> torch.Tensor:
+    """The index ``(batch,)`` of each sequence's last observed frame in ``mask (batch, T)``; -1 if none."""
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, steps, torch.full_like(steps, -1)).amax(dim=1)
+
+
+class ReplayRows(Messenger):
+    """Pyro's ``poutine.replay`` per sequence: at a site of ``trace`` (e.g. a guide's), the sequences that
+    ``rows(name)`` marks, a ``(batch,)`` bool tensor, take the trace's value; the others keep the program's
+    own draw (``rows`` None: every sequence takes it). The batch axis is each value's first. A site that
+    every sequence replays is not drawn at all, one that none replays is drawn as without the handler, so
+    the random stream is the one ``poutine.replay`` of the replayed sites alone would use. A mixed value is
+    a new tensor: what a sampler attaches to its draws (the relaxed boundaries' logits) is not kept, so
+    score such a trace's sites by their values only."""
+
+    def __init__(self, trace, rows: Callable[[str], Optional[torch.Tensor]]):
+        super().__init__()
+        self.trace, self.rows = trace, rows
+
+    def _replayed(self, msg) -> Optional[torch.Tensor]:
+        if msg["is_observed"] or msg["name"] not in self.trace.nodes:
+            return None
+        rows = self.rows(msg["name"])
+        return torch.ones((), dtype=torch.bool) if rows is None else rows
+
+    def _pyro_sample(self, msg) -> None:
+        rows = self._replayed(msg)
+        if rows is None or msg["done"] or not bool(rows.any()):
+            return
+        value = self.trace.nodes[msg["name"]]["value"]
+        if not bool(rows.all()):  # the program's own draw for the other sequences
+            keep = rows.reshape(rows.shape + (1,) * (value.dim() - rows.dim()))  # (batch, 1, ...)
+            value = torch.where(keep, value, msg["fn"](*msg["args"], **msg["kwargs"]))
+        msg["value"], msg["infer"], msg["done"] = value, self.trace.nodes[msg["name"]]["infer"], True
+
+
+def replay_rows(fn, trace, rows: Callable[[str], Optional[torch.Tensor]]):
+    """``fn`` under :class:`ReplayRows`."""
+    return ReplayRows(trace, rows)(fn)

@@ -451,6 +451,53 @@ def test_impute_frames_keeps_observed_and_fills_missing():
         impute_frames(model, guide, x, mask, num_samples=0)
 
 
+def _replayed_model(model, guide, x, mask, replay, seed):
+    """The model's trace on one guide draw under ``replay(model, guide_trace)``, the guide and the model
+    drawing from one seeded stream."""
+    pyro.set_rng_seed(seed)
+    guide_trace = poutine.trace(guide).get_trace(x, mask)
+    return guide_trace, poutine.trace(replay(model, guide_trace)).get_trace(x, mask)
+
+
+def test_past_the_last_observed_frame_the_states_come_from_the_model():
+    from pyro_models.hrssm.evaluation import observed_sites
+    from pyro_models.imputation import last_observed, replay_rows
+    model, guide = build_hrssm(VECTOR, tiny(max_segments=3, max_length=3))
+    model.eval(), guide.eval()
+    x, steps = torch.rand(4, 7, *VECTOR), 7
+    # every sequence observed to frame 3: the partial replay is Pyro's replay of the guide's sites up to it
+    mask = torch.zeros(4, steps, dtype=torch.bool)
+    mask[:, :4] = True
+    rows = observed_sites(last_observed(mask))
+
+    def truncated(model, trace):
+        kept = trace.copy()
+        for name in list(kept.nodes):
+            if name.partition("_")[2].isdigit() and not bool(rows(name).all()):
+                kept.remove_node(name)
+        return poutine.replay(model, trace=kept)
+
+    _, ours = _replayed_model(model, guide, x, mask, lambda m, t: replay_rows(m, t, rows), seed=3)
+    _, reference = _replayed_model(model, guide, x, mask, truncated, seed=3)
+    names = [n for n in ours.nodes if n.partition("_")[2].isdigit()]
+    assert names and all(torch.equal(ours.nodes[n]["value"], reference.nodes[n]["value"]) for n in names)
+    guide_trace, _ = _replayed_model(model, guide, x, mask, truncated, seed=3)
+    assert not torch.equal(ours.nodes["s_7"]["value"], guide_trace.nodes["s_7"]["value"])  # not the guide's
+    assert torch.equal(ours.nodes["s_4"]["value"], guide_trace.nodes["s_4"]["value"])  # frame 3: the guide's
+    # sequences with their own last observed frames (-1: none): the guide's draw exactly where observed
+    mask = torch.arange(steps) <= torch.tensor([[6], [2], [-1], [4]])  # (4, 7)
+    last = last_observed(mask)
+    guide_trace, ours = _replayed_model(model, guide, x, mask, lambda m, t: replay_rows(m, t, observed_sites(last)), seed=5)
+    for k in range(1, steps + 1):
+        for name, replayed in ((f"z_{k}", k - 1 <= last), (f"s_{k}", k - 1 <= last), (f"m_{k}", k <= last)):
+            if name not in ours.nodes:
+                continue
+            same = (ours.nodes[name]["value"] == guide_trace.nodes[name]["value"]).reshape(4, -1).all(-1)
+            assert torch.equal(same[replayed], torch.ones_like(same[replayed])), name
+            if name.startswith("s"):  # continuous draws of the model's own differ from the guide's
+                assert not same[~replayed].any(), name
+
+
 # --------------------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("boundaries", [True, False])
 @pytest.mark.parametrize("steps", [2, 5])

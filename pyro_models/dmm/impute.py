@@ -7,19 +7,13 @@ from typing import Optional
 import torch
 from pyro import poutine
 
-from ..imputation import Imputation, check_lengths, check_mask, expand_mask
+from ..imputation import Imputation, check_lengths, check_mask, expand_mask, last_observed
 from .chains import step_mask
 from ..modes import eval_mode
 from .guides import DMMGuide
 from .model import DMM
 
 SEED_BOUND = 2**62  # a seed for the forked random state is drawn below this from ``generator``
-
-
-def last_observed(mask: torch.Tensor) -> torch.Tensor:
-    """The index ``(batch,)`` of each sequence's last observed frame in ``mask (batch, T)``; -1 if none."""
-    steps = torch.arange(mask.shape[1], device=mask.device)
-    return torch.where(mask, steps, torch.full_like(steps, -1)).amax(dim=1)
 
 
 def roll_out(model: DMM, z: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

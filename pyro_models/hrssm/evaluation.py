@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from ..imputation import Imputation, frames_inside
+from ..imputation import Imputation, frames_inside, last_observed, replay_rows
 from ..modes import eval_mode as _eval_mode
 from .boundaries import Segmentation, _segmentation, apply_constraints, boundaries_from_trace, decode_boundaries
 from .config import BINARY_THRESHOLD, PEAK_THRESHOLD, check_input
@@ -123,11 +123,30 @@ def segmentation_elbo(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, starts: 
     return SegmentationELBO(loglik + log_prior - kl_z - kl_s, loglik, log_prior, kl_z, kl_s)
 
 
+def observed_sites(last: torch.Tensor):
+    """``rows(name)`` for :class:`~pyro_models.imputation.ReplayRows`: the sequences whose draw at a site
+    comes from the guide, given each one's last observed frame ``last (batch,)`` (0-based; -1: none).
+    Frame sites ``z_k``, ``s_k`` (frame k - 1) up to the last observed frame; a boundary ``m_k`` (between
+    frames k - 1 and k) where the frame after it is observed too. Past the last observed frame nothing
+    more is observed, so the exact posterior there is the model's own process given the states at that
+    frame (boundaries from p(m_t | s_t), new z_t at them, s_t from its transition), which the guide, which
+    reads the missing frames as zero features, only approximates."""
+    def rows(name: str) -> Optional[torch.Tensor]:
+        kind, _, step = name.partition("_")
+        if not step.isdigit():
+            return None
+        if kind in ("z", "s"):
+            return int(step) - 1 <= last
+        return int(step) <= last if kind == "m" else None
+    return rows
+
+
 @torch.no_grad()
 def impute(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, mask: torch.Tensor, num_samples: int = 16,
            generator=None, lengths: Optional[torch.Tensor] = None) -> Imputation:
     """Fill the frames of ``x (batch, T, *frame_shape)`` where ``mask (batch, T)`` (bool) is False: draw
-    (M, Z, S) from the guide given the observed frames only, run the model on that draw and decode
+    (M, Z, S) from the guide given the observed frames only up to each sequence's last observed frame and
+    from the model's own process after it (:func:`observed_sites`), run the model on that draw and decode
     E[x_t | s_t], ``num_samples`` times. The content of missing frames is never read. Eval mode.
     ``lengths (batch,)``: sequences of their own lengths; steps past an end are neither read nor filled."""
     check_input(x, mask, model.frame_shape, model.config, lengths)  # the mask's shape and dtype included
@@ -138,11 +157,12 @@ def impute(model: HRSSM, guide: HRSSMGuide, x: torch.Tensor, mask: torch.Tensor,
         inside = frames_inside(None, lengths, x.shape[1])
         mask, untouched = mask & inside, mask | ~inside  # past the end: not observed, and not filled either
     keep = untouched.reshape(untouched.shape + (1,) * len(model.frame_shape))  # (batch, T, 1, ...)
+    rows = observed_sites(last_observed(mask))
     draws = []
     with _eval_mode(model, guide):
         for _ in range(num_samples):
             guide_trace = poutine.trace(guide).get_trace(x, mask, lengths)
-            states = poutine.replay(model, trace=guide_trace)(x, mask, lengths)
+            states = replay_rows(model, guide_trace, rows)(x, mask, lengths)
             draws.append(torch.where(keep, x, model.frame_mean(states.f)))
     samples = torch.stack(draws)  # (num_samples, batch, T, *frame_shape)
     imputed = samples.mean(0)

@@ -36,6 +36,13 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "default": ((), "the color-balls preset as documented"),
     "observation-width-128": (("--observation-belief-size", "128"), "the observation level 4x wider (h_t 128)"),
     "beta-s-1.5": (("--kl-weight-observation", "1.5"), "the s-KL weighted 1.5 in training"),
+    "observation-width-128-z-kl-0.25": (("--observation-belief-size", "128", "--kl-weight-abstract", "0.25"),
+                                        "the observation level 4x wider, and a new abstract state priced at a "
+                                        "quarter of its KL in training (half by default): more boundaries where "
+                                        "s_t would take in a colour change"),
+    "observation-width-128-no-copy-steps": (("--observation-belief-size", "128", "--copy-step-every", "0"),
+                                            "the observation level 4x wider, without copy steps (they teach s_t to "
+                                            "take in colour changes; a wide level predicts the bounces without them)"),
     "observation-width-128-beta-s-1.5": (("--observation-belief-size", "128", "--kl-weight-observation", "1.5"),
                                          "the observation level 4x wider, and s_t's taking in a colour change made "
                                          "dearer (its KL weighted 1.5 in training) than a new segment"),

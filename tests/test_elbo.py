@@ -109,6 +109,16 @@ def test_summed_bernoulli_equals_independent_bernoulli_exactly(event_dim, partic
     assert type(expanded) is SummedBernoulli and torch.equal(expanded.log_prob(value), plain.expand((7, *plain.batch_shape)).log_prob(value))
 
 
+def test_the_vae_step_takes_the_lean_distributions():
+    from pyro import poutine
+    from pyro_models.vae import VAEConfig, build_vae
+    model, guide = build_vae((1, 4, 4), VAEConfig(hidden_dims=(4,), z_dim=2), "vae")
+    x = torch.rand(3, 1, 4, 4)
+    trace = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x))).get_trace(x)
+    assert type(trace.nodes["x"]["fn"]) is SummedBernoulli
+    assert type(trace.nodes["z"]["fn"].base_dist) is StandardNormal
+
+
 def test_dim_weighted_rejects_non_factorised():
     mvn = dist.MultivariateNormal(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match="Independent"):

@@ -43,6 +43,13 @@ VARIANTS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "observation-width-128-no-copy-steps": (("--observation-belief-size", "128", "--copy-step-every", "0"),
                                             "the observation level 4x wider, without copy steps (they teach s_t to "
                                             "take in colour changes; a wide level predicts the bounces without them)"),
+    "observation-width-256-no-copy-steps": (("--observation-belief-size", "256", "--copy-step-every", "0"),
+                                            "the observation level 8x wider, without copy steps"),
+    "no-observation-colour-width-128-no-copy-steps": (("--no-observation-colour", "--observation-belief-size", "128",
+                                                       "--copy-step-every", "0"),
+                                                      "colours through z only, the observation level 4x wider, "
+                                                      "without copy steps (a copy step holds z, so it cannot show a "
+                                                      "colour change at all)"),
     "observation-width-128-beta-s-1.5": (("--observation-belief-size", "128", "--kl-weight-observation", "1.5"),
                                          "the observation level 4x wider, and s_t's taking in a colour change made "
                                          "dearer (its KL weighted 1.5 in training) than a new segment"),

@@ -109,6 +109,8 @@ TRAIN_CASES = [
     (["kvae", "--num-sequences", "0"], "--num-sequences: expected >= 1"),
     (["dmm", "--num-steps", "1"], "--num-steps: expected >= 2"),
     (["dmm", "--transpose-semitones", "-1"], "--transpose-semitones: expected >= 0, got -1"),
+    (["dmm", "--emission-dropout", "0.2", "--frame-network", "conv", "--num-sequences", "4", "--num-steps", "3",
+      "--cache-dir", "{tmp}/cache"], "--emission-dropout: applies to the MLP emission, not to the convolutional"),
     (["dmm", "--transpose-semitones", "2", "--num-sequences", "4", "--num-steps", "3", "--cache-dir", "{tmp}/cache"],
      "--transpose-semitones: applies to piano-roll frames (keys,), got frames of shape (1, 32, 32)"),
     (["hrssm", "--num-steps", "50", "--num-sequences", "4", "--cache-dir", "{tmp}/cache"], "--max-segments, --max-length: sequences of T = 50"),

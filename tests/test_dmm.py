@@ -178,6 +178,10 @@ def test_emission_dropout_acts_in_training_only():
     error = thinned.std(0) / math.sqrt(draws)
     assert ((thinned.mean(0) - plain.emitter(z)).abs() < 5 * error + 1e-6).all()
     assert (thinned.std(0) > 0).all()  # it does act
+    with pytest.raises(ValueError, match="^emission_dropout: applies to the MLP emission"):
+        DMMConfig(emission="linear", emission_dropout=rate)
+    with pytest.raises(ValueError, match="^emission_dropout: applies to the MLP emission, not to the convolutional"):
+        build("image-conv", emission_dropout=rate)
 
 
 def test_a_missing_frame_adds_no_likelihood():

@@ -70,6 +70,9 @@ class DMMConfig:
             raise ValueError(f"num_flows: expected >= 0, got {self.num_flows}")
         if not 0.0 <= self.emission_dropout < 1.0:
             raise ValueError(f"emission_dropout: expected a probability in [0, 1), got {self.emission_dropout}")
+        if self.emission_dropout > 0 and self.emission != "network":
+            raise ValueError(f"emission_dropout: applies to the MLP emission (emission 'network'), got emission "
+                             f"{self.emission!r} with emission_dropout {self.emission_dropout}")
         if not 0.0 <= self.guide_frame_dropout < 1.0:
             raise ValueError(f"guide_frame_dropout: expected a probability in [0, 1), got {self.guide_frame_dropout}")
         if self.guide_frame_dropout > 0 and not self.mask_feature:

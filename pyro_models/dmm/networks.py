@@ -166,6 +166,9 @@ class Emitter(nn.Module):
         if config.emission == "linear":
             self.net: nn.Module = nn.Linear(config.z_dim, frame_dim)
         elif uses_conv(frame_shape, config):
+            if config.emission_dropout > 0:
+                raise ValueError(f"emission_dropout: applies to the MLP emission, not to the convolutional one of "
+                                 f"image frames {tuple(frame_shape)} (frame_network 'conv'), got {config.emission_dropout}")
             self.net = ConvFrameDecoder(config.z_dim, config.conv_channels, frame_shape)
         else:
             self.net = mlp([config.z_dim, *config.emission_hidden, frame_dim], dropout=config.emission_dropout)
